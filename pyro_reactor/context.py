@@ -1,0 +1,78 @@
+"""What every capability gets from the agent: its configuration, reactor and worker threads.
+
+``tap.py`` builds one L{AgentContext} around the real reactor; tests build one around a
+``MemoryReactorClock`` or a real reactor with temporary directories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent's settings, one field per command-line option."""
+
+    workspace: Path
+    stateDir: Path
+    maxRequestBytes: int = 16 * MiB
+    requestTimeout: float = 60.0
+    maxArchiveBytes: int = 8 * 1024 * MiB
+    maxOutputBytes: int = 16 * MiB
+    shellBufferChars: int = 8 * MiB
+
+    @property
+    def shellRoot(self) -> Path:
+        return self.stateDir / "pyro-shells"
+
+    @property
+    def serviceRoot(self) -> Path:
+        return self.stateDir / "pyro-services"
+
+    @property
+    def secretRoot(self) -> Path:
+        return self.stateDir / "pyro-secrets"
+
+    @property
+    def spoolRoot(self) -> Path:
+        """Uploads and exports in flight (ours; the reference keeps archives in memory)."""
+        return self.stateDir / "pyro-spool"
+
+
+@dataclass
+class AgentContext:
+    """The agent's world, handed to each capability module's ``actions(context)``.
+
+    ``reactor`` provides at least ``IReactorTime``, ``IReactorProcess``, ``IReactorTCP`` and
+    ``IReactorCore``. ``services`` is the parent service: a capability that has something to
+    start or stop with the agent (a registry of shells, re-adopted services) attaches a child.
+    """
+
+    config: AgentConfig
+    reactor: Any
+    threadPool: ThreadPool
+    services: MultiService = field(default_factory=MultiService)
+    startedAt: float = 0.0
+
+    def inThread(
+        self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
+        """Run blocking work (filesystem, tar) in the agent's own thread pool.
+
+        The result comes back on the reactor thread. Never touch a transport or a machine from
+        ``function``.
+        """
+        return deferToThreadPool(self.reactor, self.threadPool, function, *args, **kwargs)

@@ -1,0 +1,168 @@
+"""The action registry: looks a request's action up, runs its handler, logs the outcome.
+
+The protocol hands whole requests here and gets a ``Deferred`` answer back; it knows nothing
+about actions. Handlers know nothing about connections. This is the one place where every
+request is logged (action, outcome, duration; never a field's value) and where any failure
+becomes the ``{"error": ...}`` answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyro_reactor.errors import ActionError
+from pyro_reactor.request import Request
+
+log = Logger(namespace="pyro_reactor.dispatch")
+
+
+@dataclass(frozen=True)
+class StreamedAnswer:
+    """An answer made of a JSON header line followed by the raw bytes of a file.
+
+    The protocol writes ``header`` as one line, streams ``path`` with backpressure, then removes
+    ``path`` whatever happens (it is a temporary file owned by the answer).
+    """
+
+    header: dict[str, Any]
+    path: Path
+
+
+Answer: TypeAlias = "dict[str, Any] | StreamedAnswer"
+Handler: TypeAlias = "Callable[[Request], Deferred[Answer] | Answer]"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One action of the protocol.
+
+    ``upload`` actions are followed on the wire by ``archive_size`` raw bytes, which the protocol
+    spools to a file (``Request.upload``) before the handler runs.
+    """
+
+    name: str
+    handler: Handler
+    upload: bool = False
+
+
+@dataclass
+class Dispatcher:
+    """Validates requests, routes them to handlers, and turns failures into error answers."""
+
+    spoolDirectory: Path
+    maxUploadBytes: int = 8 * 1024**3
+    clock: Callable[[], float] = time.monotonic
+    _actions: dict[str, Action] = field(default_factory=dict)
+
+    def register(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            if action.name in self._actions:
+                raise ValueError(f"action {action.name!r} registered twice")
+            self._actions[action.name] = action
+
+    def actionNames(self) -> list[str]:
+        return sorted(self._actions)
+
+    def lookup(self, request: Request) -> Action:
+        name = request.action
+        action = self._actions.get(name)
+        if action is None:
+            raise ActionError(f"unknown action: {name!r}")
+        return action
+
+    def uploadSize(self, request: Request) -> int | None:
+        """How many raw bytes follow this request's line (``None``: it takes no body).
+
+        Refuses a size that is negative, over the configured maximum, or larger than the free
+        space where it would be spooled, before a byte of the body is read.
+        """
+        if not self.lookup(request).upload:
+            return None
+        size = request.integer("archive_size", 0)
+        if size < 0:
+            raise ActionError("archive_size must not be negative")
+        if size > self.maxUploadBytes:
+            raise ActionError(
+                f"archive_size {size} exceeds the maximum of {self.maxUploadBytes} bytes"
+            )
+        self.spoolDirectory.mkdir(parents=True, exist_ok=True)
+        stats = os.statvfs(self.spoolDirectory)
+        free = stats.f_bavail * stats.f_frsize
+        if size > free:
+            raise ActionError(
+                f"archive_size {size} exceeds the free space of the agent's state directory"
+                f" ({free} bytes)"
+            )
+        return size
+
+    def dispatch(self, request: Request) -> Deferred[Answer]:
+        """Run the request's handler; the result is always an answer, never a failure."""
+        started = self.clock()
+        name = request.fields.get("action", "exec")
+        name = name if isinstance(name, str) else repr(name)
+        try:
+            action = self.lookup(request)
+        except ActionError as error:
+            return _succeed(self._failed(name, started, Failure(error)))
+        result: Deferred[Answer] = maybeDeferred(action.handler, request)
+
+        def answered(answer: Answer) -> Answer:
+            log.info(
+                "{action} ok in {duration_ms:.1f} ms",
+                action=name,
+                outcome="ok",
+                duration_ms=(self.clock() - started) * 1000,
+            )
+            return answer
+
+        result.addCallbacks(answered, lambda failure: self._failed(name, started, failure))
+        return result
+
+    def reject(self, error: ActionError, action: str | None = None) -> dict[str, Any]:
+        """Log and answer a request the protocol refused before dispatching it."""
+        log.info(
+            "request refused: {error}",
+            action=action,
+            outcome="refused",
+            error=error.message,
+        )
+        return {"error": error.message}
+
+    def _failed(self, name: str, started: float, failure: Failure) -> dict[str, Any]:
+        duration = (self.clock() - started) * 1000
+        if failure.check(ActionError):
+            message = str(failure.value)
+            log.info(
+                "{action} failed in {duration_ms:.1f} ms: {error}",
+                action=name,
+                outcome="error",
+                duration_ms=duration,
+                error=message,
+            )
+            return {"error": message}
+        # An unexpected exception: answer its message as the reference does, keep the
+        # traceback in the log for the operator.
+        message = str(failure.value) or failure.type.__name__
+        log.failure(
+            "{action} crashed in {duration_ms:.1f} ms",
+            failure,
+            action=name,
+            outcome="crash",
+            duration_ms=duration,
+        )
+        return {"error": message}
+
+
+def _succeed(answer: Answer) -> Deferred[Answer]:
+    d: Deferred[Answer] = Deferred()
+    d.callback(answer)
+    return d

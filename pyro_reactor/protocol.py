@@ -1,0 +1,264 @@
+"""The wire protocol: one JSON request line per connection, one answer, then close.
+
+``RequestProtocol`` only frames bytes. It reads the request line (bounded by
+``maxRequestBytes``, with an idle timeout), spools the raw body of an upload action to a file
+under the state directory as it arrives, hands the whole request to the L{Dispatcher}, and
+writes the answer: one JSON line, or a JSON header line followed by a streamed file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+from pyro_reactor.dispatch import Answer, Dispatcher, StreamedAnswer
+from pyro_reactor.errors import ActionError
+from pyro_reactor.request import Request, parseRequestLine
+
+log = Logger(namespace="pyro_reactor.protocol")
+
+_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _DONE = range(5)
+
+
+def encodeAnswer(answer: dict[str, Any]) -> bytes:
+    """One answer line, encoded as the reference encodes it (``json.dumps`` defaults)."""
+    return (json.dumps(answer) + "\n").encode("utf-8")
+
+
+class RequestProtocol(Protocol):
+    """Frames one request and its answer on one connection."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: IReactorTime,
+        spoolDirectory: Path,
+        maxRequestBytes: int,
+        timeout: float,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.spoolDirectory = spoolDirectory
+        self.maxRequestBytes = maxRequestBytes
+        self.timeout = timeout
+        self._phase = _READING_LINE
+        self._buffer = bytearray()
+        self._timer: IDelayedCall | None = None
+        self._request: Request | None = None
+        self._spool: IO[bytes] | None = None
+        self._spoolPath: Path | None = None
+        self._remaining = 0
+        self._lost = False
+
+    # -- connection events ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._timer = self.clock.callLater(self.timeout, self._timedOut)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._phase == _READING_LINE:
+            self._receiveLine(data)
+        elif self._phase == _READING_BODY:
+            self._receiveBody(data)
+        # Bytes after a complete request are ignored, as the reference ignores them.
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._cancelTimer()
+        if self._phase == _READING_BODY:
+            log.warn(
+                "upload cut off: {missing} of its bytes never arrived",
+                missing=self._remaining,
+                action=self._request.action if self._request else None,
+                outcome="cut-off",
+            )
+            self._discardSpool()
+        self._phase = _DONE
+
+    # -- framing -------------------------------------------------------------------------
+
+    def _receiveLine(self, data: bytes) -> None:
+        newline = data.find(b"\n")
+        if newline < 0:
+            if len(self._buffer) + len(data) > self.maxRequestBytes:
+                self._refuse(
+                    ActionError(
+                        f"request line exceeds the maximum of {self.maxRequestBytes} bytes"
+                    )
+                )
+                return
+            self._buffer += data
+            return
+        if len(self._buffer) + newline > self.maxRequestBytes:
+            self._refuse(
+                ActionError(f"request line exceeds the maximum of {self.maxRequestBytes} bytes")
+            )
+            return
+        self._buffer += data[:newline]
+        rest = data[newline + 1 :]
+        line = bytes(self._buffer)
+        self._buffer = bytearray()
+        try:
+            request = parseRequestLine(line)
+            size = self.dispatcher.uploadSize(request)
+        except ActionError as error:
+            self._refuse(error)
+            return
+        self._request = request
+        if size is None:
+            self._dispatch()
+            return
+        self._startBody(size)
+        if rest and self._phase == _READING_BODY:
+            self._receiveBody(rest)
+
+    def _startBody(self, size: int) -> None:
+        self.spoolDirectory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.spoolDirectory)
+        self._spool = os.fdopen(fd, "wb")
+        self._spoolPath = Path(name)
+        self._remaining = size
+        self._phase = _READING_BODY
+        if size == 0:
+            self._finishBody()
+
+    def _receiveBody(self, data: bytes) -> None:
+        assert self._spool is not None
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.timeout)
+        chunk = data[: self._remaining]
+        try:
+            self._spool.write(chunk)
+        except OSError as error:
+            self._discardSpool()
+            self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
+            return
+        self._remaining -= len(chunk)
+        if self._remaining == 0:
+            self._finishBody()
+
+    def _finishBody(self) -> None:
+        assert self._spool is not None and self._request is not None
+        try:
+            self._spool.close()
+        except OSError as error:
+            self._discardSpool()
+            self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
+            return
+        self._spool = None
+        self._request.upload = self._spoolPath
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        assert self._request is not None
+        self._cancelTimer()
+        self._phase = _WORKING
+        self.dispatcher.dispatch(self._request).addCallback(self._answer)
+
+    # -- answers -------------------------------------------------------------------------
+
+    def _refuse(self, error: ActionError) -> None:
+        self._cancelTimer()
+        action = self._request.action if self._request is not None else None
+        self._phase = _ANSWERING
+        self._writeLine(self.dispatcher.reject(error, action))
+
+    def _answer(self, answer: Answer) -> None:
+        self._discardSpool()
+        if self._lost:
+            if isinstance(answer, StreamedAnswer):
+                answer.path.unlink(missing_ok=True)
+            return
+        self._phase = _ANSWERING
+        if isinstance(answer, StreamedAnswer):
+            self._stream(answer)
+        else:
+            self._writeLine(answer)
+
+    def _writeLine(self, answer: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(encodeAnswer(answer))
+        self._phase = _DONE
+        self.transport.loseConnection()
+
+    def _stream(self, answer: StreamedAnswer) -> None:
+        assert self.transport is not None
+        transport = self.transport
+        try:
+            handle = answer.path.open("rb")
+        except OSError as error:
+            answer.path.unlink(missing_ok=True)
+            self._writeLine({"error": f"could not open the export: {error.strerror}"})
+            return
+        transport.write(encodeAnswer(answer.header))
+
+        def finished(result: object) -> None:
+            handle.close()
+            answer.path.unlink(missing_ok=True)
+            self._phase = _DONE
+            if not self._lost:
+                transport.loseConnection()
+
+        FileSender().beginFileTransfer(handle, transport).addBoth(finished)
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        log.info(
+            "connection closed: no complete request within {timeout} s",
+            timeout=self.timeout,
+            outcome="timeout",
+        )
+        self._discardSpool()
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _discardSpool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self._spoolPath is not None:
+            self._spoolPath.unlink(missing_ok=True)
+            self._spoolPath = None
+
+
+class RequestFactory(Factory):
+    """Builds a L{RequestProtocol} per connection, all sharing one dispatcher."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: IReactorTime,
+        spoolDirectory: Path,
+        maxRequestBytes: int = 16 * 1024 * 1024,
+        timeout: float = 60.0,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.spoolDirectory = spoolDirectory
+        self.maxRequestBytes = maxRequestBytes
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: object) -> RequestProtocol:
+        protocol = RequestProtocol(
+            self.dispatcher, self.clock, self.spoolDirectory, self.maxRequestBytes, self.timeout
+        )
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,138 @@
+"""A parsed request and typed, validated access to its fields.
+
+The reference agent coerces every field with ``str()``/``int()``/``bool()``; an unmodified host
+only ever sends the right JSON types, so we accept those (plus the harmless coercions the
+reference allows, such as ``"30"`` for an integer) and answer a clear error for anything else
+instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyro_reactor.errors import ActionError
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+_MISSING: Any = object()
+
+
+def parseRequestLine(line: bytes) -> Request:
+    """Turn one request line (without its newline) into a L{Request}."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ActionError("request is not valid UTF-8") from None
+    text = text.strip()
+    if not text:
+        raise ActionError("request is empty: expected one JSON object on one line")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ActionError(f"request is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(payload, dict):
+        raise ActionError("request must be a JSON object")
+    return Request(payload)
+
+
+def normalizeEnvName(name: str) -> str:
+    """Check an environment variable (or secret) name as the reference does."""
+    normalized = name.strip()
+    if normalized == "":
+        raise ActionError("secret name is required")
+    if ENV_NAME_RE.fullmatch(normalized) is None:
+        raise ActionError("secret name is invalid")
+    return normalized
+
+
+@dataclass
+class Request:
+    """One request: its JSON fields, and the spooled upload body for archive actions.
+
+    ``upload`` is the path of a file holding exactly ``archive_size`` bytes that followed the
+    request line; the protocol removes it once the answer has been written.
+    """
+
+    fields: dict[str, Any]
+    upload: Path | None = field(default=None)
+
+    @property
+    def action(self) -> str:
+        return self.string("action", "exec")
+
+    def has(self, name: str) -> bool:
+        return self.fields.get(name) is not None
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.fields.get(name)
+        return default if value is None else value
+
+    def string(self, name: str, default: str = "") -> str:
+        """A string field; numbers are accepted and turned to text as the reference does."""
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ActionError(f"{name} must be a string")
+        return value if isinstance(value, str) else str(value)
+
+    def integer(self, name: str, default: int) -> int:
+        """An integer field; an integral float or a numeric string is accepted."""
+        value = self._get(name, default)
+        if isinstance(value, bool):
+            raise ActionError(f"{name} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ActionError(f"{name} must be an integer")
+
+    def optionalInteger(self, name: str) -> int | None:
+        return self.integer(name, 0) if self.has(name) else None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise ActionError(f"{name} must be a boolean")
+        return value
+
+    def mapping(self, name: str, message: str | None = None) -> dict[str, Any] | None:
+        """An optional JSON object field (``None`` when absent or null)."""
+        value = self.fields.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ActionError(message or f"{name} must be a JSON object")
+        return value
+
+    def stringList(self, name: str, message: str | None = None) -> list[str] | None:
+        value = self.fields.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ActionError(message or f"{name} must be a list")
+        return [item if isinstance(item, str) else str(item) for item in value]
+
+    def environment(self, label: str) -> dict[str, str] | None:
+        """The ``env`` overrides of an exec/shell/service request, names checked.
+
+        ``label`` names the action family in the reference's message, e.g.
+        ``"exec env must be a JSON object"``.
+        """
+        payload = self.mapping("env", f"{label} env must be a JSON object")
+        if payload is None:
+            return None
+        result: dict[str, str] = {}
+        for key, value in payload.items():
+            text = value if isinstance(value, str) else str(value)
+            if "\x00" in text or "\x00" in key:
+                raise ActionError(f"{label} env values must not contain NUL bytes")
+            result[normalizeEnvName(key)] = text
+        return result

@@ -1,0 +1,150 @@
+"""The ``pyro-agent`` twistd plugin: command-line options and the service tree.
+
+This is the only module that touches the global reactor. Run it as::
+
+    twistd --nodaemon --pidfile= pyro-agent --listen tcp:5005:interface=127.0.0.1 \
+        --workspace ./ws --state-dir ./state
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from pyro_reactor._version import __version__
+from pyro_reactor.agent import buildFactory
+from pyro_reactor.context import AgentConfig, AgentContext
+
+log = Logger(namespace="pyro_reactor.tap")
+
+DEFAULT_LISTEN = "vsock:5005"
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, not {text}")
+        return value
+
+    return parse
+
+
+class Options(usage.Options):
+    """Options of ``twistd pyro-agent``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the pyro guest protocol (one JSON request per connection) on every --listen "
+        "endpoint: vsock:PORT (AF_VSOCK, the default in a guest), tcp:PORT:interface=ADDR, "
+        "unix:PATH."
+    )
+    optParameters = [
+        ["workspace", None, "/workspace", "Directory that guest paths under /workspace map to."],
+        ["state-dir", None, "/run", "Directory holding pyro-shells/, pyro-services/, "
+         "pyro-secrets/ (and pyro-spool/ for transfers in flight)."],
+        ["max-request-bytes", None, 16 * 1024 * 1024, "Longest accepted request line.",
+         _positive(int)],
+        ["request-timeout", None, 60.0, "Seconds a connection may take to send its request.",
+         _positive(float)],
+        ["max-archive-bytes", None, 8 * 1024**3, "Largest accepted upload body.", _positive(int)],
+        ["max-output-bytes", None, 16 * 1024 * 1024,
+         "Bytes of exec output kept per stream (the rest is dropped and flagged).",
+         _positive(int)],
+        ["shell-buffer-chars", None, 8 * 1024 * 1024,
+         "Characters of shell output kept in memory per shell (the rest is read from its log).",
+         _positive(int)],
+        ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint string; repeatable (default: vsock:5005)."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+    def config(self) -> AgentConfig:
+        return AgentConfig(
+            workspace=Path(self["workspace"]).absolute(),
+            stateDir=Path(self["state-dir"]).absolute(),
+            maxRequestBytes=self["max-request-bytes"],
+            requestTimeout=self["request-timeout"],
+            maxArchiveBytes=self["max-archive-bytes"],
+            maxOutputBytes=self["max-output-bytes"],
+            shellBufferChars=self["shell-buffer-chars"],
+        )
+
+
+class ThreadPoolService(Service):
+    """Starts and stops the agent's worker thread pool with the application."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class ListeningService(StreamServerEndpointService):
+    """A listening endpoint that says where it listens once it does."""
+
+    def __init__(self, description: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+
+        def listening(port: Any) -> Any:
+            log.info(
+                "pyro-agent listening on {endpoint} ({address})",
+                endpoint=self.description,
+                address=str(port.getHost()),
+            )
+            return port
+
+        self._waitingForPort.addCallback(listening)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config = options.config()
+    config.workspace.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="pyro-agent")
+    top = MultiService()
+    ThreadPoolService(pool).setServiceParent(top)
+    context = AgentContext(
+        config=config, reactor=reactor, threadPool=pool, startedAt=reactor.seconds()
+    )
+    context.services.setServiceParent(top)
+    factory = buildFactory(context)
+    for description in options["listen"]:
+        endpoint = serverFromString(reactor, description)
+        ListeningService(description, endpoint, factory).setServiceParent(top)
+    log.info(
+        "pyro-agent {version} serving workspace {workspace}, state in {state}",
+        version=__version__,
+        workspace=str(config.workspace),
+        state=str(config.stateDir),
+    )
+    return top
