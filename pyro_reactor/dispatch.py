@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,7 +38,10 @@ class StreamedAnswer:
 
 
 Answer: TypeAlias = "dict[str, Any] | StreamedAnswer"
-Handler: TypeAlias = "Callable[[Request], Deferred[Answer] | Answer]"
+Handler: TypeAlias = (
+    "Callable[[Request], Deferred[dict[str, Any]] | Deferred[StreamedAnswer] | Deferred[Answer]"
+    " | Answer]"
+)
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,16 @@ class Dispatcher:
         try:
             action = self.lookup(request)
         except ActionError as error:
-            return _succeed(self._failed(name, started, Failure(error)))
-        result: Deferred[Answer] = maybeDeferred(action.handler, request)
+            return succeed(self._failed(name, started, Failure(error)))
+        result: Deferred[Answer]
+        try:
+            outcome = action.handler(request)
+        except Exception:
+            result = fail()
+        else:
+            result = cast(
+                "Deferred[Answer]", outcome if isinstance(outcome, Deferred) else succeed(outcome)
+            )
 
         def answered(answer: Answer) -> Answer:
             log.info(
@@ -127,12 +138,12 @@ class Dispatcher:
         result.addCallbacks(answered, lambda failure: self._failed(name, started, failure))
         return result
 
-    def reject(self, error: ActionError, action: str | None = None) -> dict[str, Any]:
+    def reject(self, error: ActionError, action: object = None) -> dict[str, Any]:
         """Log and answer a request the protocol refused before dispatching it."""
         log.info(
             "request refused: {error}",
-            action=action,
-            outcome="refused",
+            action=action if action is None or isinstance(action, str) else repr(action),
+            outcome="error",
             error=error.message,
         )
         return {"error": error.message}
@@ -151,7 +162,7 @@ class Dispatcher:
             return {"error": message}
         # An unexpected exception: answer its message as the reference does, keep the
         # traceback in the log for the operator.
-        message = str(failure.value) or failure.type.__name__
+        message = str(failure.value) or repr(failure.value)
         log.failure(
             "{action} crashed in {duration_ms:.1f} ms",
             failure,
@@ -160,9 +171,3 @@ class Dispatcher:
             duration_ms=duration,
         )
         return {"error": message}
-
-
-def _succeed(answer: Answer) -> Deferred[Answer]:
-    d: Deferred[Answer] = Deferred()
-    d.callback(answer)
-    return d

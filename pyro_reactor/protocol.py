@@ -91,9 +91,7 @@ class RequestProtocol(Protocol):
         if newline < 0:
             if len(self._buffer) + len(data) > self.maxRequestBytes:
                 self._refuse(
-                    ActionError(
-                        f"request line exceeds the maximum of {self.maxRequestBytes} bytes"
-                    )
+                    ActionError(f"request line exceeds the maximum of {self.maxRequestBytes} bytes")
                 )
                 return
             self._buffer += data
@@ -108,12 +106,11 @@ class RequestProtocol(Protocol):
         line = bytes(self._buffer)
         self._buffer = bytearray()
         try:
-            request = parseRequestLine(line)
+            request = self._request = parseRequestLine(line)
             size = self.dispatcher.uploadSize(request)
         except ActionError as error:
             self._refuse(error)
             return
-        self._request = request
         if size is None:
             self._dispatch()
             return
@@ -168,7 +165,7 @@ class RequestProtocol(Protocol):
 
     def _refuse(self, error: ActionError) -> None:
         self._cancelTimer()
-        action = self._request.action if self._request is not None else None
+        action = self._request.fields.get("action", "exec") if self._request else None
         self._phase = _ANSWERING
         self._writeLine(self.dispatcher.reject(error, action))
 

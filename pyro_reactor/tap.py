@@ -48,19 +48,42 @@ class Options(usage.Options):
     )
     optParameters = [
         ["workspace", None, "/workspace", "Directory that guest paths under /workspace map to."],
-        ["state-dir", None, "/run", "Directory holding pyro-shells/, pyro-services/, "
-         "pyro-secrets/ (and pyro-spool/ for transfers in flight)."],
-        ["max-request-bytes", None, 16 * 1024 * 1024, "Longest accepted request line.",
-         _positive(int)],
-        ["request-timeout", None, 60.0, "Seconds a connection may take to send its request.",
-         _positive(float)],
+        [
+            "state-dir",
+            None,
+            "/run",
+            "Directory holding pyro-shells/, pyro-services/, "
+            "pyro-secrets/ (and pyro-spool/ for transfers in flight).",
+        ],
+        [
+            "max-request-bytes",
+            None,
+            16 * 1024 * 1024,
+            "Longest accepted request line.",
+            _positive(int),
+        ],
+        [
+            "request-timeout",
+            None,
+            60.0,
+            "Seconds a connection may take to send its request.",
+            _positive(float),
+        ],
         ["max-archive-bytes", None, 8 * 1024**3, "Largest accepted upload body.", _positive(int)],
-        ["max-output-bytes", None, 16 * 1024 * 1024,
-         "Bytes of exec output kept per stream (the rest is dropped and flagged).",
-         _positive(int)],
-        ["shell-buffer-chars", None, 8 * 1024 * 1024,
-         "Characters of shell output kept in memory per shell (the rest is read from its log).",
-         _positive(int)],
+        [
+            "max-output-bytes",
+            None,
+            16 * 1024 * 1024,
+            "Bytes of exec output kept per stream (the rest is dropped and flagged).",
+            _positive(int),
+        ],
+        [
+            "shell-buffer-chars",
+            None,
+            8 * 1024 * 1024,
+            "Characters of shell output kept in memory per shell (the rest is read from its log).",
+            _positive(int),
+        ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
     ]
 
@@ -126,7 +149,7 @@ class ListeningService(StreamServerEndpointService):
 
 
 def makeService(options: Options) -> IService:
-    from twisted.internet import reactor
+    from twisted.internet import reactor  # noqa: PLC0415 (installed by twistd first)
 
     config = options.config()
     config.workspace.mkdir(parents=True, exist_ok=True)

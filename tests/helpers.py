@@ -78,7 +78,8 @@ def startAgent(case: TestCase, **overrides: Any) -> Deferred[RunningAgent]:
         case.addCleanup(port.stopListening)
         return RunningAgent(context, port.getHost().port)
 
-    return endpoint.listen(factory).addCallback(listening)
+    listened: Deferred[Any] = endpoint.listen(factory)
+    return listened.addCallback(listening)
 
 
 class _Collector(Protocol):
@@ -103,7 +104,8 @@ def exchange(port: int, request: dict[str, Any] | bytes, body: bytes = b"") -> D
     line = request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n"
     collector = _Collector(line + body)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-    return connectProtocol(endpoint, collector).addCallback(lambda _: collector.done)
+    connected: Deferred[Any] = connectProtocol(endpoint, collector)
+    return connected.addCallback(lambda _: collector.done)
 
 
 def call(port: int, request: dict[str, Any], body: bytes = b"") -> Deferred[dict[str, Any]]:

@@ -1,0 +1,243 @@
+"""The framing protocol in memory: lines, limits, timeouts, upload spooling, streamed answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyro_reactor.dispatch import Action, Dispatcher, StreamedAnswer
+from pyro_reactor.errors import ActionError
+from pyro_reactor.protocol import RequestProtocol
+from pyro_reactor.request import Request
+
+
+class Recorder:
+    """Handlers that record what they were given."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.uploads: list[bytes] = []
+        self.pending: Deferred[dict[str, Any]] | None = None
+
+    def echo(self, request: Request) -> dict[str, Any]:
+        self.requests.append(request)
+        return {"echo": request.fields}
+
+    def upload(self, request: Request) -> dict[str, Any]:
+        assert request.upload is not None
+        self.uploads.append(request.upload.read_bytes())
+        return {"received": request.upload.stat().st_size}
+
+    def slow(self, request: Request) -> Deferred[dict[str, Any]]:
+        self.pending = Deferred()
+        return self.pending
+
+    def fails(self, request: Request) -> dict[str, Any]:
+        raise ActionError("it went wrong")
+
+    def crashes(self, request: Request) -> dict[str, Any]:
+        raise ValueError("unexpected")
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.spool = Path(self.mktemp())
+        self.spool.mkdir()
+        self.recorder = Recorder()
+        self.clock = Clock()
+        self.dispatcher = Dispatcher(spoolDirectory=self.spool, maxUploadBytes=1000)
+        self.dispatcher.register(
+            [
+                Action("exec", self.recorder.echo),
+                Action("echo", self.recorder.echo),
+                Action("upload", self.recorder.upload, upload=True),
+                Action("slow", self.recorder.slow),
+                Action("fails", self.recorder.fails),
+                Action("crashes", self.recorder.crashes),
+                Action("export", self.export),
+            ]
+        )
+        self.transport = StringTransport()
+        self.protocol = RequestProtocol(
+            self.dispatcher, self.clock, self.spool, maxRequestBytes=100, timeout=60
+        )
+        self.protocol.makeConnection(self.transport)
+
+    def export(self, request: Request) -> StreamedAnswer:
+        path = self.spool / "export.tar"
+        path.write_bytes(b"tar-bytes" * 1000)
+        return StreamedAnswer({"archive_size": 9000}, path)
+
+    def answer(self) -> dict[str, Any]:
+        line, newline, _ = self.transport.value().partition(b"\n")
+        self.assertEqual(newline, b"\n", "no complete answer line was written")
+        result = json.loads(line)
+        assert isinstance(result, dict)
+        return result
+
+    def test_requestInPieces(self) -> None:
+        """A request line split across reads is answered once the newline arrives."""
+        self.protocol.dataReceived(b'{"action": "echo",')
+        self.assertEqual(self.transport.value(), b"")
+        self.protocol.dataReceived(b' "n": 1}\n')
+        self.assertEqual(self.answer(), {"echo": {"action": "echo", "n": 1}})
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_missingActionIsExec(self) -> None:
+        """As in the reference, a request without an action is an exec request."""
+        self.protocol.dataReceived(b'{"command": "true"}\n')
+        self.assertEqual(self.answer(), {"echo": {"command": "true"}})
+
+    def test_unknownActionRunsNothing(self) -> None:
+        self.protocol.dataReceived(b'{"action": "rm-rf", "command": "true"}\n')
+        self.assertEqual(self.answer(), {"error": "unknown action: 'rm-rf'"})
+        self.assertEqual(self.recorder.requests, [])
+
+    def test_badJson(self) -> None:
+        self.protocol.dataReceived(b"{nope\n")
+        self.assertIn("not valid JSON", self.answer()["error"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_notAnObject(self) -> None:
+        self.protocol.dataReceived(b"[1, 2]\n")
+        self.assertEqual(self.answer(), {"error": "request must be a JSON object"})
+
+    def test_wrongFieldType(self) -> None:
+        """A field of the wrong type is a clear error before any work is done."""
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": [1]}\n')
+        self.assertEqual(self.answer(), {"error": "archive_size must be an integer"})
+
+    def test_overlongLineRefusedWithoutBuffering(self) -> None:
+        """A line over the limit is answered with an error and the connection closed."""
+        self.protocol.dataReceived(b'{"action": "echo", "x": "' + b"a" * 60)
+        self.protocol.dataReceived(b"a" * 60)
+        self.assertIn("exceeds the maximum of 100 bytes", self.answer()["error"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(len(self.protocol._buffer), 100)
+        self.protocol.dataReceived(b'"}\n')
+        self.assertEqual(self.recorder.requests, [])
+
+    def test_overlongLineWithNewline(self) -> None:
+        self.protocol.dataReceived(b'{"x": "' + b"a" * 200 + b'"}\n')
+        self.assertIn("exceeds the maximum", self.answer()["error"])
+
+    def test_idleTimeoutCloses(self) -> None:
+        self.protocol.dataReceived(b'{"action": ')
+        self.clock.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_noTimeoutWhileWorking(self) -> None:
+        """Once a request is complete, a slow handler is not cut off by the idle timeout."""
+        self.protocol.dataReceived(b'{"action": "slow"}\n')
+        self.clock.advance(600)
+        self.assertFalse(self.transport.disconnecting)
+        assert self.recorder.pending is not None
+        self.recorder.pending.callback({"done": True})
+        self.assertEqual(self.answer(), {"done": True})
+
+    def test_handlerError(self) -> None:
+        self.protocol.dataReceived(b'{"action": "fails"}\n')
+        self.assertEqual(self.answer(), {"error": "it went wrong"})
+
+    def test_handlerCrash(self) -> None:
+        """An unexpected exception still answers JSON (and is logged with its traceback)."""
+        self.protocol.dataReceived(b'{"action": "crashes"}\n')
+        self.assertEqual(self.answer(), {"error": "unexpected"})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_uploadSpooledToDiskAndRemoved(self) -> None:
+        """Body bytes are spooled as they arrive; the spool is gone after the answer."""
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        self.assertEqual(self.recorder.uploads, [])
+        self.protocol.dataReceived(b"defghij")
+        self.assertEqual(self.recorder.uploads, [b"abcdefghij"])
+        self.assertEqual(self.answer(), {"received": 10})
+        self.assertEqual(list(self.spool.iterdir()), [])
+
+    def test_emptyUpload(self) -> None:
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": 0}\n')
+        self.assertEqual(self.answer(), {"received": 0})
+
+    def test_uploadCutOff(self) -> None:
+        """A body that ends early runs nothing and leaves no spool behind."""
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        self.assertEqual(len(list(self.spool.iterdir())), 1)
+        self.protocol.connectionLost()
+        self.assertEqual(self.recorder.uploads, [])
+        self.assertEqual(list(self.spool.iterdir()), [])
+
+    def test_uploadSizeRefusedBeforeBody(self) -> None:
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": 1001}\n')
+        self.assertIn("exceeds the maximum of 1000 bytes", self.answer()["error"])
+        self.protocol.dataReceived(b"x" * 1001)
+        self.assertEqual(self.recorder.uploads, [])
+        self.assertEqual(list(self.spool.iterdir()), [])
+
+    def test_negativeUploadSize(self) -> None:
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": -1}\n')
+        self.assertEqual(self.answer(), {"error": "archive_size must not be negative"})
+
+    def test_streamedAnswer(self) -> None:
+        """An export writes its header line, then the file's bytes, then removes the file."""
+        self.protocol.dataReceived(b'{"action": "export"}\n')
+        # StringTransport consumes what a producer offers only when asked.
+        producer = self.transport.producer
+        while producer is not None:
+            producer.resumeProducing()
+            producer = self.transport.producer
+        header, _, body = self.transport.value().partition(b"\n")
+        self.assertEqual(json.loads(header), {"archive_size": 9000})
+        self.assertEqual(body, b"tar-bytes" * 1000)
+        self.assertFalse((self.spool / "export.tar").exists())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_answerAfterClientLeft(self) -> None:
+        """A client that goes away before its answer does not break the agent."""
+        self.protocol.dataReceived(b'{"action": "slow"}\n')
+        self.protocol.connectionLost()
+        assert self.recorder.pending is not None
+        self.recorder.pending.callback({"done": True})
+        self.assertEqual(self.transport.value(), b"")
+
+
+class RequestFieldTests(SynchronousTestCase):
+    def test_coercions(self) -> None:
+        request = Request({"n": "30", "f": 2.0, "s": 5, "b": True, "none": None})
+        self.assertEqual(request.integer("n", 0), 30)
+        self.assertEqual(request.integer("f", 0), 2)
+        self.assertEqual(request.string("s"), "5")
+        self.assertEqual(request.boolean("b", False), True)
+        self.assertEqual(request.string("none", "default"), "default")
+
+    def test_wrongTypes(self) -> None:
+        request = Request({"n": "x", "s": [], "b": "yes", "m": [1]})
+        for call, message in [
+            (lambda: request.integer("n", 0), "n must be an integer"),
+            (lambda: request.string("s"), "s must be a string"),
+            (lambda: request.boolean("b", False), "b must be a boolean"),
+            (lambda: request.mapping("m"), "m must be a JSON object"),
+        ]:
+            self.assertEqual(str(self.assertRaises(ActionError, call)), message)
+
+    def test_environmentNames(self) -> None:
+        """Env names follow the reference's rules and messages."""
+        ok = Request({"env": {"A_1": "x", "B": 3}})
+        self.assertEqual(ok.environment("exec"), {"A_1": "x", "B": "3"})
+        bad = Request({"env": {"1A": "x"}})
+        self.assertEqual(
+            str(self.assertRaises(ActionError, bad.environment, "exec")), "secret name is invalid"
+        )
+        notObject = Request({"env": ["A"]})
+        self.assertEqual(
+            str(self.assertRaises(ActionError, notObject.environment, "shell")),
+            "shell env must be a JSON object",
+        )
