@@ -1,0 +1,827 @@
+"""Guest paths and kernel-confined access to the workspace directory.
+
+Requests speak of ``/workspace/...`` whatever directory the agent serves as its workspace. This
+module turns such a guest path into a L{GuestPath} (``resolve``), and offers the blocking
+primitives every capability uses to touch the workspace: open a directory or a file, ``lstat``,
+list, replace a file atomically, unlink, check a working directory, probe for a file.
+
+Confinement is done by the kernel, not by string checks on host paths. Every operation starts
+from a directory file descriptor of the workspace root and reaches its target through file
+descriptors only:
+
+  - with ``openat2(2)`` (Linux 5.6+, called through ctypes) and
+    ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``, the kernel refuses any
+    path that would leave the root or cross a symlink;
+  - where ``openat2`` is missing (``ENOSYS``, or a seccomp filter answering ``EPERM``), a walk
+    opens one component at a time with ``O_NOFOLLOW | O_DIRECTORY`` relative to the previous
+    component's descriptor.
+
+The last component is then used relative to its parent's descriptor (``dir_fd=...``,
+``follow_symlinks=False``, ``O_NOFOLLOW``), so a symlink swapped in between a check and a use
+cannot redirect the agent: the check and the use both name the entry inside a directory the
+agent already holds open, and neither follows a symlink.
+
+By default no symlink is followed anywhere in a guest path (``RESOLVE_NO_SYMLINKS``), even one
+pointing inside the workspace. Reads that the reference lets through a symlinked parent ask for
+``followInside``: parents that are symlinks are then followed as long as they resolve beneath
+the workspace (``RESOLVE_BENEATH``; the walk emulates it, handling each symlink target and
+``..`` itself against a stack of open directories), and refused when they would leave it. The
+last component of a request's path is left to the caller (``openParent``), which ``lstat``s it
+without following, as the reference does; only L{Workspace.fileExists} follows it (inside). A
+``..`` component in a request is refused outright (the reference lets
+``/workspace/../etc/hostname`` out).
+
+Everything here blocks: callers run it in ``context.inThread``. Expected failures raise
+L{WorkspaceError} (an L{ActionError}) whose message names the guest path, never the host path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import platform
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pyro_reactor.errors import ActionError
+
+WORKSPACE_ROOT = PurePosixPath("/workspace")
+"""The guest path every request uses for the workspace, whatever directory backs it."""
+
+TEMP_PREFIX = ".pyro-workspace-write-"
+"""Name prefix of the temporary file an atomic replace writes before renaming it."""
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+_STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+
+MAX_SYMLINKS = 40
+"""As the kernel: more symlinks than this while resolving one path is a loop."""
+
+# openat2 has the same number on every architecture using the unified syscall table
+# (x86_64, i386, aarch64, arm, riscv64, ppc64, s390x...); elsewhere we use the walk.
+_OPENAT2_SYSCALLS = {
+    "x86_64": 437,
+    "amd64": 437,
+    "i386": 437,
+    "i686": 437,
+    "aarch64": 437,
+    "arm64": 437,
+    "armv7l": 437,
+    "armv8l": 437,
+    "riscv64": 437,
+    "ppc64le": 437,
+    "ppc64": 437,
+    "s390x": 437,
+}
+
+
+class WorkspaceError(ActionError):
+    """A guest path could not be used; the message names the guest path."""
+
+
+class MissingPath(WorkspaceError):
+    """The path (or one of its parents) does not exist."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(f"workspace path does not exist: {text}")
+
+
+class SymlinkInPath(WorkspaceError):
+    """A component of the path is a symlink, which the agent never follows."""
+
+    def __init__(self, text: str, *, final: bool) -> None:
+        if final:
+            super().__init__(f"workspace path is a symlink: {text}")
+        else:
+            super().__init__(f"workspace path would traverse through a symlinked parent: {text}")
+
+
+class NotADirectoryInPath(WorkspaceError):
+    """A component that must be a directory is something else."""
+
+    def __init__(self, text: str, *, final: bool) -> None:
+        if final:
+            super().__init__(f"workspace path is not a directory: {text}")
+        else:
+            super().__init__(
+                f"workspace path would traverse through a non-directory parent: {text}"
+            )
+
+
+class EscapingSymlink(WorkspaceError):
+    """Following a symlink would leave the workspace (or loops)."""
+
+    def __init__(self, text: str, *, loop: bool = False) -> None:
+        if loop:
+            super().__init__(f"workspace path has too many levels of symlinks: {text}")
+        else:
+            super().__init__(f"workspace path would leave the workspace through a symlink: {text}")
+
+
+class NotARegularFile(WorkspaceError):
+    """An atomic replace found something other than a regular file at its target.
+
+    The reference's messages: a directory or symlink is "not a regular file target", anything
+    else (FIFO, socket, device) an "unsupported workspace path type".
+    """
+
+    def __init__(self, text: str, *, unsupported: bool = False) -> None:
+        if unsupported:
+            super().__init__(f"unsupported workspace path type: {text}")
+        else:
+            super().__init__("workspace file write only supports regular file targets")
+        self.text = text
+
+
+def _displayText(parts: tuple[str, ...]) -> str:
+    return str(WORKSPACE_ROOT.joinpath(*parts))
+
+
+def _osError(text: str, error: OSError) -> WorkspaceError:
+    """An unexpected OS error as a message naming the guest path (not the host path)."""
+    reason = error.strerror or str(error)
+    return WorkspaceError(f"cannot access workspace path {text}: {reason}")
+
+
+@dataclass(frozen=True)
+class GuestPath:
+    """A normalised guest path inside the workspace.
+
+    ``text`` is what answers show (``/workspace/a/b``); ``parts`` the components below the
+    workspace root (``()`` for the root itself); ``hostPath`` where it lives on this machine,
+    for display and for a child process's working directory only: never open it by name.
+    """
+
+    text: str
+    parts: tuple[str, ...]
+    hostPath: Path
+
+    @property
+    def isRoot(self) -> bool:
+        return self.parts == ()
+
+    @property
+    def name(self) -> str:
+        """The last component (``""`` for the workspace root)."""
+        return self.parts[-1] if self.parts else ""
+
+    def child(self, name: str) -> GuestPath:
+        """The guest path of an entry named ``name`` in this directory."""
+        _checkComponent(name)
+        return GuestPath(
+            text=f"{self.text}/{name}", parts=(*self.parts, name), hostPath=self.hostPath / name
+        )
+
+
+def _checkComponent(name: str) -> None:
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise WorkspaceError(f"invalid workspace path component: {name!r}")
+
+
+def resolveGuestPath(root: Path, guestPath: str) -> GuestPath:
+    """Normalise a request's path as the reference does, refusing ``..``.
+
+    A relative path is taken under ``/workspace``; empty and ``.`` components are dropped.
+    """
+    candidate = guestPath.strip()
+    if candidate == "":
+        raise ActionError("destination must not be empty")
+    if "\x00" in candidate:
+        raise ActionError("destination must not contain NUL bytes")
+    pure = PurePosixPath(candidate)
+    if not pure.is_absolute():
+        pure = WORKSPACE_ROOT / pure
+    # PurePosixPath keeps a leading "//" as its own anchor, which the reference (and we)
+    # then refuse as outside /workspace.
+    anchor, *rest = pure.parts
+    parts = [part for part in rest if part not in ("", ".")]
+    if ".." in parts:
+        raise ActionError("destination must stay inside /workspace: '..' is not allowed")
+    if anchor != "/" or not parts or parts[0] != WORKSPACE_ROOT.name:
+        raise ActionError("destination must stay inside /workspace")
+    inside = tuple(parts[1:])
+    return GuestPath(text=_displayText(inside), parts=inside, hostPath=root.joinpath(*inside))
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+@functools.cache
+def _openat2Function() -> Callable[[int, bytes, int, int], int] | None:
+    """This machine's ``openat2(dirfd, path, flags, resolve)``, or ``None`` if it has none.
+
+    The function returns a descriptor or raises ``OSError``.
+    """
+    number = _OPENAT2_SYSCALLS.get(platform.machine())
+    if number is None:
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    return _probedOpenat2(syscall, number)
+
+
+def _probedOpenat2(
+    syscall: Callable[..., int], number: int
+) -> Callable[[int, bytes, int, int], int] | None:
+    """``openat2`` through ``syscall``, if one call of it works here.
+
+    A kernel older than 5.6 answers ``ENOSYS``, a seccomp sandbox often ``EPERM``: either way
+    (or any other failure) the walk is used instead.
+    """
+
+    def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+        how = _OpenHow(flags=flags, mode=0, resolve=resolve)
+        result = syscall(
+            ctypes.c_long(number),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if result < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return int(result)
+
+    try:
+        probe = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        os.close(openat2(probe, b".", _DIRECTORY_FLAGS, _STRICT))
+    except OSError:
+        return None
+    finally:
+        os.close(probe)
+    return openat2
+
+
+def openat2Available() -> bool:
+    """Whether this kernel (and sandbox) lets us call ``openat2``."""
+    return _openat2Function() is not None
+
+
+@functools.cache
+def processUmask() -> int:
+    """The agent's umask, read once without changing it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Kernels before 4.7 do not show it: set and restore (the first call happens at start-up,
+    # before worker threads create files).
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+@dataclass(frozen=True)
+class Child:
+    """One entry of a listed directory: its name, ``lstat`` result and symlink target."""
+
+    name: str
+    stat: os.stat_result
+    linkTarget: str | None = None
+
+
+def _closeQuietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Workspace:
+    """The agent's workspace directory, reached only through kernel-confined descriptors.
+
+    @param root: the host directory that ``/workspace`` maps to.
+    @param useOpenat2: ``None`` to use ``openat2`` where the kernel has it, ``False`` to force
+        the ``O_NOFOLLOW`` walk (tests cover both), ``True`` to require ``openat2``.
+    """
+
+    def __init__(self, root: Path, *, useOpenat2: bool | None = None) -> None:
+        self.root = root
+        openat2 = _openat2Function() if useOpenat2 is not False else None
+        if useOpenat2 is True and openat2 is None:
+            raise RuntimeError("openat2 is not available on this machine")
+        self._openat2 = openat2
+
+    @property
+    def usesOpenat2(self) -> bool:
+        return self._openat2 is not None
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def resolve(self, guestPath: str) -> GuestPath:
+        """Normalise a request's guest path (see L{resolveGuestPath}); does no I/O."""
+        return resolveGuestPath(self.root, guestPath)
+
+    # -- descriptors ---------------------------------------------------------------------
+
+    def openRoot(self) -> int:
+        """A new descriptor of the workspace root directory; the caller closes it.
+
+        Opened afresh on each use rather than held: the guest may mount the workspace drive
+        after the agent has started.
+        """
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingPath(str(WORKSPACE_ROOT)) from None
+        except OSError as error:
+            raise _osError(str(WORKSPACE_ROOT), error) from None
+
+    def openDirectory(
+        self, parts: tuple[str, ...], *, create: bool = False, followInside: bool = False
+    ) -> int:
+        """A descriptor of the directory ``parts`` beneath the root; the caller closes it.
+
+        No component may be a symlink, unless ``followInside`` (then symlinks resolving beneath
+        the root are followed, the last component included). With ``create`` (not together
+        with ``followInside``), missing directories are made (mode 0777 less the umask, as
+        ``mkdir -p``). Raises L{MissingPath}, L{SymlinkInPath}, L{EscapingSymlink} or
+        L{NotADirectoryInPath}, naming this directory.
+        """
+        display = _displayText(parts)
+        if followInside:
+            if create:
+                raise ValueError("create and followInside cannot be combined")
+            return self._follow(parts, display=display)
+        return self._walk(parts, create=create, display=display, finalIsTarget=True)
+
+    def openParent(
+        self, path: GuestPath, *, create: bool = False, followInside: bool = False
+    ) -> tuple[int, str]:
+        """A descriptor of ``path``'s parent directory and ``path``'s last component.
+
+        Errors name ``path`` and speak of its parents. ``path`` must not be the root.
+        ``create`` and ``followInside`` are as for L{openDirectory}, applied to the parents;
+        the last component is for the caller to use (without following it).
+        """
+        if path.isRoot:
+            raise ValueError("the workspace root has no parent")
+        parents = path.parts[:-1]
+        if followInside:
+            if create:
+                raise ValueError("create and followInside cannot be combined")
+            return self._follow(parents, display=path.text), path.name
+        fd = self._walk(parents, create=create, display=path.text, finalIsTarget=False)
+        return fd, path.name
+
+    @contextmanager
+    def openedDirectory(
+        self, parts: tuple[str, ...], *, create: bool = False, followInside: bool = False
+    ) -> Iterator[int]:
+        """L{openDirectory} as a context manager that closes the descriptor."""
+        fd = self.openDirectory(parts, create=create, followInside=followInside)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def openedParent(
+        self, path: GuestPath, *, create: bool = False, followInside: bool = False
+    ) -> Iterator[tuple[int, str]]:
+        """L{openParent} as a context manager that closes the descriptor."""
+        fd, name = self.openParent(path, create=create, followInside=followInside)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def openFile(self, path: GuestPath, flags: int, mode: int = 0o600) -> int:
+        """Open the file at ``path`` with ``os.open`` flags; the caller closes it.
+
+        ``O_NOFOLLOW | O_CLOEXEC | O_NOCTTY`` are always added: a symlink at ``path`` raises
+        L{SymlinkInPath}, a missing one L{MissingPath} (unless ``O_CREAT``).
+        """
+        if path.isRoot:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise NotARegularFile(path.text)
+            return self.openRoot()
+        parent, name = self.openParent(path)
+        try:
+            return os.open(
+                name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, mode, dir_fd=parent
+            )
+        except FileNotFoundError:
+            raise MissingPath(path.text) from None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise SymlinkInPath(path.text, final=True) from None
+            if error.errno == errno.EISDIR:
+                raise NotARegularFile(path.text) from None
+            raise _osError(path.text, error) from None
+        finally:
+            os.close(parent)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def lstat(self, path: GuestPath, *, followInside: bool = False) -> os.stat_result:
+        """The ``lstat`` of ``path`` (a final symlink is described, not followed).
+
+        ``followInside`` applies to the parents, as for L{openParent}.
+        """
+        if path.isRoot:
+            fd = self.openRoot()
+            try:
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+        with self.openedParent(path, followInside=followInside) as (parent, name):
+            return self.lstatAt(parent, name, path.text)
+
+    def lstatAt(self, dirfd: int, name: str, display: str) -> os.stat_result:
+        """``lstat`` of the entry ``name`` in the open directory ``dirfd``."""
+        try:
+            return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise MissingPath(display) from None
+        except OSError as error:
+            raise _osError(display, error) from None
+
+    def readlink(self, path: GuestPath, *, followInside: bool = False) -> str:
+        """The target text of the symlink at ``path`` (never followed).
+
+        ``followInside`` applies to the parents, as for L{openParent}.
+        """
+        with self.openedParent(path, followInside=followInside) as (parent, name):
+            try:
+                return os.readlink(name, dir_fd=parent)
+            except FileNotFoundError:
+                raise MissingPath(path.text) from None
+            except OSError as error:
+                raise _osError(path.text, error) from None
+
+    def children(self, dirfd: int) -> list[Child]:
+        """The entries of the open directory ``dirfd``, sorted by name, each ``lstat``-ed.
+
+        Symlinks carry their target text. An entry that vanishes while listed is skipped.
+        """
+        result: list[Child] = []
+        with os.scandir(dirfd) as entries:
+            names = [entry.name for entry in entries]
+        for name in sorted(names):
+            try:
+                info = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dirfd) if stat.S_ISLNK(info.st_mode) else None
+            except FileNotFoundError:
+                continue
+            result.append(Child(name, info, target))
+        return result
+
+    def openChildDirectory(self, dirfd: int, name: str) -> int | None:
+        """A descriptor of the subdirectory ``name`` of ``dirfd``, or ``None`` if it is not one.
+
+        ``None`` also when it was replaced (by a symlink, say) since it was listed.
+        """
+        _checkComponent(name)
+        try:
+            return os.open(name, _DIRECTORY_FLAGS, dir_fd=dirfd)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+    def directory(self, guestPath: str) -> Path:
+        """The host path of an existing workspace directory, for a child's working directory.
+
+        Checks that ``guestPath`` is a directory beneath the workspace reached without any
+        symlink. The child process then enters it by name: a guest program able to rename
+        directories could still swap one in between, which is no worse than what it could do
+        from inside the workspace itself.
+        """
+        path = self.resolve(guestPath)
+        os.close(self.openDirectory(path.parts))
+        return path.hostPath
+
+    def fileExists(self, guestPath: str) -> bool:
+        """Whether something exists at ``guestPath`` (a service's "file" readiness probe).
+
+        Symlinks are followed (the last one too, as the reference's ``Path.exists``) only
+        while they resolve beneath the workspace: one leading out, a dangling one, or a path
+        outside the workspace counts as absent. Raises L{ActionError} only for a malformed
+        guest path.
+        """
+        path = self.resolve(guestPath)
+        try:
+            os.close(self._follow(path.parts, display=path.text, directory=False))
+        except WorkspaceError:
+            return False
+        return True
+
+    # -- changes -------------------------------------------------------------------------
+
+    def replaceFile(
+        self,
+        path: GuestPath,
+        data: bytes | Callable[[int], None],
+        *,
+        mode: int | None = None,
+        createParents: bool = True,
+    ) -> None:
+        """Atomically make ``path`` a regular file holding ``data``.
+
+        ``data`` is bytes, or a callable given the temporary file's descriptor to write into.
+        A temporary file in the same directory is written then renamed over ``path``, so a
+        reader sees the old content or the new, never a part; on any error it is removed.
+        The file ends up with ``mode`` if given, else an existing file keeps its mode (and, as
+        far as the agent may, its owner), and a new one gets 0666 less the umask. Missing
+        parents are created when ``createParents``. Raises L{NotARegularFile} if ``path`` is a
+        directory, symlink or other non-regular file.
+        """
+        if path.isRoot:
+            raise NotARegularFile(path.text)
+        with self.openedParent(path, create=createParents) as (parent, name):
+            try:
+                old: os.stat_result | None = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            except OSError as error:
+                raise _osError(path.text, error) from None
+            if old is not None and not stat.S_ISREG(old.st_mode):
+                unsupported = not (stat.S_ISDIR(old.st_mode) or stat.S_ISLNK(old.st_mode))
+                raise NotARegularFile(path.text, unsupported=unsupported)
+            tempName, tempFd = self._createTemporary(parent, path.text)
+            try:
+                try:
+                    if callable(data):
+                        data(tempFd)
+                    else:
+                        _writeAll(tempFd, data)
+                    if old is not None and (old.st_uid, old.st_gid) != _owner(tempFd):
+                        try:
+                            os.fchown(tempFd, old.st_uid, old.st_gid)
+                        except PermissionError:
+                            pass
+                    if mode is None:
+                        mode = (
+                            stat.S_IMODE(old.st_mode)
+                            if old is not None
+                            else 0o666 & ~processUmask()
+                        )
+                    os.fchmod(tempFd, mode)
+                finally:
+                    os.close(tempFd)
+                os.rename(tempName, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException as failure:
+                try:
+                    os.unlink(tempName, dir_fd=parent)
+                except OSError:
+                    pass
+                if isinstance(failure, IsADirectoryError):
+                    # It became a directory after our check.
+                    raise NotARegularFile(path.text) from None
+                if isinstance(failure, OSError):
+                    raise _osError(path.text, failure) from None
+                raise
+
+    def _createTemporary(self, parent: int, display: str) -> tuple[str, int]:
+        for _ in range(100):
+            name = TEMP_PREFIX + secrets.token_hex(6)
+            try:
+                fd = os.open(
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
+                    dir_fd=parent,
+                )
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise _osError(display, error) from None
+            return name, fd
+        raise WorkspaceError(f"cannot create a temporary file next to {display}")
+
+    def unlink(self, path: GuestPath) -> None:
+        """Remove the non-directory entry at ``path`` (a symlink itself, never its target)."""
+        if path.isRoot:
+            raise NotADirectoryInPath(path.text, final=True)
+        with self.openedParent(path) as (parent, name):
+            try:
+                os.unlink(name, dir_fd=parent)
+            except FileNotFoundError:
+                raise MissingPath(path.text) from None
+            except IsADirectoryError:
+                raise WorkspaceError(f"workspace path is a directory: {path.text}") from None
+            except OSError as error:
+                raise _osError(path.text, error) from None
+
+    # -- following symlinks beneath the root ----------------------------------------------
+
+    def _follow(self, parts: tuple[str, ...], *, display: str, directory: bool = True) -> int:
+        """Open ``parts`` following symlinks that stay beneath the root.
+
+        Returns a directory descriptor, or with ``directory=False`` an ``O_PATH`` descriptor
+        of whatever is there.
+        """
+        for part in parts:
+            _checkComponent(part)
+        flags = _DIRECTORY_FLAGS & ~os.O_NOFOLLOW if directory else os.O_PATH | os.O_CLOEXEC
+        root = self.openRoot()
+        if not parts:
+            if directory:
+                return root
+            try:
+                return os.open(".", flags, dir_fd=root)
+            finally:
+                os.close(root)
+        try:
+            if self._openat2 is not None:
+                try:
+                    return self._openat2(root, os.fsencode("/".join(parts)), flags, _BENEATH)
+                except OSError as error:
+                    if error.errno not in (
+                        errno.ENOENT,
+                        errno.ENOTDIR,
+                        errno.ELOOP,
+                        errno.EXDEV,
+                        errno.EAGAIN,
+                    ):
+                        raise _osError(display, error) from None
+            return self._followFrom(root, list(parts), display, directory)
+        finally:
+            os.close(root)
+
+    def _followFrom(self, root: int, pending: list[str], display: str, directory: bool) -> int:
+        """The userspace ``RESOLVE_BENEATH``: one component at a time, never through the kernel's
+        own symlink or ``..`` resolution.
+
+        ``stack`` holds a descriptor of each directory from the root to the current one, so
+        ``..`` (from a symlink's target) goes back to a directory already held, and never above
+        the root.
+        """
+        stack = [os.dup(root)]
+        links = 0
+        retries = 0
+        try:
+            while pending:
+                name = pending.pop(0)
+                if name in ("", "."):
+                    continue
+                if name == "..":
+                    if len(stack) == 1:
+                        raise EscapingSymlink(display)
+                    os.close(stack.pop())
+                    continue
+                last = not pending
+                if directory or not last:
+                    opened = self._tryOpen(stack[-1], name, _DIRECTORY_FLAGS, display)
+                else:
+                    opened = self._tryOpen(
+                        stack[-1], name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, display
+                    )
+                    if opened is not None and stat.S_ISLNK(os.fstat(opened).st_mode):
+                        os.close(opened)
+                        opened = None
+                if opened is not None:
+                    stack.append(opened)
+                    continue
+                try:
+                    info = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
+                    target = (
+                        os.readlink(name, dir_fd=stack[-1]) if stat.S_ISLNK(info.st_mode) else None
+                    )
+                except FileNotFoundError:
+                    raise MissingPath(display) from None
+                except OSError as error:
+                    raise _osError(display, error) from None
+                if target is not None:
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise EscapingSymlink(display, loop=True)
+                    if target.startswith("/"):
+                        raise EscapingSymlink(display)
+                    pending[0:0] = target.split("/")
+                    continue
+                if stat.S_ISDIR(info.st_mode) or (not directory and last):
+                    # It changed since the open failed: look again.
+                    retries += 1
+                    if retries > 10:
+                        raise WorkspaceError(f"workspace path keeps changing: {display}")
+                    pending.insert(0, name)
+                    continue
+                raise MissingPath(display)
+            return stack.pop()
+        finally:
+            for fd in stack:
+                _closeQuietly(fd)
+
+    @staticmethod
+    def _tryOpen(dirfd: int, name: str, flags: int, display: str) -> int | None:
+        try:
+            return os.open(name, flags, dir_fd=dirfd)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise _osError(display, error) from None
+
+    # -- the walk ------------------------------------------------------------------------
+
+    def _walk(
+        self, parts: tuple[str, ...], *, create: bool, display: str, finalIsTarget: bool
+    ) -> int:
+        for part in parts:
+            _checkComponent(part)
+        root = self.openRoot()
+        if not parts:
+            return root
+        try:
+            if self._openat2 is not None:
+                try:
+                    return self._openat2(
+                        root, os.fsencode("/".join(parts)), _DIRECTORY_FLAGS, _STRICT
+                    )
+                except OSError as error:
+                    if error.errno not in (
+                        errno.ENOENT,
+                        errno.ENOTDIR,
+                        errno.ELOOP,
+                        errno.EXDEV,
+                        errno.EAGAIN,
+                    ):
+                        raise _osError(display, error) from None
+                    # Take the walk: it creates what is missing, or says what is wrong.
+            return self._walkFrom(root, parts, create, display, finalIsTarget)
+        finally:
+            os.close(root)
+
+    def _walkFrom(
+        self, root: int, parts: tuple[str, ...], create: bool, display: str, finalIsTarget: bool
+    ) -> int:
+        current = os.dup(root)
+        try:
+            for index, part in enumerate(parts):
+                final = finalIsTarget and index == len(parts) - 1
+                following = self._step(current, part, create, display, final)
+                os.close(current)
+                current = following
+        except BaseException:
+            _closeQuietly(current)
+            raise
+        return current
+
+    def _step(self, dirfd: int, name: str, create: bool, display: str, final: bool) -> int:
+        for _ in range(10):
+            try:
+                return os.open(name, _DIRECTORY_FLAGS, dir_fd=dirfd)
+            except OSError as error:
+                if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise _osError(display, error) from None
+            # Say why it failed; nothing below is used to decide what to open.
+            try:
+                info = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                if not create:
+                    raise MissingPath(display) from None
+                try:
+                    os.mkdir(name, 0o777, dir_fd=dirfd)
+                except FileExistsError:
+                    pass  # made by someone else meanwhile: open it on the next round
+                except OSError as error:
+                    raise _osError(display, error) from None
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise SymlinkInPath(display, final=final)
+            if not stat.S_ISDIR(info.st_mode):
+                if create or final:
+                    raise NotADirectoryInPath(display, final=final)
+                raise MissingPath(display)
+            # It is a directory now: it changed under us, try again.
+        raise WorkspaceError(f"workspace path keeps changing: {display}")
+
+
+def _owner(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_uid, info.st_gid
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,541 @@
+"""Guest path normalisation and the kernel-confined workspace primitives.
+
+Every primitive test runs twice: with ``openat2`` (where the kernel has it) and with the
+``O_NOFOLLOW`` walk forced, since guests on old kernels take the walk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyro_reactor.errors import ActionError
+from pyro_reactor.workspace import (
+    RESOLVE_BENEATH,
+    RESOLVE_NO_SYMLINKS,
+    TEMP_PREFIX,
+    EscapingSymlink,
+    GuestPath,
+    MissingPath,
+    NotADirectoryInPath,
+    NotARegularFile,
+    SymlinkInPath,
+    Workspace,
+    WorkspaceError,
+    _openat2Function,
+    _probedOpenat2,
+    openat2Available,
+    processUmask,
+    resolveGuestPath,
+)
+
+ROOT = Path("/srv/ws")
+
+
+class ResolveTests(SynchronousTestCase):
+    """``resolve`` follows the reference's normalisation, but refuses ``..``."""
+
+    def assertResolves(self, guest: str, text: str, parts: tuple[str, ...]) -> None:
+        path = resolveGuestPath(ROOT, guest)
+        self.assertEqual((path.text, path.parts), (text, parts))
+        self.assertEqual(path.hostPath, ROOT.joinpath(*parts))
+
+    def assertRefused(self, guest: str, message: str) -> None:
+        error = self.assertRaises(ActionError, resolveGuestPath, ROOT, guest)
+        self.assertEqual(str(error), message)
+
+    def test_absolute(self) -> None:
+        self.assertResolves("/workspace/a/b.txt", "/workspace/a/b.txt", ("a", "b.txt"))
+
+    def test_relativeIsUnderWorkspace(self) -> None:
+        self.assertResolves("a/b", "/workspace/a/b", ("a", "b"))
+        self.assertResolves("workspace", "/workspace/workspace", ("workspace",))
+
+    def test_emptyAndDotPartsDropped(self) -> None:
+        self.assertResolves("/workspace/./a//b/.", "/workspace/a/b", ("a", "b"))
+        self.assertResolves("  a/b/  ", "/workspace/a/b", ("a", "b"))
+
+    def test_root(self) -> None:
+        for guest in ("/workspace", "/workspace/", ".", "/workspace/.", "./"):
+            path = resolveGuestPath(ROOT, guest)
+            self.assertEqual((path.text, path.parts, path.hostPath), ("/workspace", (), ROOT))
+            self.assertTrue(path.isRoot)
+
+    def test_empty(self) -> None:
+        self.assertRefused("", "destination must not be empty")
+        self.assertRefused("  ", "destination must not be empty")
+
+    def test_outside(self) -> None:
+        for guest in ("/", "/etc/hostname", "/workspacex/a", "/work", "//workspace/a"):
+            self.assertRefused(guest, "destination must stay inside /workspace")
+
+    def test_dotDotRefused(self) -> None:
+        for guest in (
+            "/workspace/../etc/hostname",
+            "..",
+            "../x",
+            "a/../b",
+            "/workspace/a/..",
+            "/etc/../workspace/a",
+        ):
+            self.assertRefused(
+                guest, "destination must stay inside /workspace: '..' is not allowed"
+            )
+
+    def test_nul(self) -> None:
+        self.assertRefused("a\x00b", "destination must not contain NUL bytes")
+
+    def test_child(self) -> None:
+        path = resolveGuestPath(ROOT, "a").child("b")
+        self.assertEqual(path, GuestPath("/workspace/a/b", ("a", "b"), ROOT / "a" / "b"))
+        for bad in ("", ".", "..", "x/y", "x\x00"):
+            self.assertRaises(WorkspaceError, path.child, bad)
+
+
+class Openat2Tests(SynchronousTestCase):
+    """The raw ``openat2`` call: the kernel itself keeps us beneath the directory."""
+
+    def setUp(self) -> None:
+        function = _openat2Function()
+        if function is None:
+            raise self.skipTest("openat2 is not available on this machine")
+        self.openat2 = function
+        base = Path(self.mktemp()).absolute()
+        (base / "ws" / "d").mkdir(parents=True)
+        (base / "ws" / "etc").symlink_to("/etc")
+        (base / "ws" / "up").symlink_to("..")
+        (base / "ws" / "inner").symlink_to("d")
+        self.root = os.open(base / "ws", os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.root)
+
+    def openErrno(self, path: bytes, resolve: int) -> int:
+        try:
+            os.close(self.openat2(self.root, path, os.O_RDONLY | os.O_CLOEXEC, resolve))
+        except OSError as error:
+            return error.errno or 0
+        return 0
+
+    def test_beneath(self) -> None:
+        self.assertEqual(self.openErrno(b"d", RESOLVE_BENEATH), 0)
+        self.assertEqual(self.openErrno(b"inner/../d", RESOLVE_BENEATH), 0)
+        self.assertEqual(self.openErrno(b"../ws/d", RESOLVE_BENEATH), errno.EXDEV)
+        self.assertEqual(self.openErrno(b"/etc", RESOLVE_BENEATH), errno.EXDEV)
+        self.assertEqual(self.openErrno(b"etc/hostname", RESOLVE_BENEATH), errno.EXDEV)
+        self.assertEqual(self.openErrno(b"up/ws", RESOLVE_BENEATH), errno.EXDEV)
+
+    def test_noSymlinks(self) -> None:
+        strict = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+        self.assertEqual(self.openErrno(b"etc/hostname", strict), errno.ELOOP)
+        self.assertEqual(self.openErrno(b"inner", strict), errno.ELOOP)
+
+
+class WorkspacePrimitiveTests(SynchronousTestCase):
+    """The primitives with ``openat2`` (skipped where the kernel lacks it)."""
+
+    useOpenat2: bool | None = True
+
+    def setUp(self) -> None:
+        if self.useOpenat2 and not openat2Available():
+            raise self.skipTest("openat2 is not available on this machine")
+        base = Path(self.mktemp()).absolute()
+        self.host = base / "ws"
+        self.outside = base / "outside"
+        (self.host / "d" / "e").mkdir(parents=True)
+        self.outside.mkdir()
+        (self.outside / "secret.txt").write_text("secret")
+        (self.host / "d" / "f.txt").write_text("hello")
+        (self.host / "abs").symlink_to(self.outside)
+        (self.host / "rel").symlink_to("../outside")
+        (self.host / "etc").symlink_to("/etc")
+        (self.host / "inner").symlink_to("d")
+        (self.host / "tofile").symlink_to("d/f.txt")
+        self.workspace = Workspace(self.host, useOpenat2=self.useOpenat2)
+        self.assertEqual(self.workspace.usesOpenat2, bool(self.useOpenat2))
+
+    def path(self, guest: str) -> GuestPath:
+        return self.workspace.resolve(guest)
+
+    def openDirectory(self, parts: tuple[str, ...], create: bool = False) -> os.stat_result:
+        fd = self.workspace.openDirectory(parts, create=create)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def assertOutsideUntouched(self) -> None:
+        self.assertEqual(sorted(p.name for p in self.outside.iterdir()), ["secret.txt"])
+        self.assertEqual((self.outside / "secret.txt").read_text(), "secret")
+
+    # -- openDirectory -------------------------------------------------------------------
+
+    def test_openDirectory(self) -> None:
+        self.assertEqual(self.openDirectory(()).st_ino, self.host.stat().st_ino)
+        self.assertEqual(
+            self.openDirectory(("d", "e")).st_ino, (self.host / "d" / "e").stat().st_ino
+        )
+
+    def test_openDirectoryRefusesSymlinks(self) -> None:
+        for name in ("abs", "rel", "etc", "inner"):
+            error = self.assertRaises(SymlinkInPath, self.openDirectory, (name,))
+            self.assertEqual(str(error), f"workspace path is a symlink: /workspace/{name}")
+            error = self.assertRaises(SymlinkInPath, self.openDirectory, (name, "x"))
+            self.assertEqual(
+                str(error),
+                f"workspace path would traverse through a symlinked parent: /workspace/{name}/x",
+            )
+
+    def test_openDirectoryMissingOrNotADirectory(self) -> None:
+        error = self.assertRaises(MissingPath, self.openDirectory, ("d", "nope"))
+        self.assertEqual(str(error), "workspace path does not exist: /workspace/d/nope")
+        error = self.assertRaises(MissingPath, self.openDirectory, ("d", "f.txt", "x"))
+        self.assertEqual(str(error), "workspace path does not exist: /workspace/d/f.txt/x")
+        error = self.assertRaises(NotADirectoryInPath, self.openDirectory, ("d", "f.txt"))
+        self.assertEqual(str(error), "workspace path is not a directory: /workspace/d/f.txt")
+
+    def test_openDirectoryCreates(self) -> None:
+        made = self.openDirectory(("n", "e", "w"), create=True)
+        self.assertEqual(made.st_ino, (self.host / "n" / "e" / "w").stat().st_ino)
+        self.assertEqual(stat.S_IMODE(made.st_mode), 0o777 & ~processUmask())
+        # Existing directories are simply opened.
+        self.assertEqual(
+            self.openDirectory(("d",), create=True).st_ino, (self.host / "d").stat().st_ino
+        )
+
+    def test_createRefusesSymlinksAndFiles(self) -> None:
+        self.assertRaises(SymlinkInPath, self.openDirectory, ("abs", "new"), True)
+        self.assertRaises(SymlinkInPath, self.openDirectory, ("etc", "new"), True)
+        error = self.assertRaises(
+            NotADirectoryInPath, self.openDirectory, ("d", "f.txt", "x"), True
+        )
+        self.assertEqual(
+            str(error),
+            "workspace path would traverse through a non-directory parent: /workspace/d/f.txt/x",
+        )
+        self.assertOutsideUntouched()
+        self.assertFalse(os.path.lexists("/etc/new"))
+
+    def test_badComponentsRefused(self) -> None:
+        for parts in (("..",), ("d", ".."), ("",), ("a/b",), (".",)):
+            self.assertRaises(WorkspaceError, self.openDirectory, parts)
+
+    def test_missingRoot(self) -> None:
+        workspace = Workspace(self.host / "gone", useOpenat2=self.useOpenat2)
+        error = self.assertRaises(MissingPath, workspace.openRoot)
+        self.assertEqual(str(error), "workspace path does not exist: /workspace")
+
+    # -- openFile, lstat, readlink ---------------------------------------------------------
+
+    def test_openFile(self) -> None:
+        fd = self.workspace.openFile(self.path("d/f.txt"), os.O_RDONLY)
+        try:
+            self.assertEqual(os.read(fd, 100), b"hello")
+        finally:
+            os.close(fd)
+
+    def test_openFileCreates(self) -> None:
+        fd = self.workspace.openFile(self.path("d/new.txt"), os.O_WRONLY | os.O_CREAT, 0o640)
+        os.write(fd, b"x")
+        os.close(fd)
+        self.assertEqual((self.host / "d" / "new.txt").read_bytes(), b"x")
+
+    def test_openFileRefusesSymlinks(self) -> None:
+        error = self.assertRaises(
+            SymlinkInPath, self.workspace.openFile, self.path("tofile"), os.O_RDONLY
+        )
+        self.assertEqual(str(error), "workspace path is a symlink: /workspace/tofile")
+        self.assertRaises(
+            SymlinkInPath, self.workspace.openFile, self.path("abs/secret.txt"), os.O_RDONLY
+        )
+        self.assertRaises(
+            SymlinkInPath, self.workspace.openFile, self.path("etc/hostname"), os.O_RDONLY
+        )
+        self.assertRaises(
+            SymlinkInPath,
+            self.workspace.openFile,
+            self.path("abs/created.txt"),
+            os.O_WRONLY | os.O_CREAT,
+        )
+        self.assertOutsideUntouched()
+
+    def test_openFileMissing(self) -> None:
+        error = self.assertRaises(
+            MissingPath, self.workspace.openFile, self.path("d/x"), os.O_RDONLY
+        )
+        self.assertEqual(str(error), "workspace path does not exist: /workspace/d/x")
+
+    def test_lstat(self) -> None:
+        self.assertTrue(stat.S_ISDIR(self.workspace.lstat(self.path("/workspace")).st_mode))
+        self.assertEqual(self.workspace.lstat(self.path("d/f.txt")).st_size, 5)
+        link = self.workspace.lstat(self.path("abs"))
+        self.assertTrue(stat.S_ISLNK(link.st_mode))
+        self.assertEqual(link.st_size, len(str(self.outside)))
+        self.assertRaises(MissingPath, self.workspace.lstat, self.path("nope"))
+        self.assertRaises(SymlinkInPath, self.workspace.lstat, self.path("abs/secret.txt"))
+        self.assertRaises(SymlinkInPath, self.workspace.lstat, self.path("inner/f.txt"))
+
+    def test_readlink(self) -> None:
+        self.assertEqual(self.workspace.readlink(self.path("rel")), "../outside")
+        self.assertEqual(self.workspace.readlink(self.path("etc")), "/etc")
+        self.assertRaises(SymlinkInPath, self.workspace.readlink, self.path("inner/x"))
+        (self.host / "d" / "link").symlink_to("e")
+        self.assertEqual(self.workspace.readlink(self.path("inner/link"), followInside=True), "e")
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def test_children(self) -> None:
+        with self.workspace.openedDirectory(()) as fd:
+            children = self.workspace.children(fd)
+        self.assertEqual(
+            [child.name for child in children], ["abs", "d", "etc", "inner", "rel", "tofile"]
+        )
+        byName = {child.name: child for child in children}
+        self.assertEqual(byName["etc"].linkTarget, "/etc")
+        self.assertTrue(stat.S_ISLNK(byName["etc"].stat.st_mode))
+        self.assertTrue(stat.S_ISDIR(byName["d"].stat.st_mode))
+        self.assertIsNone(byName["d"].linkTarget)
+
+    def test_openChildDirectory(self) -> None:
+        with self.workspace.openedDirectory(()) as fd:
+            self.assertIsNone(self.workspace.openChildDirectory(fd, "abs"))
+            self.assertIsNone(self.workspace.openChildDirectory(fd, "nope"))
+            child = self.workspace.openChildDirectory(fd, "d")
+            assert child is not None
+            self.assertEqual(os.fstat(child).st_ino, (self.host / "d").stat().st_ino)
+            os.close(child)
+            self.assertRaises(WorkspaceError, self.workspace.openChildDirectory, fd, "..")
+
+    # -- replaceFile -------------------------------------------------------------------------
+
+    def assertNoTemporaries(self, directory: Path) -> None:
+        self.assertEqual(
+            [p.name for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)], []
+        )
+
+    def test_replaceNewFile(self) -> None:
+        self.workspace.replaceFile(self.path("a/b/new.txt"), b"content")
+        target = self.host / "a" / "b" / "new.txt"
+        self.assertEqual(target.read_bytes(), b"content")
+        self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o666 & ~processUmask())
+        self.assertNoTemporaries(target.parent)
+
+    def test_replaceKeepsMode(self) -> None:
+        for mode in (0o600, 0o755, 0o640):
+            target = self.host / "d" / "f.txt"
+            target.chmod(mode)
+            self.workspace.replaceFile(self.path("d/f.txt"), b"again")
+            self.assertEqual(target.read_bytes(), b"again")
+            self.assertEqual(stat.S_IMODE(target.stat().st_mode), mode)
+
+    def test_replaceExplicitModeAndWriter(self) -> None:
+        def writer(fd: int) -> None:
+            os.write(fd, b"#!/bin/sh\n")
+
+        self.workspace.replaceFile(self.path("d/run.sh"), writer, mode=0o700)
+        target = self.host / "d" / "run.sh"
+        self.assertEqual(target.read_bytes(), b"#!/bin/sh\n")
+        self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o700)
+
+    def test_replaceFailureLeavesOldContent(self) -> None:
+        def failing(fd: int) -> None:
+            os.write(fd, b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        error = self.assertRaises(
+            WorkspaceError, self.workspace.replaceFile, self.path("d/f.txt"), failing
+        )
+        self.assertEqual(
+            str(error), "cannot access workspace path /workspace/d/f.txt: No space left on device"
+        )
+        self.assertEqual((self.host / "d" / "f.txt").read_text(), "hello")
+        self.assertNoTemporaries(self.host / "d")
+
+    def test_replaceRefusesNonRegularTargets(self) -> None:
+        for guest in ("tofile", "abs", "d", "/workspace"):
+            error = self.assertRaises(
+                NotARegularFile, self.workspace.replaceFile, self.path(guest), b"x"
+            )
+            self.assertEqual(str(error), "workspace file write only supports regular file targets")
+        os.mkfifo(self.host / "fifo")
+        error = self.assertRaises(
+            NotARegularFile, self.workspace.replaceFile, self.path("fifo"), b"x"
+        )
+        self.assertEqual(str(error), "unsupported workspace path type: /workspace/fifo")
+        self.assertTrue(stat.S_ISFIFO((self.host / "fifo").lstat().st_mode))
+        self.assertTrue((self.host / "tofile").is_symlink())
+        self.assertEqual((self.host / "d" / "f.txt").read_text(), "hello")
+        self.assertOutsideUntouched()
+        self.assertNoTemporaries(self.host)
+
+    def test_replaceRefusesSymlinkedParents(self) -> None:
+        for guest in ("abs/secret.txt", "rel/new.txt", "abs/sub/new.txt", "inner/f.txt"):
+            error = self.assertRaises(
+                SymlinkInPath, self.workspace.replaceFile, self.path(guest), b"x"
+            )
+            self.assertEqual(
+                str(error),
+                f"workspace path would traverse through a symlinked parent: /workspace/{guest}",
+            )
+        self.assertOutsideUntouched()
+        self.assertEqual((self.host / "d" / "f.txt").read_text(), "hello")
+
+    def test_replaceNotRedirectedBySwappedParent(self) -> None:
+        """A parent swapped for a symlink after it was opened does not redirect the write."""
+        original = self.workspace.openParent
+
+        def openThenSwap(
+            path: GuestPath, *, create: bool = False, followInside: bool = False
+        ) -> tuple[int, str]:
+            opened = original(path, create=create, followInside=followInside)
+            (self.host / "d").rename(self.host / "d.moved")
+            (self.host / "d").symlink_to(self.outside)
+            return opened
+
+        self.patch(self.workspace, "openParent", openThenSwap)
+        self.workspace.replaceFile(self.path("d/secret.txt"), b"overwritten?")
+        self.assertOutsideUntouched()
+        self.assertEqual((self.host / "d.moved" / "secret.txt").read_bytes(), b"overwritten?")
+
+    # -- unlink ----------------------------------------------------------------------------
+
+    def test_unlink(self) -> None:
+        self.workspace.unlink(self.path("d/f.txt"))
+        self.assertFalse((self.host / "d" / "f.txt").exists())
+        self.workspace.unlink(self.path("abs"))
+        self.assertFalse(os.path.lexists(self.host / "abs"))
+        self.assertOutsideUntouched()
+
+    def test_unlinkRefused(self) -> None:
+        self.assertRaises(MissingPath, self.workspace.unlink, self.path("nope"))
+        self.assertRaises(SymlinkInPath, self.workspace.unlink, self.path("abs/secret.txt"))
+        self.assertRaises(SymlinkInPath, self.workspace.unlink, self.path("inner/f.txt"))
+        error = self.assertRaises(WorkspaceError, self.workspace.unlink, self.path("d/e"))
+        self.assertEqual(str(error), "workspace path is a directory: /workspace/d/e")
+        self.assertRaises(WorkspaceError, self.workspace.unlink, self.path("/workspace"))
+        self.assertOutsideUntouched()
+        self.assertTrue((self.host / "d" / "f.txt").exists())
+
+    # -- directory, fileExists --------------------------------------------------------------
+
+    def test_directory(self) -> None:
+        self.assertEqual(self.workspace.directory("/workspace"), self.host)
+        self.assertEqual(self.workspace.directory("d/e"), self.host / "d" / "e")
+        self.assertRaises(SymlinkInPath, self.workspace.directory, "abs")
+        self.assertRaises(SymlinkInPath, self.workspace.directory, "inner/e")
+        self.assertRaises(NotADirectoryInPath, self.workspace.directory, "d/f.txt")
+        self.assertRaises(MissingPath, self.workspace.directory, "nope")
+        self.assertRaises(ActionError, self.workspace.directory, "/workspace/../outside")
+
+    def test_fileExists(self) -> None:
+        self.makeInsideLinks()
+        for present in ("d/f.txt", "/workspace/d/e", "/workspace", "tofile", "inner/f.txt"):
+            self.assertTrue(self.workspace.fileExists(present), present)
+        for absent in (
+            "d/nope",
+            "abs/secret.txt",
+            "rel/secret.txt",
+            "esc/secret.txt",
+            "etc/hostname",
+            "outfile",
+            "dangling",
+            "loop1",
+            "d/f.txt/x",
+        ):
+            self.assertFalse(self.workspace.fileExists(absent), absent)
+        self.assertRaises(ActionError, self.workspace.fileExists, "/etc/hostname")
+        self.assertRaises(
+            ActionError, self.workspace.fileExists, "/workspace/../outside/secret.txt"
+        )
+
+    # -- following symlinks that stay inside ------------------------------------------------
+
+    def makeInsideLinks(self) -> None:
+        (self.host / "up").symlink_to("..")
+        (self.host / "loop1").symlink_to("loop2")
+        (self.host / "loop2").symlink_to("loop1")
+        (self.host / "dangling").symlink_to("nowhere")
+        (self.host / "outfile").symlink_to(self.outside / "secret.txt")
+        (self.host / "esc").symlink_to("d/../../outside")
+        (self.host / "d" / "back").symlink_to("../d")
+        (self.host / "d" / "e" / "deep").symlink_to("../../inner")
+
+    def openFollowing(self, *parts: str) -> int:
+        fd = self.workspace.openDirectory(parts, followInside=True)
+        try:
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+
+    def test_followInside(self) -> None:
+        self.makeInsideLinks()
+        d, e = (self.host / "d").stat().st_ino, (self.host / "d" / "e").stat().st_ino
+        self.assertEqual(self.openFollowing("inner"), d)
+        self.assertEqual(self.openFollowing("d", "back", "e"), e)
+        self.assertEqual(self.openFollowing("d", "e", "deep", "e"), e)
+        self.assertEqual(self.openFollowing(), self.host.stat().st_ino)
+        self.assertEqual(
+            self.workspace.lstat(self.path("inner/f.txt"), followInside=True).st_size, 5
+        )
+        parent, name = self.workspace.openParent(self.path("d/back/f.txt"), followInside=True)
+        self.assertEqual((os.fstat(parent).st_ino, name), (d, "f.txt"))
+        os.close(parent)
+
+    def test_followInsideRefusesEscapes(self) -> None:
+        self.makeInsideLinks()
+        for name in ("abs", "rel", "etc", "esc", "up"):
+            error = self.assertRaises(EscapingSymlink, self.openFollowing, name)
+            self.assertEqual(
+                str(error),
+                f"workspace path would leave the workspace through a symlink: /workspace/{name}",
+            )
+        self.assertRaises(EscapingSymlink, self.openFollowing, "up", "ws")
+        error = self.assertRaises(EscapingSymlink, self.openFollowing, "loop1")
+        self.assertEqual(
+            str(error), "workspace path has too many levels of symlinks: /workspace/loop1"
+        )
+        self.assertRaises(
+            EscapingSymlink, self.workspace.lstat, self.path("etc/hostname"), followInside=True
+        )
+        self.assertRaises(MissingPath, self.openFollowing, "dangling")
+        self.assertRaises(MissingPath, self.openFollowing, "tofile")
+        self.assertRaises(
+            ValueError, self.workspace.openDirectory, ("d",), create=True, followInside=True
+        )
+
+
+class WalkFallbackTests(WorkspacePrimitiveTests):
+    """The same primitives with the ``O_NOFOLLOW`` walk forced, as on kernels before 5.6."""
+
+    useOpenat2 = False
+
+
+class ForcedOpenat2Tests(SynchronousTestCase):
+    def test_requireOpenat2(self) -> None:
+        if openat2Available():
+            self.assertTrue(Workspace(Path("/"), useOpenat2=True).usesOpenat2)
+        else:
+            self.assertRaises(RuntimeError, Workspace, Path("/"), useOpenat2=True)
+
+    def test_kernelWithoutOpenat2(self) -> None:
+        """A kernel answering ENOSYS (before 5.6) or a sandbox answering EPERM: no openat2."""
+        refusals = [errno.ENOSYS, errno.EPERM]
+        calls: list[int] = []
+
+        def refusingSyscall(number: Any, *args: Any) -> int:
+            calls.append(number.value)
+            ctypes.set_errno(refusals[len(calls) - 1])
+            return -1
+
+        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
+        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
+        self.assertEqual(calls, [437, 437])
+
+    def test_umaskUnchanged(self) -> None:
+        before = os.umask(0o027)
+        os.umask(before)
+        self.assertEqual(processUmask(), before)
