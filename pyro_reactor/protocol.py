@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -27,6 +28,25 @@ from pyro_reactor.request import Request, parseRequestLine
 log = Logger(namespace="pyro_reactor.protocol")
 
 _READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _DONE = range(5)
+
+PROGRESS_INTERVAL = 5.0
+"""Seconds between two progress events of a long upload or export."""
+
+EXPORT_CHUNK = 256 * 1024
+"""Bytes of an export read and written at a time (FileSender's 16 KiB costs a third of the
+throughput on loopback)."""
+
+
+def _logTransfer(event: str, action: object, sent: int, started: float, now: float) -> None:
+    duration = max(now - started, 0.0)
+    log.info(
+        "{action} " + event + ": {bytes} bytes in {duration_s:.1f} s ({rate_mbps:.1f} MB/s)",
+        action=action,
+        outcome=event,
+        bytes=sent,
+        duration_s=duration,
+        rate_mbps=sent / duration / 1e6 if duration > 0 else 0.0,
+    )
 
 
 def encodeAnswer(answer: dict[str, Any]) -> bytes:
@@ -58,6 +78,8 @@ class RequestProtocol(Protocol):
         self._spoolPath: Path | None = None
         self._remaining = 0
         self._lost = False
+        self._bodySize = 0
+        self._bodyStarted = self._lastProgress = 0.0
 
     # -- connection events ---------------------------------------------------------------
 
@@ -123,7 +145,8 @@ class RequestProtocol(Protocol):
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.spoolDirectory)
         self._spool = os.fdopen(fd, "wb")
         self._spoolPath = Path(name)
-        self._remaining = size
+        self._remaining = self._bodySize = size
+        self._bodyStarted = self._lastProgress = self.clock.seconds()
         self._phase = _READING_BODY
         if size == 0:
             self._finishBody()
@@ -140,6 +163,12 @@ class RequestProtocol(Protocol):
             self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
             return
         self._remaining -= len(chunk)
+        now = self.clock.seconds()
+        if now - self._lastProgress >= PROGRESS_INTERVAL and self._remaining:
+            self._lastProgress = now
+            action = self._request.action if self._request else None
+            received = self._bodySize - self._remaining
+            _logTransfer("upload in progress", action, received, self._bodyStarted, now)
         if self._remaining == 0:
             self._finishBody()
 
@@ -152,6 +181,10 @@ class RequestProtocol(Protocol):
             self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
             return
         self._spool = None
+        now = self.clock.seconds()
+        _logTransfer(
+            "upload received", self._request.action, self._bodySize, self._bodyStarted, now
+        )
         self._request.upload = self._spoolPath
         self._dispatch()
 
@@ -197,15 +230,30 @@ class RequestProtocol(Protocol):
             self._writeLine({"error": f"could not open the export: {error.strerror}"})
             return
         transport.write(encodeAnswer(answer.header))
+        started = self.clock.seconds()
+        action = self._request.action if self._request else None
+
+        def progress() -> None:
+            sent = handle.tell()
+            _logTransfer("export in progress", action, sent, started, self.clock.seconds())
+
+        ticker = LoopingCall(progress)
+        ticker.clock = self.clock
+        ticker.start(PROGRESS_INTERVAL, now=False)
 
         def finished(result: object) -> None:
+            ticker.stop()
+            event = "export sent" if not isinstance(result, Failure) else "export cut off"
+            _logTransfer(event, action, handle.tell(), started, self.clock.seconds())
             handle.close()
             answer.path.unlink(missing_ok=True)
             self._phase = _DONE
             if not self._lost:
                 transport.loseConnection()
 
-        FileSender().beginFileTransfer(handle, transport).addBoth(finished)
+        sender = FileSender()
+        sender.CHUNK_SIZE = EXPORT_CHUNK
+        sender.beginFileTransfer(handle, transport).addBoth(finished)
 
     # -- housekeeping --------------------------------------------------------------------
 
