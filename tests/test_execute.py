@@ -1,0 +1,340 @@
+"""The ``exec`` action over a real socket, and ``runCommand`` with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pyro_reactor import processes
+from pyro_reactor.errors import ActionError
+from pyro_reactor.execute import (
+    CommandResult,
+    _Capture,
+    _spawnEnvironment,
+    commandEnvironment,
+    exitCodeOf,
+    runCommand,
+)
+from tests.helpers import startAgent
+
+reactor: Any = _reactor
+
+
+def _alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie waiting for init counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def _waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await deferLater(reactor, 0.05)
+    return bool(predicate())
+
+
+class ExecOverTheWireTests(TestCase):
+    async def test_answerShape(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"action": "exec", "command": "echo out; echo err >&2; exit 3"})
+        self.assertEqual(answer["stdout"], "out\n")
+        self.assertEqual(answer["stderr"], "err\n")
+        self.assertEqual(answer["exit_code"], 3)
+        self.assertIsInstance(answer["duration_ms"], int)
+        self.assertGreaterEqual(answer["duration_ms"], 0)
+        self.assertIs(answer["stdout_truncated"], False)
+        self.assertIs(answer["stderr_truncated"], False)
+
+    async def test_noActionFieldIsExec(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"command": "echo plain"})
+        self.assertEqual(answer["stdout"], "plain\n")
+        self.assertEqual(answer["exit_code"], 0)
+
+    async def test_unknownActionRunsNothing(self) -> None:
+        agent = await startAgent(self)
+        marker = agent.workspace / "ran"
+        answer = await agent.call({"action": "exce", "command": f"touch {marker}"})
+        self.assertIn("error", answer)
+        self.assertFalse(marker.exists())
+
+    async def test_loginShell(self) -> None:
+        # sh -lc: a login shell, which reads $HOME/.profile.
+        agent = await startAgent(self)
+        home = agent.workspace / "home"
+        home.mkdir()
+        (home / ".profile").write_text("export FROM_PROFILE=yes\n")
+        answer = await agent.call({"command": "echo $FROM_PROFILE", "env": {"HOME": str(home)}})
+        self.assertEqual(answer["stdout"], "yes\n")
+
+    async def test_signalledShellExitCodeIsNegative(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"command": "kill -9 $$"})
+        self.assertEqual(answer["exit_code"], -signal.SIGKILL)
+
+    async def test_environment(self) -> None:
+        agent = await startAgent(self)
+        os.environ["PYRO_TEST_INHERITED"] = "from the agent"
+        self.addCleanup(os.environ.pop, "PYRO_TEST_INHERITED", None)
+        answer = await agent.call(
+            {
+                "command": 'printf "%s|%s" "$PYRO_TEST_VALUE" "$PYRO_TEST_INHERITED"',
+                "env": {"PYRO_TEST_VALUE": 42},
+            }
+        )
+        self.assertEqual(answer["stdout"], "42|from the agent")
+
+    async def test_environmentErrors(self) -> None:
+        agent = await startAgent(self)
+        bad = await agent.call({"command": "true", "env": {"1BAD": "x"}})
+        self.assertEqual(bad, {"error": "secret name is invalid"})
+        notObject = await agent.call({"command": "true", "env": ["A=1"]})
+        self.assertEqual(notObject, {"error": "exec env must be a JSON object"})
+        badTimeout = await agent.call({"command": "true", "timeout_seconds": "soon"})
+        self.assertEqual(badTimeout, {"error": "timeout_seconds must be an integer"})
+
+    async def test_timeoutKillsTheWholeGroup(self) -> None:
+        agent = await startAgent(self)
+        pidFile = agent.workspace / "grandchild.pid"
+        started = time.monotonic()
+        answer = await agent.call(
+            {
+                "command": f"sleep 60 & echo $! > {pidFile}; echo partial; wait",
+                "timeout_seconds": 1,
+            }
+        )
+        elapsed = time.monotonic() - started
+        self.assertEqual(
+            {key: answer[key] for key in ("stdout", "stderr", "exit_code")},
+            {"stdout": "", "stderr": "command timed out after 1s", "exit_code": 124},
+        )
+        self.assertGreaterEqual(answer["duration_ms"], 1000)
+        self.assertLess(elapsed, 20)
+        grandchild = int(pidFile.read_text())
+        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
+
+    async def test_timeoutKillsWhatIgnoresSigterm(self) -> None:
+        pidFile = Path(self.mktemp()).absolute()
+        result = await runCommand(
+            reactor,
+            f"trap '' TERM; sleep 60 & echo $! > {pidFile}; wait",
+            timeoutSeconds=0.3,
+            maxOutputBytes=1024,
+        )
+        self.assertTrue(result.timedOut)
+        # The answer comes once the group is gone (after the SIGKILL grace).
+        grandchild = int(pidFile.read_text())
+        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild), seconds=2))
+
+    async def test_agentStopEndsRunningCommands(self) -> None:
+        agent = await startAgent(self)
+        pidFile = agent.workspace / "grandchild.pid"
+        # Both the shell and its child ignore SIGTERM: only the SIGKILL after the grace ends them.
+        answered = agent.call(
+            {
+                "command": f"trap '' TERM; sleep 60 & echo $! > {pidFile}; wait",
+                "timeout_seconds": 60,
+            }
+        )
+        self.assertTrue(await _waitUntil(lambda: pidFile.exists() and pidFile.read_text() != ""))
+        commands = agent.context.services.getServiceNamed("exec-commands")
+        await commands.stopService()
+        answer = await answered
+        self.assertEqual(answer["exit_code"], -signal.SIGKILL)
+        grandchild = int(pidFile.read_text())
+        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
+
+    async def test_backgroundChildDoesNotHoldTheAnswer(self) -> None:
+        agent = await startAgent(self)
+        started = time.monotonic()
+        answer = await agent.call({"command": "sleep 30 & echo $!", "timeout_seconds": 20})
+        elapsed = time.monotonic() - started
+        background = int(answer["stdout"])
+        self.addCleanup(os.kill, background, signal.SIGKILL)
+        self.assertEqual(answer["exit_code"], 0)
+        self.assertLess(elapsed, 10)
+        # Left running, as in a terminal.
+        self.assertTrue(_alive(background))
+
+    async def test_outputAfterShellExitWithinGraceIsKept(self) -> None:
+        result = await runCommand(
+            reactor,
+            "(sleep 0.05; echo late) & echo early",
+            timeoutSeconds=10,
+            maxOutputBytes=1024,
+        )
+        self.assertEqual(result.stdout, "early\nlate\n")
+
+    async def test_invalidUtf8AndSplitCharacters(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"command": r"printf 'a\377b\303'; sleep 0.1; printf '\251'"})
+        self.assertEqual(answer["stdout"], "a\ufffdb\u00e9")
+        trailing = await agent.call({"command": r"printf 'x\303' >&2"})
+        self.assertEqual(trailing["stderr"], "x\ufffd")
+
+    async def test_carriageReturnsKept(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"command": r"printf 'a\r\nb\rc'"})
+        self.assertEqual(answer["stdout"], "a\r\nb\rc")
+
+    async def test_outputBounded(self) -> None:
+        agent = await startAgent(self, maxOutputBytes=10)
+        answer = await agent.call(
+            {"command": "head -c 1048576 /dev/zero | tr '\\0' x; echo short >&2"}
+        )
+        self.assertEqual(answer["stdout"], "x" * 10)
+        self.assertIs(answer["stdout_truncated"], True)
+        self.assertEqual(answer["stderr"], "short\n")
+        self.assertIs(answer["stderr_truncated"], False)
+        self.assertEqual(answer["exit_code"], 0)
+
+    async def test_manyAtOnce(self) -> None:
+        agent = await startAgent(self)
+        started = time.monotonic()
+        answers = await gatherResults(
+            [agent.call({"command": "sleep 0.5; echo done"}) for _ in range(32)]
+        )
+        elapsed = time.monotonic() - started
+        self.assertEqual([a["stdout"] for a in answers], ["done\n"] * 32)
+        # One after another would take 16 s.
+        self.assertLess(elapsed, 8)
+
+    async def test_emptyCommand(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"action": "exec"})
+        self.assertEqual((answer["stdout"], answer["exit_code"]), ("", 0))
+
+    async def test_nonPositiveTimeoutTimesOutAtOnce(self) -> None:
+        agent = await startAgent(self)
+        answer = await agent.call({"command": "sleep 5", "timeout_seconds": 0})
+        self.assertEqual(answer["exit_code"], 124)
+        self.assertEqual(answer["stderr"], "command timed out after 0s")
+
+
+class RunCommandTests(TestCase):
+    async def test_workingDirectoryAndEnvironment(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        os.environ["PYRO_TEST_INHERITED"] = "kept"
+        self.addCleanup(os.environ.pop, "PYRO_TEST_INHERITED", None)
+        result = await runCommand(
+            reactor,
+            'echo "$PWD $ONLY $PYRO_TEST_INHERITED"',
+            timeoutSeconds=10,
+            env={"ONLY": "this"},
+            cwd=directory,
+            maxOutputBytes=1024,
+        )
+        self.assertEqual(result.stdout, f"{directory} this kept\n")
+        self.assertEqual(result.exitCode, 0)
+        self.assertFalse(result.timedOut)
+
+    async def test_childReapedBeforeTheSpawnReturns(self) -> None:
+        # On a busy machine a command can end before Twisted registers it, which reaps it at
+        # once and clears transport.pid: make that happen every time.
+        spawnOnly = processes._SessionProcess._trySpawnInsteadOfFork
+
+        def spawnAndWaitForExit(process: Any, *args: Any) -> bool:
+            spawned = spawnOnly(process, *args)
+            os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+            return spawned
+
+        self.patch(processes._SessionProcess, "_trySpawnInsteadOfFork", spawnAndWaitForExit)
+        running: set[int] = set()
+        result = await runCommand(
+            reactor, "echo quick", timeoutSeconds=5, maxOutputBytes=64, running=running
+        )
+        self.assertEqual((result.stdout, result.exitCode), ("quick\n", 0))
+        self.assertEqual(running, set())
+
+    async def test_agentIsNeverForked(self) -> None:
+        # posix_spawn only: forking the agent (Twisted's other way) costs 4-6 ms per command.
+        def forbidden() -> int:
+            raise AssertionError("the agent forked")
+
+        self.patch(os, "fork", forbidden)
+        plain = await runCommand(reactor, "echo plain", timeoutSeconds=5, maxOutputBytes=64)
+        self.assertEqual(plain.stdout, "plain\n")
+        if processes._chdirProgram() is not None:
+            directory = Path(self.mktemp()).absolute()
+            directory.mkdir()
+            inside = await runCommand(
+                reactor, "pwd", timeoutSeconds=5, cwd=directory, maxOutputBytes=1024
+            )
+            self.assertEqual(inside.stdout, f"{directory}\n")
+
+    async def test_stdinIsEmpty(self) -> None:
+        result = await runCommand(reactor, "cat; echo end", timeoutSeconds=5, maxOutputBytes=64)
+        self.assertEqual(result.stdout, "end\n")
+
+    async def test_missingWorkingDirectory(self) -> None:
+        with self.assertRaises(ActionError) as caught:
+            await runCommand(
+                reactor, "true", timeoutSeconds=5, cwd="/nonexistent/dir", maxOutputBytes=64
+            )
+        self.assertIn("/nonexistent/dir", str(caught.exception))
+
+    async def test_timedOutResultKeepsOutputForCallers(self) -> None:
+        result = await runCommand(
+            reactor, "echo begun; sleep 30", timeoutSeconds=0.3, maxOutputBytes=64
+        )
+        self.assertTrue(result.timedOut)
+        self.assertEqual(result.stdout, "begun\n")
+        self.assertEqual(result.exitCode, -signal.SIGTERM)
+
+
+class PiecesTests(SynchronousTestCase):
+    def test_captureDecodesAcrossReadsAndBounds(self) -> None:
+        capture = _Capture(6)
+        for piece in (b"\xc3", b"\xa9t\xe2\x82", b"\xacabc"):
+            capture.feed(piece)
+        self.assertTrue(capture.truncated)
+        self.assertEqual(capture.text(), "\u00e9t\u20ac")
+
+    def test_captureCutInsideACharacter(self) -> None:
+        capture = _Capture(2)
+        capture.feed("\u20ac".encode())
+        self.assertTrue(capture.truncated)
+        self.assertEqual(capture.text(), "\ufffd")
+
+    def test_exitCodes(self) -> None:
+        self.assertEqual(exitCodeOf(Failure(ProcessDone(0))), 0)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=5))), 5)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(signal=9))), -9)
+
+    def test_environmentOverrides(self) -> None:
+        env = commandEnvironment({"PYRO_X": "1", "PATH": "/nowhere"})
+        self.assertEqual(env["PYRO_X"], "1")
+        self.assertEqual(env["PATH"], "/nowhere")
+        self.assertEqual(commandEnvironment(None), dict(os.environ))
+        raw = _spawnEnvironment({"PYRO_X": "\u00e9"})
+        self.assertEqual(raw[b"PYRO_X"], "\u00e9".encode())
+        self.assertEqual(raw[b"PATH"], os.environ["PATH"].encode())
+
+    def test_timedOutAnswer(self) -> None:
+        result = CommandResult("out", "err", -15, 1500, timedOut=True, timeoutSeconds=1)
+        self.assertEqual(
+            result.execAnswer(),
+            {
+                "stdout": "",
+                "stderr": "command timed out after 1s",
+                "exit_code": 124,
+                "duration_ms": 1500,
+                "stdout_truncated": False,
+                "stderr_truncated": False,
+            },
+        )

@@ -1,0 +1,248 @@
+"""The process layer: children in their own session, and group signals that spare the agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pyro_reactor import processes
+from pyro_reactor.processes import (
+    groupAlive,
+    sessionArgv,
+    signalGroup,
+    spawnInGroup,
+    spawnInSession,
+    terminateGroup,
+)
+
+reactor: Any = _reactor
+
+
+class _Recorder(ProcessProtocol):
+    """Collects stdout and the end of a child."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.reason: Failure | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+    async def end(self) -> Any:
+        """Wait for the end; the exception (ProcessDone/ProcessTerminated) it ended with."""
+        await self.ended
+        assert self.reason is not None
+        return self.reason.value
+
+
+def _alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie waiting for init counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def _waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await deferLater(reactor, 0.05)
+    return bool(predicate())
+
+
+class SpawnInSessionTests(TestCase):
+    spawn = staticmethod(spawnInSession)
+    newSession = True
+
+    def _spawn(self, argv: list[str], cwd: str | None = None) -> tuple[Any, _Recorder]:
+        recorder = _Recorder()
+        transport = self.spawn(reactor, recorder, argv, dict(os.environ), cwd=cwd)
+
+        def reap() -> Deferred[None]:
+            signalGroup(transport.pid, signal.SIGKILL)
+            return recorder.ended
+
+        self.addCleanup(reap)
+        return transport, recorder
+
+    async def test_childLeadsNewSessionAndGroup(self) -> None:
+        transport, recorder = self._spawn(["sleep", "30"])
+        pid = transport.pid
+        self.assertEqual(os.getpgid(pid), pid)
+        self.assertEqual(os.getsid(pid), pid if self.newSession else os.getsid(0))
+        self.assertNotEqual(os.getpgid(pid), os.getpgrp())
+        self.assertTrue(signalGroup(pid, signal.SIGTERM))
+        ended = await recorder.end()
+        self.assertIsInstance(ended, ProcessTerminated)
+        self.assertEqual(ended.signal, signal.SIGTERM)
+
+    async def test_workingDirectoryAndSession(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        script = 'echo "$PWD $(ps -o pgid= -p $$) $(ps -o sid= -p $$) $$"'
+        _, recorder = self._spawn(["/bin/sh", "-c", script], cwd=str(directory))
+        await recorder.ended
+        where, pgid, sid, pid = recorder.output.decode().split()
+        self.assertEqual(where, str(directory))
+        self.assertEqual(pgid, pid)
+        self.assertEqual(int(sid), int(pid) if self.newSession else os.getsid(0))
+
+    async def test_workingDirectoryThroughFork(self) -> None:
+        # Without coreutils' env --chdir, Twisted forks and the child calls setsid() itself.
+        self.patch(processes, "_chdirProgram", lambda: None)
+        await self.test_workingDirectoryAndSession()
+
+    async def test_programNameWithEqualsSign(self) -> None:
+        # env --chdir would take "a=b/prog" for a variable: such a program goes the fork way.
+        directory = Path(self.mktemp()).absolute()
+        (directory / "a=b").mkdir(parents=True)
+        program = directory / "a=b" / "prog"
+        program.write_text('#!/bin/sh\necho "$PWD $(ps -o pgid= -p $$) $$"\n')
+        program.chmod(0o755)
+        _, recorder = self._spawn([str(program)], cwd=str(directory))
+        await recorder.ended
+        where, pgid, pid = recorder.output.decode().split()
+        self.assertEqual(where, str(directory))
+        self.assertEqual(pgid, pid)
+
+    async def test_exitStatusIsTheProgramsOwn(self) -> None:
+        _, recorder = self._spawn(["/bin/sh", "-c", "exit 7"])
+        ended = await recorder.end()
+        self.assertEqual(ended.exitCode, 7)
+
+    def test_missingWorkingDirectoryRefused(self) -> None:
+        with self.assertRaises(NotADirectoryError):
+            spawnInSession(reactor, ProcessProtocol(), ["true"], {}, cwd="/nonexistent/dir")
+
+    async def test_groupSignalReachesGrandchildren(self) -> None:
+        _, recorder = self._spawn(["/bin/sh", "-c", "sleep 30 & echo $!; wait"])
+        self.assertTrue(await _waitUntil(lambda: recorder.output.endswith(b"\n")))
+        grandchild = int(recorder.output)
+        self.assertTrue(_alive(grandchild))
+        pgid = os.getpgid(grandchild)
+        self.assertTrue(signalGroup(pgid, signal.SIGKILL))
+        await recorder.ended
+        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
+        self.assertTrue(await _waitUntil(lambda: not groupAlive(pgid)))
+
+    async def test_terminateGroupKillsWhatIgnoresSigterm(self) -> None:
+        # "trap '' TERM" makes the shell and its sleep ignore SIGTERM: only SIGKILL ends them.
+        clock = Clock()
+        transport, recorder = self._spawn(["/bin/sh", "-c", "trap '' TERM; sleep 30; :"])
+        await deferLater(reactor, 0.2)
+        killer = terminateGroup(clock, transport.pid, grace=2.0)
+        self.assertIsNotNone(killer)
+        await deferLater(reactor, 0.2)
+        self.assertTrue(groupAlive(transport.pid))
+        clock.advance(2.0)
+        ended = await recorder.end()
+        self.assertEqual(ended.signal, signal.SIGKILL)
+        self.assertIsNone(terminateGroup(clock, transport.pid))
+
+
+class _SpawnRecorder(MemoryReactor):
+    """A fake reactor that records spawnProcess calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def spawnProcess(
+        self, protocol: Any, executable: str, args: list[str], env: dict[str, str], **kw: Any
+    ) -> object:
+        self.spawned.append((executable, args, env))
+        return object()
+
+
+class SpawnInGroupTests(SpawnInSessionTests):
+    """The same for a child that leads a new process group in the agent's session."""
+
+    spawn = staticmethod(spawnInGroup)
+    newSession = False
+
+
+class FallbackTests(TestCase):
+    """Reactors other than Twisted's POSIX ones get a trampoline in front of the argv."""
+
+    def test_otherReactorsGetSessionArgv(self) -> None:
+        memory = _SpawnRecorder()
+        spawnInSession(memory, ProcessProtocol(), ["sh", "-c", "true"], {"A": "1"})
+        [(executable, argv, env)] = memory.spawned
+        self.assertEqual(argv, sessionArgv(["sh", "-c", "true"]))
+        self.assertEqual(executable, argv[0])
+        self.assertEqual(env, {"A": "1"})
+
+    def _runDirect(self, argv: list[str], cwd: str | None = None) -> list[str]:
+        script = 'echo "$PWD $(ps -o pgid= -p $$) $(ps -o sid= -p $$) $$"'
+        completed = subprocess.run(
+            [*sessionArgv([*argv, script], cwd)],
+            capture_output=True,
+            check=True,
+            text=True,
+            timeout=20,
+        )
+        return completed.stdout.split()
+
+    def test_setsidProgram(self) -> None:
+        if processes._setsidProgram() is None:
+            self.skipTest("util-linux setsid is not installed")
+        argv = sessionArgv(["/bin/sh", "-c", "true"])
+        self.assertTrue(argv[0].endswith("setsid"))
+        _, pgid, sid, pid = self._runDirect(["/bin/sh", "-c"])
+        self.assertEqual((pgid, sid), (pid, pid))
+
+    def test_pythonTrampoline(self) -> None:
+        self.patch(processes, "_setsidProgram", lambda: None)
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        self.assertEqual(sessionArgv(["x"])[0], sys.executable)
+        where, pgid, sid, pid = self._runDirect(["/bin/sh", "-c"], str(directory))
+        self.assertEqual(where, str(directory))
+        self.assertEqual((pgid, sid), (pid, pid))
+
+
+class SignalGroupTests(SynchronousTestCase):
+    def test_refusesTheAgentsOwnGroup(self) -> None:
+        # If this were sent, the test run itself would stop.
+        self.assertFalse(signalGroup(os.getpgrp(), signal.SIGSTOP))
+        self.assertFalse(signalGroup(0, signal.SIGSTOP))
+        self.assertFalse(signalGroup(1, 0))
+        self.assertFalse(signalGroup(-5, 0))
+        self.assertFalse(signalGroup(None, 0))
+        self.flushLoggedErrors()
+
+    def test_goneGroup(self) -> None:
+        child = subprocess.Popen(["true"], start_new_session=True)
+        child.wait()
+        self.assertFalse(signalGroup(child.pid, signal.SIGTERM))
+        self.assertFalse(groupAlive(child.pid))
+        self.assertIsNone(terminateGroup(Clock(), child.pid))
+
+    def test_groupAliveSeesAMember(self) -> None:
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        try:
+            self.assertTrue(groupAlive(child.pid))
+        finally:
+            child.kill()
+            child.wait()
+        self.assertFalse(groupAlive(child.pid))
