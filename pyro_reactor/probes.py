@@ -1,0 +1,384 @@
+"""Readiness probes: one automat machine per probe, and the four checks a probe can poll.
+
+A service started with a ``readiness`` object is not answered until its probe says it is ready
+(or gives up). The probe is its own small machine (L{ProbeMachine}): it runs its check at once,
+then again every ``ready_interval_ms`` after each failed check, until a check passes or the
+deadline of ``ready_timeout_seconds`` (counted from ``start``) passes. A check still running at
+the deadline is cancelled: the answer never waits beyond the deadline, and a result that comes
+in afterwards is a late event the terminal states ignore.
+
+The checks (L{parseReadiness} validates the request's object, L{ReadinessSpec.check} builds
+the callable) never block the reactor:
+
+  - ``file``: something exists at a workspace path, looked up in a worker thread through the
+    kernel-confined L{Workspace} (a path outside the workspace is refused up front);
+  - ``tcp``: a connection to ``host:port`` through a client endpoint with a 1 s timeout;
+  - ``http``: a ``GET`` through L{twisted.web.client.Agent} with a connect timeout, no
+    persistent connections, and timeouts on the response and on its body; 2xx and 3xx mean
+    ready, as in the reference (which, unlike us, followed redirects);
+  - ``command``: ``/bin/sh -lc COMMAND`` through L{runCommand} with its 10 s timeout, in the
+    service's working directory and environment; exit status 0 means ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as WireProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IResponse
+
+from pyro_reactor.errors import ActionError
+from pyro_reactor.execute import CommandResult, runCommand
+from pyro_reactor.workspace import Workspace
+
+log = Logger(namespace="pyro_reactor.probes")
+
+#: Seconds a TCP check waits for the connection (the reference's socket timeout).
+TCP_TIMEOUT = 1.0
+#: Seconds an HTTP check waits for the connection, the response head, and the body each.
+HTTP_TIMEOUT = 2.0
+#: Seconds a command check may run (the reference's ``subprocess.run`` timeout).
+COMMAND_TIMEOUT = 10.0
+#: Bytes of a command check's output kept (it is thrown away; only the status matters).
+COMMAND_OUTPUT_BYTES = 64 * 1024
+#: Bytes of an HTTP check's body read before the connection is dropped.
+HTTP_BODY_BYTES = 64 * 1024
+
+READINESS_TYPES = ("file", "tcp", "http", "command")
+
+Check = Callable[[], "Deferred[bool]"]
+
+
+class Probe(Protocol):
+    """The inputs of a readiness probe machine."""
+
+    def start(self) -> None:
+        "Run the first check now and start the deadline."
+
+    def stop(self) -> None:
+        "Stop polling (the service ended or is being stopped); nothing is reported."
+
+    def _tick(self) -> None:
+        "The wait between two checks is over."
+
+    def _passed(self) -> None:
+        "The running check says ready."
+
+    def _failed(self) -> None:
+        "The running check says not ready (or broke)."
+
+    def _expired(self) -> None:
+        "The deadline passed."
+
+
+@dataclass
+class ProbeCore:
+    """What a probe needs from the world.
+
+    ``onReady`` / ``onTimeout`` are called once, when the probe reaches ``ready`` or
+    ``expired``; never after ``stop``.
+    """
+
+    clock: IReactorTime
+    check: Check
+    interval: float
+    timeout: float
+    onReady: Callable[[], None]
+    onTimeout: Callable[[], None]
+    deadline: IDelayedCall | None = None
+    attempts: int = 0
+
+    def cancelDeadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+
+
+def _runCheck(probe: Probe, core: ProbeCore) -> Deferred[None]:
+    core.attempts += 1
+    pending: Deferred[bool] = maybeDeferred(core.check)
+
+    def report(ready: bool) -> None:
+        if ready:
+            probe._passed()
+        else:
+            probe._failed()
+
+    def broken(failure: Failure) -> None:
+        probe._failed()
+
+    return pending.addCallbacks(report, broken)
+
+
+def _scheduleTick(probe: Probe, core: ProbeCore) -> IDelayedCall:
+    return core.clock.callLater(core.interval, probe._tick)
+
+
+builder = TypeMachineBuilder(Probe, ProbeCore)
+idle = builder.state("idle")
+checking = builder.state("checking", _runCheck)
+waiting = builder.state("waiting", _scheduleTick)
+ready = builder.state("ready")
+expired = builder.state("expired")
+stopped = builder.state("stopped")
+
+
+@idle.upon(Probe.start).to(checking)
+def _startDeadline(probe: Probe, core: ProbeCore) -> None:
+    core.deadline = core.clock.callLater(core.timeout, probe._expired)
+
+
+idle.upon(Probe.stop).to(stopped).returns(None)
+checking.upon(Probe._failed, nodata=True).to(waiting).returns(None)
+waiting.upon(Probe._tick, nodata=True).to(checking).returns(None)
+
+
+@checking.upon(Probe._passed).to(ready)
+def _becomeReady(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
+    core.cancelDeadline()
+    core.onReady()
+
+
+@checking.upon(Probe._expired).to(expired)
+def _expireWhileChecking(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
+    core.deadline = None
+    pending.cancel()
+    core.onTimeout()
+
+
+@waiting.upon(Probe._expired).to(expired)
+def _expireWhileWaiting(probe: Probe, core: ProbeCore, timer: IDelayedCall) -> None:
+    core.deadline = None
+    timer.cancel()
+    core.onTimeout()
+
+
+@checking.upon(Probe.stop).to(stopped)
+def _stopWhileChecking(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
+    core.cancelDeadline()
+    pending.cancel()
+
+
+@waiting.upon(Probe.stop).to(stopped)
+def _stopWhileWaiting(probe: Probe, core: ProbeCore, timer: IDelayedCall) -> None:
+    core.cancelDeadline()
+    timer.cancel()
+
+
+for _busy in (checking, waiting):
+    _busy.upon(Probe.start).loop().returns(None)
+# Events that cannot happen (each timer and check belongs to one state and is cancelled when it
+# is left), accepted anyway so that the machine is total.
+for _state, _impossible in (
+    (idle, (Probe._tick, Probe._passed, Probe._failed, Probe._expired)),
+    (checking, (Probe._tick,)),
+    (waiting, (Probe._passed, Probe._failed)),
+):
+    for _input in _impossible:
+        _state.upon(_input).loop().returns(None)
+for _terminal in (ready, expired, stopped):
+    # A cancelled check reports later; a stop may race the outcome: all of it is ignored.
+    for _late in (Probe.start, Probe.stop, Probe._tick, Probe._passed, Probe._failed):
+        _terminal.upon(_late).loop().returns(None)
+    _terminal.upon(Probe._expired).loop().returns(None)
+
+ProbeMachine = builder.build()
+
+
+# -- the readiness object of a request --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadinessSpec:
+    """A validated ``readiness`` object; ``target`` is the path, address, URL or command."""
+
+    type: str
+    target: str
+    host: str = ""
+    port: int = 0
+
+    def check(
+        self,
+        reactor: Any,
+        *,
+        workspace: Workspace,
+        inThread: Callable[..., Deferred[Any]],
+        cwd: Path,
+        env: Mapping[str, str],
+    ) -> Check:
+        """The callable the probe machine polls."""
+        if self.type == "file":
+            return fileCheck(workspace, self.target, inThread)
+        if self.type == "tcp":
+            return tcpCheck(reactor, self.host, self.port)
+        if self.type == "http":
+            return httpCheck(reactor, self.target)
+        return commandCheck(reactor, self.target, cwd=cwd, env=env)
+
+
+def _field(readiness: Mapping[str, Any], name: str) -> str:
+    value = readiness.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ActionError(f"readiness {name} must be a string")
+    text = value if isinstance(value, str) else str(value)
+    if text.strip() == "":
+        raise ActionError(f"readiness {name} is required")
+    if "\x00" in text:
+        raise ActionError(f"readiness {name} must not contain NUL bytes")
+    return text
+
+
+def parseReadiness(readiness: Mapping[str, Any], workspace: Workspace) -> ReadinessSpec:
+    """Check a request's ``readiness`` object before anything is started.
+
+    The reference only found a bad type or field while polling, after the service had been
+    started; here the request is refused first, with the reference's message for the type.
+    """
+    kind = readiness.get("type")
+    kindText = kind if isinstance(kind, str) else str(kind)
+    if kindText not in READINESS_TYPES:
+        raise ActionError(f"unsupported readiness type: {kindText}")
+    if kindText == "file":
+        path = _field(readiness, "path")
+        return ReadinessSpec("file", workspace.resolve(path).text)
+    if kindText == "tcp":
+        address = _field(readiness, "address").strip()
+        host, separator, portText = address.rpartition(":")
+        host = host.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(portText)
+        except ValueError:
+            port = -1
+        if not separator or not host or not 0 < port < 65536:
+            raise ActionError(f"readiness address must be HOST:PORT, not {address!r}")
+        return ReadinessSpec("tcp", address, host=host, port=port)
+    if kindText == "http":
+        url = _field(readiness, "url").strip()
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ActionError("readiness url must be an http:// or https:// URL")
+        return ReadinessSpec("http", url)
+    return ReadinessSpec("command", _field(readiness, "command"))
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def fileCheck(
+    workspace: Workspace, guestPath: str, inThread: Callable[..., Deferred[Any]]
+) -> Check:
+    """Ready once something exists at C{guestPath} (looked up in a worker thread)."""
+
+    def check() -> Deferred[bool]:
+        found: Deferred[bool] = inThread(workspace.fileExists, guestPath)
+        return found
+
+    return check
+
+
+class _Hangup(WireProtocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+def tcpCheck(reactor: Any, host: str, port: int, timeout: float = TCP_TIMEOUT) -> Check:
+    """Ready once a TCP connection to C{host}:C{port} succeeds within C{timeout} seconds."""
+
+    def check() -> Deferred[bool]:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        connected: Deferred[Any] = connectProtocol(endpoint, _Hangup())
+        # HostnameEndpoint's timeout covers each connection attempt, not the name lookup.
+        connected.addTimeout(timeout * 2, reactor)
+        return connected.addCallbacks(lambda _: True, lambda _: False)
+
+    return check
+
+
+class _BodyDiscarder(WireProtocol):
+    """Reads and drops a response body, hanging up after C{limit} bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.remaining = limit
+        self.done: Deferred[None] = Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        # The body's transport is a producer: stopping it drops the connection.
+        producer: Any = self.transport
+        if producer is not None:
+            producer.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.remaining -= len(data)
+        if self.remaining < 0:
+            self._abort()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def httpCheck(reactor: Any, url: str, timeout: float = HTTP_TIMEOUT) -> Check:
+    """Ready once a ``GET`` of C{url} answers 2xx or 3xx."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
+    target = url.encode("utf-8")
+
+    def check() -> Deferred[bool]:
+        requested: Deferred[IResponse] = agent.request(b"GET", target)
+        requested.addTimeout(timeout, reactor)
+
+        def answered(response: IResponse) -> Deferred[bool]:
+            isReady = 200 <= response.code < 400
+            discarder = _BodyDiscarder(HTTP_BODY_BYTES)
+            response.deliverBody(discarder)
+            body = discarder.done.addTimeout(timeout, reactor)
+            return body.addBoth(lambda _: isReady)
+
+        checked: Deferred[bool] = requested.addCallback(answered)
+        return checked.addErrback(lambda _: False)
+
+    return check
+
+
+def commandCheck(reactor: Any, command: str, *, cwd: Path, env: Mapping[str, str]) -> Check:
+    """Ready once C{command} exits 0 (run like the service: same directory and environment)."""
+
+    def check() -> Deferred[bool]:
+        ran: Deferred[CommandResult] = runCommand(
+            reactor,
+            command,
+            timeoutSeconds=COMMAND_TIMEOUT,
+            env=env,
+            cwd=cwd,
+            maxOutputBytes=COMMAND_OUTPUT_BYTES,
+        )
+        return ran.addCallback(lambda result: result.exitCode == 0 and not result.timedOut)
+
+    return check
+
+
+__all__ = [
+    "Probe",
+    "ProbeCore",
+    "ProbeMachine",
+    "ReadinessSpec",
+    "commandCheck",
+    "fileCheck",
+    "httpCheck",
+    "parseReadiness",
+    "tcpCheck",
+]

@@ -1,0 +1,241 @@
+"""The readiness probe machine, driven by a fake check and a L{Clock}: no sockets, no processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyro_reactor.errors import ActionError
+from pyro_reactor.probes import Probe, ProbeCore, ProbeMachine, parseReadiness
+from pyro_reactor.workspace import Workspace
+
+
+class FakeCheck:
+    """A check whose every run is a Deferred the test fires (or a canned result)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[bool]] = []
+        self.canned: list[Deferred[bool]] = []
+        self.cancelled: list[Deferred[bool]] = []
+
+    def __call__(self) -> Deferred[bool]:
+        if self.canned:
+            return self.canned.pop(0)
+        result: Deferred[bool] = Deferred(self.cancelled.append)
+        self.pending.append(result)
+        return result
+
+    @property
+    def runs(self) -> int:
+        return len(self.pending)
+
+
+class ProbeMachineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.check = FakeCheck()
+        self.events: list[str] = []
+        self.core = ProbeCore(
+            clock=self.clock,
+            check=self.check,
+            interval=0.1,
+            timeout=1.0,
+            onReady=lambda: self.events.append("ready"),
+            onTimeout=lambda: self.events.append("timeout"),
+        )
+        self.probe: Probe = ProbeMachine(self.core)
+
+    def assertQuiet(self) -> None:
+        """No timer is left behind."""
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_firstCheckRunsAtOnce(self) -> None:
+        self.probe.start()
+        self.assertEqual(self.check.runs, 1)
+        self.assertEqual(self.events, [])
+
+    def test_passingCheckMeansReady(self) -> None:
+        self.probe.start()
+        self.check.pending[0].callback(True)
+        self.assertEqual(self.events, ["ready"])
+        self.assertQuiet()
+
+    def test_synchronousPassIsReadyAtOnce(self) -> None:
+        self.check.canned.append(succeed(True))
+        self.probe.start()
+        self.assertEqual(self.events, ["ready"])
+        self.assertQuiet()
+
+    def test_failedCheckIsRetriedAfterTheInterval(self) -> None:
+        self.probe.start()
+        self.check.pending[0].callback(False)
+        self.clock.advance(0.05)
+        self.assertEqual(self.check.runs, 1)
+        self.clock.advance(0.05)
+        self.assertEqual(self.check.runs, 2)
+        self.check.pending[1].callback(True)
+        self.assertEqual(self.events, ["ready"])
+        self.assertEqual(self.core.attempts, 2)
+        self.assertQuiet()
+
+    def test_brokenCheckCountsAsNotReady(self) -> None:
+        self.check.canned.append(fail(OSError("connection refused")))
+        self.probe.start()
+        self.assertEqual(self.events, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.check.runs, 1)
+
+    def test_checkRaisingCountsAsNotReady(self) -> None:
+        def broken() -> Deferred[bool]:
+            raise RuntimeError("boom")
+
+        self.core.check = broken
+        self.probe.start()
+        self.assertEqual(self.events, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # retry and deadline
+
+    def test_deadlineWhileWaiting(self) -> None:
+        runs: list[None] = []
+
+        def notYet() -> Deferred[bool]:
+            runs.append(None)
+            return succeed(False)
+
+        self.core.check = notYet
+        self.core.interval = 0.3
+        self.probe.start()
+        self.clock.pump([0.3, 0.3, 0.3])
+        self.assertEqual((len(runs), self.events), (4, []))
+        self.clock.advance(0.2)
+        self.assertEqual(self.events, ["timeout"])
+        self.clock.advance(5)
+        self.assertEqual(len(runs), 4)
+        self.assertQuiet()
+
+    def test_checkAnsweringAfterTheDeadlineIsIgnored(self) -> None:
+        """A slow check is cancelled at the deadline; its answer afterwards changes nothing.
+
+        Like a command check (runCommand cannot be cancelled), the Deferred has no canceller:
+        the command's real result comes later anyway.
+        """
+        slow: Deferred[bool] = Deferred()
+        self.check.canned.append(slow)
+        self.probe.start()
+        self.clock.advance(1.0)
+        self.assertEqual(self.events, ["timeout"])
+        self.assertTrue(slow.called)
+        slow.callback(True)  # the late answer: swallowed by the cancelled Deferred
+        self.probe._passed()  # and as an input, too
+        self.assertEqual(self.events, ["timeout"])
+        self.assertQuiet()
+
+    def test_stopWhileChecking(self) -> None:
+        self.probe.start()
+        self.probe.stop()
+        self.assertEqual(self.check.cancelled, self.check.pending)
+        self.assertEqual(self.events, [])
+        self.assertQuiet()
+
+    def test_stopWhileWaiting(self) -> None:
+        self.probe.start()
+        self.check.pending[0].callback(False)
+        self.probe.stop()
+        self.clock.advance(10)
+        self.assertEqual(self.check.runs, 1)
+        self.assertEqual(self.events, [])
+        self.assertQuiet()
+
+    def test_stopBeforeStart(self) -> None:
+        self.probe.stop()
+        self.probe.start()
+        self.assertEqual(self.check.runs, 0)
+        self.assertQuiet()
+
+    def test_lateEventsInTerminalStatesAreIgnored(self) -> None:
+        for finish in ("ready", "timeout", "stop"):
+            self.events.clear()
+            self.check = FakeCheck()
+            self.core.check = self.check
+            probe: Probe = ProbeMachine(self.core)
+            probe.start()
+            if finish == "ready":
+                self.check.pending[0].callback(True)
+            elif finish == "timeout":
+                self.clock.advance(1.0)
+            else:
+                probe.stop()
+            before = list(self.events)
+            for late in (
+                probe.start,
+                probe.stop,
+                probe._tick,
+                probe._passed,
+                probe._failed,
+                probe._expired,
+            ):
+                late()
+            self.assertEqual(self.events, before, finish)
+            self.assertEqual(self.check.runs, 1)
+            self.assertQuiet()
+
+    def test_startTwiceChecksOnce(self) -> None:
+        self.probe.start()
+        self.probe.start()
+        self.assertEqual(self.check.runs, 1)
+
+
+class ReadinessParsingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.workspace = Workspace(Path(self.mktemp()))
+
+    def test_unsupportedType(self) -> None:
+        error = self.assertRaises(
+            ActionError, parseReadiness, {"type": "smoke-signal"}, self.workspace
+        )
+        self.assertEqual(str(error), "unsupported readiness type: smoke-signal")
+
+    def test_missingType(self) -> None:
+        error = self.assertRaises(ActionError, parseReadiness, {}, self.workspace)
+        self.assertEqual(str(error), "unsupported readiness type: None")
+
+    def test_fileMustStayInTheWorkspace(self) -> None:
+        self.assertRaises(
+            ActionError, parseReadiness, {"type": "file", "path": "/etc/passwd"}, self.workspace
+        )
+        self.assertRaises(
+            ActionError,
+            parseReadiness,
+            {"type": "file", "path": "/workspace/../etc/passwd"},
+            self.workspace,
+        )
+        spec = parseReadiness({"type": "file", "path": "ready"}, self.workspace)
+        self.assertEqual(spec.target, "/workspace/ready")
+
+    def test_tcpAddress(self) -> None:
+        spec = parseReadiness({"type": "tcp", "address": "127.0.0.1:8080"}, self.workspace)
+        self.assertEqual((spec.host, spec.port), ("127.0.0.1", 8080))
+        spec = parseReadiness({"type": "tcp", "address": "[::1]:80"}, self.workspace)
+        self.assertEqual((spec.host, spec.port), ("::1", 80))
+        for bad in ("localhost", "host:port", ":80", "host:0", "host:70000"):
+            error = self.assertRaises(
+                ActionError, parseReadiness, {"type": "tcp", "address": bad}, self.workspace
+            )
+            self.assertIn("HOST:PORT", str(error))
+
+    def test_httpUrl(self) -> None:
+        parseReadiness({"type": "http", "url": "http://127.0.0.1:1/x"}, self.workspace)
+        for bad in ("file:///etc/passwd", "ftp://host/", "http://"):
+            self.assertRaises(
+                ActionError, parseReadiness, {"type": "http", "url": bad}, self.workspace
+            )
+
+    def test_missingField(self) -> None:
+        error = self.assertRaises(ActionError, parseReadiness, {"type": "command"}, self.workspace)
+        self.assertEqual(str(error), "readiness command must be a string")
+        error = self.assertRaises(
+            ActionError, parseReadiness, {"type": "command", "command": " "}, self.workspace
+        )
+        self.assertEqual(str(error), "readiness command is required")

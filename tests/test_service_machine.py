@@ -1,0 +1,497 @@
+"""The service machine, driven by a fake process, a fake probe and a L{Clock}: no processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyro_reactor.context import AgentConfig, AgentContext
+from pyro_reactor.errors import ActionError
+from pyro_reactor.services import (
+    DRAIN_LONGEST,
+    STOP_GRACE,
+    RecordWriter,
+    ServiceCore,
+    ServiceFiles,
+    ServiceInputs,
+    ServiceMachine,
+    Services,
+    exited,
+    running,
+)
+
+
+class FakeProcess:
+    """Records the signals a machine sends; the test decides when it exits."""
+
+    def __init__(self, onExit: Callable[[int | None], None], pid: int = 4242) -> None:
+        self.pid = pid
+        self.startTicks: int | None = 777
+        self.onExit = onExit
+        self.signals: list[int] = []
+        self.group = True
+        self.released = False
+
+    def signal(self, signum: int) -> bool:
+        self.signals.append(signum)
+        return True
+
+    def groupAlive(self) -> bool:
+        return self.group
+
+    def end(self, exitCode: int | None) -> None:
+        """The runner and everything in its group end."""
+        self.group = False
+        self.onExit(exitCode)
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeProbe:
+    """Stands for a probe machine: the test reports ready / timed out through it."""
+
+    def __init__(self, onReady: Callable[[], None], onTimeout: Callable[[], None]) -> None:
+        self.onReady = onReady
+        self.onTimeout = onTimeout
+        self.events: list[str] = []
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    def stop(self) -> None:
+        self.events.append("stop")
+
+    def _tick(self) -> None: ...
+    def _passed(self) -> None: ...
+    def _failed(self) -> None: ...
+    def _expired(self) -> None: ...
+
+
+class ServiceMachineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.saved: list[dict[str, Any]] = []
+        self.processes: list[FakeProcess] = []
+        self.probes: list[FakeProbe] = []
+
+    def makeService(self, withProbe: bool = True) -> tuple[ServiceInputs, ServiceCore]:
+        def launch(onExit: Callable[[int | None], None]) -> FakeProcess:
+            process = FakeProcess(onExit)
+            self.processes.append(process)
+            return process
+
+        def makeProbe(onReady: Callable[[], None], onTimeout: Callable[[], None]) -> FakeProbe:
+            probe = FakeProbe(onReady, onTimeout)
+            self.probes.append(probe)
+            return probe
+
+        def save(record: dict[str, Any]) -> Deferred[None]:
+            self.saved.append(record)
+            return succeed(None)
+
+        core = ServiceCore(
+            clock=self.clock,
+            record={"service_name": "web", "command": "serve", "state": "running"},
+            launch=launch,
+            makeProbe=makeProbe if withProbe else None,
+            save=save,
+            now=self.clock.seconds,
+        )
+        return ServiceMachine(core), core
+
+    @property
+    def process(self) -> FakeProcess:
+        return self.processes[-1]
+
+    @property
+    def probe(self) -> FakeProbe:
+        return self.probes[-1]
+
+    def started(self, withProbe: bool = True) -> tuple[ServiceInputs, ServiceCore]:
+        service, core = self.makeService(withProbe)
+        service.start()
+        return service, core
+
+    def ready(self) -> tuple[ServiceInputs, ServiceCore]:
+        service, core = self.started()
+        self.probe.onReady()
+        return service, core
+
+    def assertNoTimers(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def test_startSpawnsAndRecords(self) -> None:
+        service, core = self.makeService()
+        settled = core.whenSettled()
+        service.start()
+        self.assertEqual(len(self.processes), 1)
+        self.assertEqual(self.probe.events, ["start"])
+        self.assertNoResult(settled)
+        record = self.saved[-1]
+        self.assertEqual(record["state"], "running")
+        self.assertEqual(record["pid"], 4242)
+        self.assertEqual(record["pid_start_ticks"], 777)
+        self.assertEqual(record["started_at"], 1000)
+        self.assertIsNone(record["ready_at"])
+
+    def test_readyAnswersStart(self) -> None:
+        _service, core = self.started()
+        settled = core.whenSettled()
+        self.clock.advance(2)
+        self.probe.onReady()
+        answer = self.successResultOf(settled)
+        self.assertEqual((answer["state"], answer["ready_at"]), ("running", 1002))
+        self.assertNotIn("pid_start_ticks", answer)
+        self.assertEqual(self.saved[-1]["ready_at"], 1002)
+        self.assertEqual(self.process.signals, [])
+
+    def test_withoutProbeReadyAtOnce(self) -> None:
+        _service, core = self.started(withProbe=False)
+        answer = self.successResultOf(core.whenSettled())
+        self.assertEqual((answer["state"], answer["ready_at"]), ("running", 1000))
+
+    def test_exitBeforeReadyIsReportedAtOnce(self) -> None:
+        _service, core = self.started()
+        settled = core.whenSettled()
+        self.clock.advance(0.5)
+        self.process.onExit(3)
+        answer = self.successResultOf(settled)
+        self.assertEqual(answer["state"], "failed")
+        self.assertEqual(answer["stop_reason"], "process_exited_before_ready")
+        self.assertEqual(answer["exit_code"], 3)
+        self.assertEqual(answer["ended_at"], 1000.5)
+        self.assertEqual(self.probe.events, ["start", "stop"])
+        self.assertEqual(self.process.signals, [])
+        self.assertEqual(self.saved[-1]["state"], "failed")
+
+    def test_readinessTimeoutStopsTheService(self) -> None:
+        _service, core = self.started()
+        settled = core.whenSettled()
+        self.probe.onTimeout()
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.assertNoResult(settled)
+        self.assertEqual(core.snapshot()["state"], "running")
+        self.process.end(None)
+        self.clock.advance(DRAIN_LONGEST)
+        answer = self.successResultOf(settled)
+        self.assertEqual(answer["state"], "failed")
+        self.assertEqual(answer["stop_reason"], "readiness_timeout")
+        self.assertIsNone(answer["exit_code"])
+        self.assertNoTimers()
+
+    def test_readinessTimeoutWithTermIgnored(self) -> None:
+        _service, core = self.started()
+        settled = core.whenSettled()
+        self.probe.onTimeout()
+        self.clock.advance(STOP_GRACE)
+        self.assertEqual(self.process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.assertNoResult(settled)
+        self.process.end(None)
+        self.clock.advance(DRAIN_LONGEST)
+        answer = self.successResultOf(settled)
+        self.assertEqual((answer["state"], answer["stop_reason"]), ("failed", "readiness_timeout"))
+        self.assertIsNone(answer["exit_code"])
+        self.assertNoTimers()
+
+    def test_stopDuringReadiness(self) -> None:
+        service, core = self.started()
+        settled = core.whenSettled()
+        service.stop()
+        ended = core.whenEnded()
+        self.assertEqual(self.probe.events, ["start", "stop"])
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.probe.onReady()  # a probe result racing the stop: ignored
+        self.assertNoResult(settled)
+        self.process.end(143)
+        self.clock.advance(DRAIN_LONGEST)
+        for answer in (self.successResultOf(settled), self.successResultOf(ended)):
+            self.assertEqual((answer["state"], answer["stop_reason"]), ("stopped", "sigterm"))
+            self.assertIsNone(answer["ready_at"])
+
+    # -- running ----------------------------------------------------------------------------
+
+    def test_exitAfterReady(self) -> None:
+        _service, core = self.ready()
+        self.clock.advance(10)
+        self.process.onExit(5)
+        record = core.snapshot()
+        self.assertEqual((record["state"], record["exit_code"]), ("exited", 5))
+        self.assertEqual(record["ended_at"], 1010)
+        self.assertIsNone(record["stop_reason"])
+        self.assertEqual(self.saved[-1]["state"], "exited")
+        self.assertEqual(self.process.signals, [])
+
+    def test_stopObeyed(self) -> None:
+        service, core = self.ready()
+        service.stop()
+        ended = core.whenEnded()
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.assertNoResult(ended)
+        self.process.end(None)  # the runner's exit: the group is checked at once
+        answer = self.successResultOf(ended)
+        self.assertEqual((answer["state"], answer["stop_reason"]), ("stopped", "sigterm"))
+        self.assertIsNone(answer["exit_code"])
+        self.assertNoTimers()
+
+    def test_stopWaitsForTheWholeGroup(self) -> None:
+        """The runner dies of the SIGTERM; a command ignoring it keeps the stop going."""
+        service, core = self.ready()
+        service.stop()
+        ended = core.whenEnded()
+        self.process.onExit(None)
+        self.clock.advance(1)
+        self.assertNoResult(ended)
+        self.clock.advance(STOP_GRACE - 1)
+        self.assertEqual(self.process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.process.group = False
+        self.clock.advance(DRAIN_LONGEST)
+        answer = self.successResultOf(ended)
+        self.assertEqual((answer["state"], answer["stop_reason"]), ("stopped", "sigkill"))
+        self.assertNoTimers()
+
+    def test_stopIgnoredEndsWithKill(self) -> None:
+        service, core = self.ready()
+        service.stop()
+        ended = core.whenEnded()
+        self.clock.advance(STOP_GRACE - 0.1)
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.clock.advance(0.1)
+        self.assertEqual(self.process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.assertNoResult(ended)
+        self.process.end(None)
+        self.clock.advance(DRAIN_LONGEST)
+        answer = self.successResultOf(ended)
+        self.assertEqual((answer["state"], answer["stop_reason"]), ("stopped", "sigkill"))
+
+    def test_serviceExitingDuringStop(self) -> None:
+        """An exit while stopping is the end of the stop, whatever its code."""
+        service, core = self.ready()
+        service.stop()
+        self.process.end(0)
+        self.clock.advance(DRAIN_LONGEST)
+        self.assertEqual(core.snapshot()["state"], "stopped")
+        self.assertEqual(core.snapshot()["exit_code"], 0)
+        self.assertNoTimers()
+
+    def test_stopTwiceWaitsForTheSameEnd(self) -> None:
+        service, core = self.ready()
+        service.stop()
+        first = core.whenEnded()
+        service.stop()
+        second = core.whenEnded()
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.clock.advance(STOP_GRACE)
+        service.stop()
+        self.assertEqual(self.process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.process.end(None)
+        self.clock.advance(DRAIN_LONGEST)
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+
+    # -- terminal states --------------------------------------------------------------------
+
+    def test_lateEventsInTerminalStates(self) -> None:
+        def exitAlone(service: ServiceInputs) -> None:
+            self.process.onExit(1)
+
+        def stop(service: ServiceInputs) -> None:
+            service.stop()
+            self.process.end(143)
+            self.clock.advance(DRAIN_LONGEST)
+
+        def timeOut(service: ServiceInputs) -> None:
+            self.probe.onTimeout()
+            self.process.end(143)
+            self.clock.advance(DRAIN_LONGEST)
+
+        endings = {"exited": exitAlone, "stopped": stop, "failed": timeOut}
+        for state, end in endings.items():
+            service, core = self.ready() if state != "failed" else self.started()
+            end(service)
+            record = core.snapshot()
+            self.assertEqual(record["state"], state)
+            signals = list(self.process.signals)
+            saves = len(self.saved)
+            service.start()
+            service.stop()
+            service._ready()
+            service._unready()
+            service._exited(9)
+            service._graceOver()
+            service._drained()
+            self.clock.advance(60)
+            self.assertEqual(core.snapshot(), record, state)
+            self.assertEqual(self.process.signals, signals)
+            self.assertEqual(len(self.saved), saves)
+            self.assertEqual(len(self.processes), len(self.probes))
+            self.assertEqual(self.successResultOf(core.whenEnded()), record)
+
+    def test_stopOfAnEndedServiceAnswersItsRecord(self) -> None:
+        service, core = self.ready()
+        self.process.onExit(0)
+        service.stop()
+        answer = self.successResultOf(core.whenEnded())
+        self.assertEqual((answer["state"], answer["stop_reason"]), ("exited", None))
+
+    def test_stopBeforeStart(self) -> None:
+        service, core = self.makeService()
+        service.stop()
+        service.start()
+        self.assertEqual(self.processes, [])
+        self.assertEqual(self.successResultOf(core.whenSettled())["state"], "stopped")
+
+    # -- the agent stopping, and the agent starting again -----------------------------------
+
+    def test_detachLeavesTheProcessRunning(self) -> None:
+        service, core = self.started()
+        settled = core.whenSettled()
+        service.detach()
+        self.assertEqual(self.process.signals, [])
+        self.assertTrue(self.process.released)
+        self.assertEqual(self.probe.events, ["start", "stop"])
+        self.failureResultOf(settled, ActionError)
+        self.failureResultOf(core.whenEnded(), ActionError)
+        service._exited(0)
+        self.assertEqual(core.snapshot()["state"], "running")
+
+    def test_detachWhileStopping(self) -> None:
+        service, _core = self.ready()
+        service.stop()
+        service.detach()
+        self.assertNoTimers()
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+
+    def test_adoptedRunningService(self) -> None:
+        """A machine created in ``running`` from a record on disk, as a new agent does."""
+        core = ServiceCore(
+            clock=self.clock,
+            record={"service_name": "web", "state": "running", "pid": 99, "exit_code": None},
+            launch=FakeProcess,
+            makeProbe=None,
+            save=lambda record: succeed(None),
+            now=self.clock.seconds,
+        )
+        core.settled = True
+        service = ServiceMachine(core, running)
+        core.process = process = FakeProcess(service._exited, pid=99)
+        self.assertEqual(self.successResultOf(core.whenSettled())["state"], "running")
+        service.stop()
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        process.end(143)
+        self.clock.advance(DRAIN_LONGEST)
+        record = self.successResultOf(core.whenEnded())
+        self.assertEqual((record["state"], record["stop_reason"]), ("stopped", "sigterm"))
+
+    def test_adoptedEndedService(self) -> None:
+        core = ServiceCore(
+            clock=self.clock,
+            record={"service_name": "web", "state": "exited", "exit_code": 4},
+            launch=FakeProcess,
+            makeProbe=None,
+            save=lambda record: succeed(None),
+        )
+        core.markEnded()
+        service = ServiceMachine(core, exited)
+        service.start()
+        service.stop()
+        self.assertEqual(self.successResultOf(core.whenEnded())["exit_code"], 4)
+
+
+class RecordWriterTests(SynchronousTestCase):
+    """The record is written off the reactor thread, in order, newest wins."""
+
+    def test_newestRecordWinsAndNothingOverlaps(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir()
+        files = ServiceFiles(root, "web")
+        calls: list[tuple[Deferred[None], Callable[[], None]]] = []
+
+        def inThread(function: Callable[..., None], *args: Any) -> Deferred[None]:
+            pending: Deferred[None] = Deferred()
+            calls.append((pending, lambda: function(*args)))
+            return pending
+
+        def finishWrite() -> None:
+            pending, write = calls.pop(0)
+            write()
+            pending.callback(None)
+
+        writer = RecordWriter(files, inThread)
+        first = writer.save({"state": "running", "n": 1})
+        second = writer.save({"state": "running", "n": 2})
+        third = writer.save({"state": "exited", "n": 3})
+        self.assertEqual(len(calls), 1)  # one write at a time
+        finishWrite()
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.assertEqual(len(calls), 1)  # then only the newest of those waiting
+        finishWrite()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertEqual(calls, [])
+        text = files.record.read_text()
+        self.assertEqual(json.loads(text), {"n": 3, "state": "exited"})
+        self.assertEqual(text, json.dumps({"state": "exited", "n": 3}, indent=2, sort_keys=True))
+        self.assertEqual(sorted(path.name for path in root.iterdir()), ["web.json"])
+
+
+class _ReapedAtOnceReactor(Clock):
+    """A reactor whose children exit (and are reaped) inside spawnProcess itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kwargs: Any) -> Any:
+        self.spawned.append(args)
+        transport = StringTransport()
+        transport.pid = 4321  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        transport.pid = None  # type: ignore[attr-defined]  # as Twisted does once reaped
+        protocol.processExited(Failure(ProcessDone(0)))
+        return transport
+
+
+class InstantExitTests(SynchronousTestCase):
+    def test_anExitDuringTheSpawnComesAfterReady(self) -> None:
+        """A service without readiness that ends at once is ``exited``, not ``failed``."""
+        base = Path(self.mktemp()).absolute()
+        (base / "workspace").mkdir(parents=True)
+        reactor = _ReapedAtOnceReactor()
+        context = AgentContext(
+            config=AgentConfig(workspace=base / "workspace", stateDir=base / "state"),
+            reactor=reactor,
+            threadPool=ThreadPool(),
+        )
+        registry = Services(context)
+        files = ServiceFiles(context.config.serviceRoot, "quick")
+        core = ServiceCore(
+            clock=reactor,
+            record={"service_name": "quick", "state": "running"},
+            launch=lambda onExit: registry._spawn(files, base / "workspace", {}, onExit),
+            makeProbe=None,
+            save=lambda record: succeed(None),
+            now=reactor.seconds,
+        )
+        service = ServiceMachine(core)
+        service.start()
+        self.assertEqual(len(reactor.spawned), 1)
+        self.assertEqual(self.successResultOf(core.whenSettled())["state"], "running")
+        self.assertEqual(core.snapshot()["pid"], 4321)
+        reactor.advance(0)
+        record = self.successResultOf(core.whenEnded())
+        self.assertEqual((record["state"], record["exit_code"]), ("exited", 0))
