@@ -41,6 +41,9 @@ test: lint types unit
 bench: setup
 	$(BIN)/python benchmarks/run.py
 
+diagrams: setup
+	$(BIN)/automat-visualize -t svg -i docs/diagrams -d build/dot pyro_reactor
+
 vm-test: setup
 	bash tests/vm/run.sh
 
