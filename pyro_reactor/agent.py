@@ -40,4 +40,5 @@ def buildFactory(context: AgentContext) -> RequestFactory:
         config.spoolRoot,
         maxRequestBytes=config.maxRequestBytes,
         timeout=config.requestTimeout,
+        encodeInThread=context.inThread,
     )

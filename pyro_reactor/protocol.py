@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -49,9 +51,21 @@ def _logTransfer(event: str, action: object, sent: int, started: float, now: flo
     )
 
 
+LARGE_ANSWER_CHARS = 64 * 1024
+"""Answers carrying more text than this are encoded in a worker thread, off the reactor."""
+
+Encoder = Callable[[Callable[[dict[str, Any]], bytes], dict[str, Any]], "Deferred[bytes]"]
+
+
 def encodeAnswer(answer: dict[str, Any]) -> bytes:
     """One answer line, encoded as the reference encodes it (``json.dumps`` defaults)."""
     return (json.dumps(answer) + "\n").encode("utf-8")
+
+
+def _carriesMuchText(answer: dict[str, Any]) -> bool:
+    # A cheap look at the top-level strings (exec output, file content, shell output): enough
+    # to tell a 16 MiB exec answer, whose encoding takes tens of ms, from a small one.
+    return sum(len(v) for v in answer.values() if isinstance(v, str)) > LARGE_ANSWER_CHARS
 
 
 class RequestProtocol(Protocol):
@@ -64,8 +78,11 @@ class RequestProtocol(Protocol):
         spoolDirectory: Path,
         maxRequestBytes: int,
         timeout: float,
+        *,
+        encodeInThread: Encoder | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
         self.maxRequestBytes = maxRequestBytes
@@ -211,12 +228,17 @@ class RequestProtocol(Protocol):
         self._phase = _ANSWERING
         if isinstance(answer, StreamedAnswer):
             self._stream(answer)
+        elif self.encodeInThread is not None and _carriesMuchText(answer):
+            self.encodeInThread(encodeAnswer, answer).addCallback(self._writeEncoded)
         else:
             self._writeLine(answer)
 
     def _writeLine(self, answer: dict[str, Any]) -> None:
+        self._writeEncoded(encodeAnswer(answer))
+
+    def _writeEncoded(self, line: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(encodeAnswer(answer))
+        self.transport.write(line)
         self._phase = _DONE
         self.transport.loseConnection()
 
@@ -294,16 +316,24 @@ class RequestFactory(Factory):
         spoolDirectory: Path,
         maxRequestBytes: int = 16 * 1024 * 1024,
         timeout: float = 60.0,
+        *,
+        encodeInThread: Encoder | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.clock = clock
         self.spoolDirectory = spoolDirectory
         self.maxRequestBytes = maxRequestBytes
         self.timeout = timeout
+        self.encodeInThread = encodeInThread
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
         protocol = RequestProtocol(
-            self.dispatcher, self.clock, self.spoolDirectory, self.maxRequestBytes, self.timeout
+            self.dispatcher,
+            self.clock,
+            self.spoolDirectory,
+            self.maxRequestBytes,
+            self.timeout,
+            encodeInThread=self.encodeInThread,
         )
         protocol.factory = self
         return protocol

@@ -241,3 +241,36 @@ class RequestFieldTests(SynchronousTestCase):
             str(self.assertRaises(ActionError, notObject.environment, "shell")),
             "shell env must be a JSON object",
         )
+
+
+class LargeAnswerTests(SynchronousTestCase):
+    """Answers carrying a lot of text are encoded off the reactor thread."""
+
+    def test_largeAnswerEncodedByTheEncoder(self) -> None:
+        spool = Path(self.mktemp())
+        spool.mkdir()
+        big = "x" * 100_000
+        dispatcher = Dispatcher(spoolDirectory=spool)
+        dispatcher.register(
+            [Action("big", lambda r: {"stdout": big}), Action("small", lambda r: {"ok": 1})]
+        )
+        pending: list[Deferred[None]] = []
+        calls: list[dict[str, Any]] = []
+
+        def encoder(function: Any, answer: dict[str, Any]) -> Deferred[bytes]:
+            calls.append(answer)
+            ready: Deferred[None] = Deferred()
+            pending.append(ready)
+            return ready.addCallback(lambda _: function(answer))
+
+        for action, expected in [("big", {"stdout": big}), ("small", {"ok": 1})]:
+            transport = StringTransport()
+            protocol = RequestProtocol(dispatcher, Clock(), spool, 100, 60, encodeInThread=encoder)
+            protocol.makeConnection(transport)
+            protocol.dataReceived(json.dumps({"action": action}).encode() + b"\n")
+            if pending:
+                self.assertEqual(transport.value(), b"")
+                pending.pop().callback(None)
+            self.assertEqual(json.loads(transport.value()), expected)
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(calls, [{"stdout": big}])
