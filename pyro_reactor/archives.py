@@ -225,7 +225,17 @@ class Directories:
         if known is not None:
             self._open.move_to_end(parts)
             return known
-        parent = self.open(parts[:-1], create=create)
+        # From the deepest directory already open, one component at a time (a loop, not a
+        # recursion: a request may name thousands of nested directories).
+        opened = len(parts) - 1
+        while opened and parts[:opened] not in self._open:
+            opened -= 1
+        fd = self.open(parts[:opened])
+        for depth in range(opened + 1, len(parts) + 1):
+            fd = self._openChild(fd, parts[:depth], create)
+        return fd
+
+    def _openChild(self, parent: int, parts: tuple[str, ...], create: bool) -> int:
         name = parts[-1]
         try:
             fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
@@ -238,6 +248,7 @@ class Directories:
             if self.exactMode is not None and self.exactMode & processUmask():
                 os.fchmod(fd, self.exactMode)
         self._open[parts] = fd
+        # The parent was opened or used just before: it is never the one closed here.
         while len(self._open) > self.limit:
             _, oldest = self._open.popitem(last=False)
             os.close(oldest)
@@ -820,19 +831,66 @@ def tarInfoFor(arcname: str, info: os.stat_result, linkname: str = "") -> tarfil
     return member
 
 
+class ExportTooLarge(ActionError):
+    """The export would not fit in the free space of the spool's filesystem."""
+
+
 class _Exporter:
-    def __init__(self, archive: tarfile.TarFile, counter: Transfer | _Counter) -> None:
+    """Writes members into ``archive``, refusing to grow it beyond ``room`` bytes.
+
+    ``room`` is the spool's free space when the export began: a guest program can make a
+    sparse file of any apparent size (``truncate -s 1T``), which a tar stores in full, and the
+    state directory is often a tmpfs (memory). Such an export is refused before its data is
+    copied, instead of filling the filesystem up to ``ENOSPC``.
+    """
+
+    def __init__(
+        self,
+        archive: tarfile.TarFile,
+        counter: Transfer | _Counter,
+        room: int | None = None,
+        display: str = "",
+    ) -> None:
         self.archive = archive
         self.counter = counter
+        self.room = room
+        self.display = display
         self.entries = 0
         self.bytesWritten = 0
 
     def add(self, parent: int, name: str, arcname: str) -> None:
-        """Archive the entry ``name`` of ``parent`` (recursively for a directory)."""
+        """Archive the entry ``name`` of ``parent``, and everything below it for a directory.
+
+        Depth first with a stack of its own rather than recursion: a guest can make a tree
+        deeper than Python's recursion limit. One descriptor stays open per level walked.
+        """
+        stack: list[tuple[int, list[str], str]] = []
+        try:
+            opened = self._addOne(parent, name, arcname)
+            if opened is not None:
+                stack.append((*opened, arcname))
+            while stack:
+                directory, pending, prefix = stack[-1]
+                if not pending:
+                    stack.pop()
+                    os.close(directory)
+                    continue
+                child = pending.pop()
+                childArcname = f"{prefix}/{child}"
+                opened = self._addOne(directory, child, childArcname)
+                if opened is not None:
+                    stack.append((*opened, childArcname))
+        finally:
+            for directory, _, _ in stack:
+                os.close(directory)
+
+    def _addOne(self, parent: int, name: str, arcname: str) -> tuple[int, list[str]] | None:
+        """Archive one entry; for a directory, also its open descriptor and its children's
+        names (last first), for the caller to walk and close."""
         try:
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
-            return  # removed since it was listed
+            return None  # removed since it was listed
         if stat.S_ISREG(info.st_mode):
             fd = os.open(name, _READ_FLAGS, dir_fd=parent)
             with open(fd, "rb", buffering=0) as handle:
@@ -842,14 +900,15 @@ class _Exporter:
             fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
             try:
                 self._member(arcname, os.fstat(fd))
-                for child in sorted(os.listdir(fd)):
-                    self.add(fd, child, f"{arcname}/{child}")
-            finally:
+                return fd, sorted(os.listdir(fd), reverse=True)
+            except BaseException:
                 os.close(fd)
+                raise
         elif stat.S_ISLNK(info.st_mode):
             self._member(arcname, info, linkname=os.readlink(name, dir_fd=parent))
         else:
             self._member(arcname, info)
+        return None
 
     def _member(
         self,
@@ -864,6 +923,22 @@ class _Exporter:
             return
         if not member.isreg():
             handle = None
+        if self.room is not None:
+            # Headers (a long name takes a pax header too), the data padded to a block, and
+            # the end of the archive padded to a record.
+            names = len(os.fsencode(member.name)) + len(os.fsencode(member.linkname))
+            needed = (
+                self.archive.offset
+                + 4 * tarfile.BLOCKSIZE
+                + names
+                + member.size
+                + tarfile.RECORDSIZE
+            )
+            if needed > self.room:
+                raise ExportTooLarge(
+                    f"could not export {self.display}: the archive would need more than"
+                    f" {needed} bytes, and the agent's state directory has {self.room} bytes free"
+                )
         self.archive.addfile(member, handle)
         self.entries += 1
         self.counter.entries += 1
@@ -894,7 +969,10 @@ def buildExport(
             open(fd, "wb") as output,
             tarfile.TarFile(fileobj=output, mode="w", copybufsize=CHUNK) as archive,
         ):
-            exporter = _Exporter(archive, counter)
+            stats = os.statvfs(spoolRoot)
+            exporter = _Exporter(
+                archive, counter, room=stats.f_bavail * stats.f_frsize, display=path.text
+            )
             if kind is Kind.DIRECTORY:
                 with workspace.openedDirectory(path.parts, followInside=True) as directory:
                     for child in sorted(os.listdir(directory)):

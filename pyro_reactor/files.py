@@ -30,6 +30,7 @@ from pyro_reactor.workspace import (
     GuestPath,
     MissingPath,
     Workspace,
+    WorkspaceError,
     processUmask,
 )
 
@@ -79,7 +80,13 @@ class WorkspaceFiles:
                 raise
         with workspace.openedParent(path, followInside=True) as (parent, name):
             info = workspace.lstatAt(parent, name, path.text)
-            target = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(info.st_mode) else None
+            try:
+                target = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(info.st_mode) else None
+            except OSError:
+                # No longer a symlink since the lstat (a guest program swapping it).
+                raise WorkspaceError(
+                    f"workspace path changed while it was listed: {path.text}"
+                ) from None
             entry = _entry(path.text, info, target)
             if entry["artifact_type"] != "directory":
                 return entry, None

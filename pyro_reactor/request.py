@@ -9,6 +9,7 @@ instead of guessing.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ def parseRequestLine(line: bytes) -> Request:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ActionError(f"request is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        # `[[[[...` a hundred thousand deep fits in a request line and exhausts the parser.
+        raise ActionError("request is not valid JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise ActionError("request must be a JSON object")
     return Request(payload)
@@ -134,5 +138,11 @@ class Request:
             text = value if isinstance(value, str) else str(value)
             if "\x00" in text or "\x00" in key:
                 raise ActionError(f"{label} env values must not contain NUL bytes")
+            try:
+                # A lone surrogate ("\ud800" in the JSON) cannot reach a child's environment;
+                # refused here, it never becomes a crash whose exception holds the value.
+                os.fsencode(text)
+            except UnicodeEncodeError:
+                raise ActionError(f"{label} env values must be valid Unicode text") from None
             result[normalizeEnvName(key)] = text
         return result

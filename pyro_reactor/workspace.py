@@ -480,7 +480,8 @@ class Workspace:
     def children(self, dirfd: int) -> list[Child]:
         """The entries of the open directory ``dirfd``, sorted by name, each ``lstat``-ed.
 
-        Symlinks carry their target text. An entry that vanishes while listed is skipped.
+        Symlinks carry their target text. An entry that vanishes while listed is skipped, and
+        so is a symlink replaced by something else between its ``lstat`` and ``readlink``.
         """
         result: list[Child] = []
         with os.scandir(dirfd) as entries:
@@ -491,6 +492,10 @@ class Workspace:
                 target = os.readlink(name, dir_fd=dirfd) if stat.S_ISLNK(info.st_mode) else None
             except FileNotFoundError:
                 continue
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                continue  # a symlink replaced by something else since the stat: changing
             result.append(Child(name, info, target))
         return result
 
