@@ -358,16 +358,34 @@ def checkMember(tree: Tree, base: tuple[str, ...], member: tarfile.TarInfo, rule
         if existing is not Kind.SYMLINK and existing is not Kind.MISSING:
             raise ActionError(f"symlink conflicts with existing path: {name}")
         kind = Kind.SYMLINK
-    try:
-        filtered = tarfile.data_filter(
-            member.replace(name="/".join(parts), deep=False), _FILTER_ROOT
-        )
-    except tarfile.FilterError as error:
-        raise ActionError(f"archive member refused: {name}: {error}") from None
+    mode = _filteredMode(member, "/".join(parts), name)
     for index in range(len(base) + 1, len(full)):
         tree.plan(full[:index], Kind.DIRECTORY)
     tree.plan(full, kind)
-    return Step(member, full, kind, filtered.mode, fresh=existing is Kind.MISSING)
+    return Step(member, full, kind, mode, fresh=existing is Kind.MISSING)
+
+
+def _filteredMode(member: tarfile.TarInfo, normalized: str, name: str) -> int | None:
+    """The mode PEP 706's ``data_filter`` gives a member (``None``: the default mode).
+
+    Python before 3.11.4 (Debian 12 ships 3.11.2) has no extraction filters: there the same
+    mode rules are applied here; the member rules above already refuse what the filter's
+    path and link checks would.
+    """
+    dataFilter = getattr(tarfile, "data_filter", None)
+    if dataFilter is not None:
+        try:
+            filtered = dataFilter(member.replace(name=normalized, deep=False), _FILTER_ROOT)
+        except tarfile.FilterError as error:  # type: ignore[misc,unused-ignore]
+            raise ActionError(f"archive member refused: {name}: {error}") from None
+        mode: int | None = filtered.mode
+        return mode
+    if not (member.isreg() or member.islnk()):
+        return None
+    mode = member.mode & 0o755
+    if not mode & stat.S_IXUSR:
+        mode &= ~0o111
+    return mode | stat.S_IRUSR | stat.S_IWUSR
 
 
 # -- progress --------------------------------------------------------------------------------

@@ -850,3 +850,26 @@ class _Zeros(io.RawIOBase):
         buffer[:count] = b"\0" * count
         self.left -= count
         return count
+
+
+class FilterFallbackTests(SynchronousTestCase):
+    """Before Python 3.11.4 (Debian 12's guests) there is no ``tarfile.data_filter``."""
+
+    def test_fallbackGivesTheFilterModes(self) -> None:
+        """The modes computed without the filter are the ones the filter gives."""
+        cases = []
+        for kind in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE):
+            for mode in (0o644, 0o755, 0o777, 0o4755, 0o2711, 0o600, 0o000, 0o070, 0o1777):
+                member = tarfile.TarInfo("a/b")
+                member.type = kind
+                member.mode = mode
+                if kind == tarfile.SYMTYPE:
+                    member.linkname = "c"
+                cases.append(member)
+        withFilter = [archives._filteredMode(m, m.name, m.name) for m in cases]
+        self.patch(tarfile, "data_filter", None)  # restored after the test
+        delattr(tarfile, "data_filter")
+        withoutFilter = [archives._filteredMode(m, m.name, m.name) for m in cases]
+        self.assertEqual(withoutFilter, withFilter)
+        self.assertIn(0o755, withFilter)
+        self.assertIn(None, withFilter)
