@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pyro_reactor.dispatch import Answer, Dispatcher, StreamedAnswer
 from pyro_reactor.errors import ActionError
@@ -68,8 +69,14 @@ def _carriesMuchText(answer: dict[str, Any]) -> bool:
     return sum(len(v) for v in answer.values() if isinstance(v, str)) > LARGE_ANSWER_CHARS
 
 
+@implementer(IHalfCloseableProtocol)
 class RequestProtocol(Protocol):
-    """Frames one request and its answer on one connection."""
+    """Frames one request and its answer on one connection.
+
+    A client may half-close after its request (``shutdown(SHUT_WR)``), as the reference
+    allows: a last line without its newline is still the request, and an upload body that
+    ends early is answered with an error.
+    """
 
     def __init__(
         self,
@@ -110,18 +117,32 @@ class RequestProtocol(Protocol):
             self._receiveBody(data)
         # Bytes after a complete request are ignored, as the reference ignores them.
 
+    def readConnectionLost(self) -> None:
+        if self._phase == _READING_LINE:
+            self._receiveLine(b"\n")
+        elif self._phase == _READING_BODY:
+            self._logCutOff()
+            self._discardSpool()
+            self._refuse(ActionError("unexpected EOF while reading archive payload"))
+
+    def writeConnectionLost(self) -> None:
+        """Nothing to do: the answer can no longer be delivered, the work still ends."""
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancelTimer()
         if self._phase == _READING_BODY:
-            log.warn(
-                "upload cut off: {missing} of its bytes never arrived",
-                missing=self._remaining,
-                action=self._request.action if self._request else None,
-                outcome="cut-off",
-            )
+            self._logCutOff()
             self._discardSpool()
         self._phase = _DONE
+
+    def _logCutOff(self) -> None:
+        log.warn(
+            "upload cut off: {missing} of its bytes never arrived",
+            missing=self._remaining,
+            action=self._request.action if self._request else None,
+            outcome="cut-off",
+        )
 
     # -- framing -------------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.errors import ActionError
@@ -274,3 +277,75 @@ class LargeAnswerTests(SynchronousTestCase):
             self.assertEqual(json.loads(transport.value()), expected)
             self.assertTrue(transport.disconnecting)
         self.assertEqual(calls, [{"stdout": big}])
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """A client that half-closes after its request still gets its answer (as the reference)."""
+
+    def setUp(self) -> None:
+        self.spool = Path(self.mktemp())
+        self.spool.mkdir()
+        self.uploads: list[Request] = []
+        dispatcher = Dispatcher(spoolDirectory=self.spool)
+        dispatcher.register(
+            [
+                Action("exec", lambda r: {"ran": r.string("command")}),
+                Action("upload", self.upload, upload=True),
+            ]
+        )
+        self.transport = StringTransport()
+        self.protocol = RequestProtocol(dispatcher, Clock(), self.spool, 1000, 60)
+        self.protocol.makeConnection(self.transport)
+
+    def upload(self, request: Request) -> dict[str, Any]:
+        self.uploads.append(request)
+        return {}
+
+    def answer(self) -> dict[str, Any]:
+        result = json.loads(self.transport.value())
+        assert isinstance(result, dict)
+        return result
+
+    def test_lineWithoutNewline(self) -> None:
+        self.protocol.dataReceived(b'{"command": "echo nonl"}')
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.answer(), {"ran": "echo nonl"})
+
+    def test_nothingSent(self) -> None:
+        self.protocol.readConnectionLost()
+        self.assertIn("request is empty", self.answer()["error"])
+
+    def test_bodyCutShort(self) -> None:
+        self.protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.answer(), {"error": "unexpected EOF while reading archive payload"})
+        self.assertEqual(self.uploads, [])
+        self.assertEqual(list(self.spool.iterdir()), [])
+
+
+class HalfCloseOverTheWireTests(TestCase):
+    async def test_execAfterHalfClose(self) -> None:
+        """Over real TCP, `printf '{...}' | nc -N` style clients get their answer."""
+        from tests.helpers import reactor, startAgent
+
+        agent = await startAgent(self)
+        received: Deferred[bytes] = Deferred()
+        chunks: list[bytes] = []
+
+        class HalfCloser(Protocol):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.write(b'{"command": "echo nonl"}')
+                self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+            def dataReceived(self, data: bytes) -> None:
+                chunks.append(data)
+
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                received.callback(b"".join(chunks))
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", agent.port)
+        await connectProtocol(endpoint, HalfCloser())
+        answer = json.loads(await received)
+        self.assertEqual(answer["stdout"], "nonl\n")
+        self.assertEqual(answer["exit_code"], 0)
