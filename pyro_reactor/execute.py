@@ -163,6 +163,8 @@ class _CommandProtocol(ProcessProtocol):
         self._timeout: IDelayedCall | None = None
         self._pipeGrace: IDelayedCall | None = None
         self._killer: IDelayedCall | None = None
+        #: Called once, when the shell has exited (its working directory can be let go).
+        self.onExited: Callable[[], object] | None = None
         self.done: Deferred[CommandResult] = Deferred()
 
     def connectionMade(self) -> None:
@@ -176,13 +178,20 @@ class _CommandProtocol(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._stderr.feed(data)
 
+    def _reportExit(self) -> None:
+        onExited, self.onExited = self.onExited, None
+        if onExited is not None:
+            onExited()
+
     def processExited(self, reason: Failure) -> None:
+        self._reportExit()
         self._exitCode = exitCodeOf(reason)
         self._timeout = _cancel(self._timeout)
         if not self._ended:
             self._pipeGrace = self._clock.callLater(PIPE_GRACE, self._closePipes)
 
     def processEnded(self, reason: Failure) -> None:
+        self._reportExit()
         self._ended = True
         if self._exitCode is None:
             self._exitCode = exitCodeOf(reason)
@@ -276,6 +285,7 @@ def runCommand(
     maxOutputBytes: int,
     now: Callable[[], float] = time.monotonic,
     running: MutableSet[int] | None = None,
+    onExited: Callable[[], object] | None = None,
 ) -> Deferred[CommandResult]:
     """Run C{/bin/sh -lc command} in a new process group and collect its result.
 
@@ -285,9 +295,13 @@ def runCommand(
     ``timedOut`` set. The Deferred fails with L{ActionError} only if the shell cannot be
     started (a missing C{cwd}, say). It cannot be cancelled: a command runs to its end or
     its timeout. C{running}, if given, holds the command's process group id while it runs
-    (L{RunningCommands} uses it to end what is left when the agent stops).
+    (L{RunningCommands} uses it to end what is left when the agent stops). C{onExited}, if
+    given, is called once the shell process has exited, or at once if it could not be
+    started, even when the returned Deferred was cancelled: what keeps C{cwd} valid (an open
+    L{pyro_reactor.workspace.WorkingDirectory}) is let go there.
     """
     protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now)
+    protocol.onExited = onExited
     try:
         spawnInGroup(
             reactor,
@@ -298,7 +312,11 @@ def runCommand(
             childFDs={0: _devNull(), 1: "r", 2: "r"},
         )
     except OSError as error:
+        protocol._reportExit()
         return fail(ActionError(f"cannot start {SHELL}: {error.strerror or error}"))
+    except BaseException:
+        protocol._reportExit()
+        raise
     # Not transport.pid: Twisted clears it once the child is reaped, which on a busy machine
     # can happen before spawnInGroup returns. The protocol kept it when it was connected.
     pgid = protocol.pgid

@@ -17,14 +17,14 @@ the callable) never block the reactor:
     persistent connections, and timeouts on the response and on its body; 2xx and 3xx mean
     ready, as in the reference (which, unlike us, followed redirects);
   - ``command``: ``/bin/sh -lc COMMAND`` through L{runCommand} with its 10 s timeout, in the
-    service's working directory and environment; exit status 0 means ready.
+    service's working directory (opened afresh for each check and entered through the open
+    descriptor, never by name) and environment; exit status 0 means ready.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -40,7 +40,7 @@ from twisted.web.iweb import IResponse
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.execute import CommandResult, runCommand
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.workspace import WorkingDirectory, Workspace
 
 log = Logger(namespace="pyro_reactor.probes")
 
@@ -214,17 +214,19 @@ class ReadinessSpec:
         *,
         workspace: Workspace,
         inThread: Callable[..., Deferred[Any]],
-        cwd: Path,
+        cwd: str,
         env: Mapping[str, str],
     ) -> Check:
-        """The callable the probe machine polls."""
+        """The callable the probe machine polls (C{cwd}: the service's guest directory)."""
         if self.type == "file":
             return fileCheck(workspace, self.target, inThread)
         if self.type == "tcp":
             return tcpCheck(reactor, self.host, self.port)
         if self.type == "http":
             return httpCheck(reactor, self.target)
-        return commandCheck(reactor, self.target, cwd=cwd, env=env)
+        return commandCheck(
+            reactor, self.target, workspace=workspace, inThread=inThread, cwd=cwd, env=env
+        )
 
 
 def _field(readiness: Mapping[str, Any], name: str) -> str:
@@ -354,19 +356,51 @@ def httpCheck(reactor: Any, url: str, timeout: float = HTTP_TIMEOUT) -> Check:
     return check
 
 
-def commandCheck(reactor: Any, command: str, *, cwd: Path, env: Mapping[str, str]) -> Check:
-    """Ready once C{command} exits 0 (run like the service: same directory and environment)."""
+def commandCheck(
+    reactor: Any,
+    command: str,
+    *,
+    workspace: Workspace,
+    inThread: Callable[..., Deferred[Any]],
+    cwd: str,
+    env: Mapping[str, str],
+) -> Check:
+    """Ready once C{command} exits 0 (run like the service: same directory and environment).
+
+    Each check opens the guest directory C{cwd} afresh (in a worker thread, confined as the
+    service's own) and runs the command in the directory it opened, held open until the
+    command has exited (see L{WorkingDirectory}); a directory gone or swapped for a symlink
+    fails the check. Cancelling the check (at the probe's deadline) only stops waiting: the
+    command runs on, and its directory is let go when it exits.
+    """
 
     def check() -> Deferred[bool]:
-        ran: Deferred[CommandResult] = runCommand(
-            reactor,
-            command,
-            timeoutSeconds=COMMAND_TIMEOUT,
-            env=env,
-            cwd=cwd,
-            maxOutputBytes=COMMAND_OUTPUT_BYTES,
-        )
-        return ran.addCallback(lambda result: result.exitCode == 0 and not result.timedOut)
+        outcome: Deferred[bool] = Deferred()
+        opened: Deferred[WorkingDirectory] = inThread(workspace.openWorkingDirectory, cwd)
+
+        def run(directory: WorkingDirectory) -> Deferred[bool]:
+            ran: Deferred[CommandResult] = runCommand(
+                reactor,
+                command,
+                timeoutSeconds=COMMAND_TIMEOUT,
+                env=env,
+                cwd=directory.path,
+                maxOutputBytes=COMMAND_OUTPUT_BYTES,
+                onExited=directory.close,
+            )
+            return ran.addCallback(lambda result: result.exitCode == 0 and not result.timedOut)
+
+        def report(ready: object) -> None:
+            # Not chained to outcome: cancelling outcome must not drop an opened directory
+            # (a thread's late result) nor cut the wait for the command's exit short.
+            if not outcome.called:
+                if isinstance(ready, Failure):
+                    outcome.errback(ready)
+                else:
+                    outcome.callback(bool(ready))
+
+        opened.addCallback(run).addBoth(report)
+        return outcome
 
     return check
 

@@ -205,7 +205,10 @@ def spawnInSession(  # noqa: PLR0917 - the spawnProcess order, as callers expect
     the child and everything it started with L{signalGroup}C{(transport.pid, ...)}. C{env} is
     the child's whole environment, str or bytes (nothing is inherited implicitly). C{cwd}, if
     given, is checked to be a directory first so that a missing one fails here with a clear
-    error rather than as an exit status. C{childFDs} is as for ``spawnProcess`` (default:
+    error rather than as an exit status; for a workspace directory it is a
+    L{pyro_reactor.workspace.WorkingDirectory}'s ``/proc/<agent pid>/fd/<n>`` path, which
+    ``env --chdir``, the forked child's ``chdir`` and the trampoline all enter as the open
+    directory itself. C{childFDs} is as for ``spawnProcess`` (default:
     stdin, stdout and stderr as pipes).
 
     With Twisted's POSIX reactors the child is spawned directly (L{_SessionProcess}); with any

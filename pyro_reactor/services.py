@@ -14,9 +14,12 @@ The on-disk layout is the reference's contract, under ``config.serviceRoot``:
     rename) from a worker thread. We add ``pid_start_ticks`` (the process's start time from
     ``/proc/PID/stat``), which answers do not show: it tells a re-adopted pid from a reused one;
   - ``NAME.stdout`` / ``NAME.stderr``: the command's output, appended by the runner;
-  - ``NAME.runner.sh``: ``/bin/sh`` script that runs ``/bin/sh -lc COMMAND`` in the working
-    directory, then writes its exit status to ``NAME.status``. The runner records the status
-    itself, so a service that ends while no agent watches it still leaves its exit code.
+  - ``NAME.runner.sh``: ``/bin/sh`` script that runs ``/bin/sh -lc COMMAND``, then writes its
+    exit status to ``NAME.status``. The runner records the status itself, so a service that
+    ends while no agent watches it still leaves its exit code. Unlike the reference's, it does
+    not ``cd`` to the working directory by name: the agent starts it in the very directory it
+    checked, held open until the runner exits (L{WorkingDirectory}), so that a directory
+    swapped for a symlink meanwhile cannot start the service outside the workspace.
 
 The runner is the process the agent spawns (``pid``) and the leader of the service's process
 group. It deliberately traps no signal: a shell's trap handler is inherited by the children it
@@ -70,7 +73,7 @@ from pyro_reactor.execute import commandEnvironment
 from pyro_reactor.probes import Probe, ProbeCore, parseReadiness
 from pyro_reactor.processes import groupAlive, signalGroup, spawnInSession
 from pyro_reactor.request import Request
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.workspace import WorkingDirectory, Workspace
 
 log = Logger(namespace="pyro_reactor.services")
 
@@ -137,19 +140,15 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def runnerScript(files: ServiceFiles, cwd: Path, command: str) -> str:
-    """The text of ``NAME.runner.sh``."""
+def runnerScript(files: ServiceFiles, command: str) -> str:
+    """The text of ``NAME.runner.sh`` (it runs where it is started: no ``cd`` by name)."""
     return "\n".join(
         [
             "#!/bin/sh",
             f"# pyro service {files.name}: runs its command, then records its exit status.",
-            f"if cd {_quote(str(cwd))}; then",
-            f"    /bin/sh -lc {_quote(command)} >> {_quote(str(files.stdout))}"
+            f"/bin/sh -lc {_quote(command)} >> {_quote(str(files.stdout))}"
             f" 2>> {_quote(str(files.stderr))}",
-            "    status=$?",
-            "else",
-            "    status=1",
-            "fi",
+            "status=$?",
             f"printf '%s' \"$status\" > {_quote(str(files.status))}",
             'exit "$status"',
             "",
@@ -329,9 +328,16 @@ class ServiceProcess(Protocol):
 
 
 class _ChildProtocol(ProcessProtocol):
-    def __init__(self, clock: IReactorTime, onExit: Callable[[int | None], None]) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        onExit: Callable[[int | None], None],
+        directory: WorkingDirectory | None = None,
+    ) -> None:
         self.clock = clock
         self.onExit: Callable[[int | None], None] | None = onExit
+        #: The runner's working directory, held open until the runner has exited.
+        self.directory = directory
         self.exited = False
         self.pid: int | None = None
         self.spawning = True
@@ -344,6 +350,7 @@ class _ChildProtocol(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         self.exited = True
+        self.releaseDirectory()
         # ProcessDone carries 0; ProcessTerminated the status, or None after a signal.
         exitCode = getattr(reason.value, "exitCode", None)
         if self.spawning:
@@ -352,6 +359,11 @@ class _ChildProtocol(ProcessProtocol):
             self.clock.callLater(0, self._report, exitCode)
         else:
             self._report(exitCode)
+
+    def releaseDirectory(self) -> None:
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            directory.close()
 
     def _report(self, exitCode: int | None) -> None:
         onExit, self.onExit = self.onExit, None
@@ -1045,8 +1057,13 @@ class Services(Service):
             "stop_reason": None,
         }
 
+        # The directory prepare() opened, until launch takes it over (at most once).
+        held: list[WorkingDirectory] = []
+
         def launch(onExit: Callable[[int | None], None]) -> ServiceProcess:
-            return self._spawn(files, cwd.hostPath, env, onExit)
+            if not held:
+                raise OSError(errno.EBADF, "the working directory is not open")
+            return self._spawn(files, held.pop(), env, onExit)
 
         core = self._core(files, record, launch)
         if spec is not None:
@@ -1054,7 +1071,7 @@ class Services(Service):
                 self.reactor,
                 workspace=self.workspace,
                 inThread=self.context.inThread,
-                cwd=cwd.hostPath,
+                cwd=cwd.text,
                 env=env,
             )
 
@@ -1075,9 +1092,14 @@ class Services(Service):
         # The name is taken from here on: a second start is refused while this one prepares.
         self.handles[name] = handle
 
-        def prepare() -> None:
-            self.workspace.directory(cwdText)
-            prepareFiles(files, runnerScript(files, cwd.hostPath, command))
+        def prepare() -> WorkingDirectory:
+            directory = self.workspace.openWorkingDirectory(cwd.text)
+            try:
+                prepareFiles(files, runnerScript(files, command))
+            except BaseException:
+                directory.close()
+                raise
+            return directory
 
         def giveBackTheName() -> None:
             if self.handles.get(name) is handle:
@@ -1086,7 +1108,8 @@ class Services(Service):
                 else:
                     self.handles[name] = previous
 
-        def prepared(_: None) -> Deferred[dict[str, Any]]:
+        def prepared(directory: WorkingDirectory) -> Deferred[dict[str, Any]]:
+            held.append(directory)
             try:
                 handle.machine.start()
             except OSError as error:
@@ -1094,23 +1117,29 @@ class Services(Service):
                 raise ActionError(
                     f"cannot start service {name!r}: {error.strerror or error}"
                 ) from None
+            finally:
+                # Not launched (stopped or detached while preparing, or the spawn failed).
+                while held:
+                    held.pop().close()
             return core.whenSettled()
 
         def failedToPrepare(failure: Failure) -> Failure:
             giveBackTheName()
             return failure
 
-        prepared_: Deferred[None] = self.context.inThread(prepare)
+        prepared_: Deferred[WorkingDirectory] = self.context.inThread(prepare)
         return prepared_.addErrback(failedToPrepare).addCallback(prepared)
 
     def _spawn(
         self,
         files: ServiceFiles,
-        cwd: Path,
+        directory: WorkingDirectory,
         env: Mapping[str, str],
         onExit: Callable[[int | None], None],
     ) -> ChildProcess:
-        protocol = _ChildProtocol(self.reactor, onExit)
+        """Start the runner in C{directory}, which its protocol closes once the runner exits
+        (here if it cannot be started)."""
+        protocol = _ChildProtocol(self.reactor, onExit, directory)
         # The runner writes the command's output to the log files itself; its own standard
         # streams go nowhere, so the service never depends on this agent's pipes.
         null = os.open(os.devnull, os.O_RDWR)
@@ -1120,9 +1149,12 @@ class Services(Service):
                 protocol,
                 [str(files.runner)],
                 env,
-                cwd=cwd,
+                cwd=directory.path,
                 childFDs={0: null, 1: null, 2: null},
             )
+        except BaseException:
+            protocol.releaseDirectory()
+            raise
         finally:
             os.close(null)
             protocol.spawning = False

@@ -59,7 +59,7 @@ from pyro_reactor.errors import ActionError
 from pyro_reactor.processes import signalGroup
 from pyro_reactor.redact import StreamRedactor
 from pyro_reactor.request import Request
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.workspace import WorkingDirectory, Workspace
 
 log = Logger(namespace="pyro_reactor.shells")
 
@@ -186,11 +186,14 @@ class PTYTerminal:
         protocol: ProcessProtocol,
         argv: list[str],
         env: dict[str, str],
-        cwd: Path,
+        cwd: str,
         cols: int,
         rows: int,
     ) -> PTYTerminal:
-        """Open a PTY pair, size it, and start ``argv`` on it as a new session's leader."""
+        """Open a PTY pair, size it, and start ``argv`` on it as a new session's leader.
+
+        ``cwd`` is a L{WorkingDirectory}'s path, which Twisted's forked child ``chdir``s to.
+        """
         master, slave = os.openpty()
         try:
             setWindowSize(slave, cols, rows)
@@ -199,7 +202,7 @@ class PTYTerminal:
                 argv[0],
                 argv,
                 env=env,
-                path=os.fspath(cwd),
+                path=cwd,
                 usePTY=(master, slave, os.ttyname(slave)),
             )
         except BaseException:
@@ -771,19 +774,33 @@ ShellMachine = builder.build()
 
 
 class _ShellProcess(ProcessProtocol):
-    """Feeds the PTY process's events to its shell machine."""
+    """Feeds the PTY process's events to its shell machine.
+
+    It also holds the shell's working directory open until the shell has exited: the forked
+    child enters it through the agent's descriptor (see L{WorkingDirectory}).
+    """
 
     shell: Shell | None = None
+
+    def __init__(self, directory: WorkingDirectory | None = None) -> None:
+        self.directory = directory
+
+    def releaseDirectory(self) -> None:
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            directory.close()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if self.shell is not None:
             self.shell._received(data)
 
     def processExited(self, reason: Failure) -> None:
+        self.releaseDirectory()
         if self.shell is not None:
             self.shell._exited(exitCodeOf(reason))
 
     def processEnded(self, reason: Failure) -> None:
+        self.releaseDirectory()
         if self.shell is not None:
             self.shell._ended()
 
@@ -897,12 +914,15 @@ class Shells(Service):
         if shellId in self._closing:
             raise ActionError(f"shell {shellId!r} is still closing")
         self._opening.add(shellId)
-        checked = self.context.inThread(self.workspace.directory, cwdText)
+        checked: Deferred[WorkingDirectory] = self.context.inThread(
+            self.workspace.openWorkingDirectory, cwdText
+        )
 
-        def start(hostCwd: Path) -> dict[str, Any]:
+        def start(directory: WorkingDirectory) -> dict[str, Any]:
             if self._stopping:
+                directory.close()
                 raise ActionError("the agent is stopping")
-            session = self._start(shellId, cwdText, hostCwd, env, secrets, cols, rows)
+            session = self._start(shellId, cwdText, directory, env, secrets, cols, rows)
             self._shells[shellId] = session
             return session.record.summary()
 
@@ -916,31 +936,38 @@ class Shells(Service):
         self,
         shellId: str,
         cwdText: str,
-        hostCwd: Path,
+        directory: WorkingDirectory,
         env: dict[str, str] | None,
         secrets: list[str],
         cols: int,
         rows: int,
     ) -> ShellSession:
+        # The protocol closes the directory once the shell has exited (here if it cannot start).
+        protocol = _ShellProcess(directory)
         root = self.config.shellRoot
-        root.mkdir(parents=True, exist_ok=True)
         reactor = self.context.reactor
-        output = ShellOutput(root / f"{shellId}.log", secrets, self.config.shellBufferChars)
-        protocol = _ShellProcess()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            output = ShellOutput(root / f"{shellId}.log", secrets, self.config.shellBufferChars)
+        except BaseException:
+            protocol.releaseDirectory()
+            raise
         try:
             terminal = PTYTerminal.spawn(
                 reactor,
                 protocol,
                 self.argv or shellArgv(),
                 shellEnvironment(env),
-                hostCwd,
+                directory.path,
                 cols,
                 rows,
             )
         except OSError as error:
+            protocol.releaseDirectory()
             output.closeLog()
             raise ActionError(f"cannot start the shell: {error.strerror or error}") from None
         except BaseException:
+            protocol.releaseDirectory()
             output.closeLog()
             raise
         record = ShellRecord(

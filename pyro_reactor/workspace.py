@@ -3,7 +3,8 @@
 Requests speak of ``/workspace/...`` whatever directory the agent serves as its workspace. This
 module turns such a guest path into a L{GuestPath} (``resolve``), and offers the blocking
 primitives every capability uses to touch the workspace: open a directory or a file, ``lstat``,
-list, replace a file atomically, unlink, check a working directory, probe for a file.
+list, replace a file atomically, unlink, hold a child's working directory open
+(L{WorkingDirectory}), probe for a file.
 
 Confinement is done by the kernel, not by string checks on host paths. Every operation starts
 from a directory file descriptor of the workspace root and reaches its target through file
@@ -161,7 +162,8 @@ class GuestPath:
 
     ``text`` is what answers show (``/workspace/a/b``); ``parts`` the components below the
     workspace root (``()`` for the root itself); ``hostPath`` where it lives on this machine,
-    for display and for a child process's working directory only: never open it by name.
+    for display only: never open it by name, nor start a child in it (see
+    L{WorkingDirectory}).
     """
 
     text: str
@@ -312,6 +314,64 @@ def _closeQuietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+class WorkingDirectory:
+    """A workspace directory held open for a child process to enter (its working directory).
+
+    Checking a directory and then letting the child ``chdir`` to its name is a race: a guest
+    program can swap the directory for a symlink in between, and the child starts outside the
+    workspace. So the agent keeps the checked directory open and gives the child C{path},
+    ``/proc/<agent pid>/fd/<n>``: a magic link to the open file itself, which a ``chdir``
+    enters whatever has become of the name since. It is the agent's pid, not ``self``:
+    Twisted's fork path closes the child's other descriptors before its ``chdir``, and a
+    posix_spawned ``env --chdir`` never had them.
+
+    The descriptor must stay open until the child has entered the directory, which the agent
+    cannot observe: callers close it (L{close}, idempotent) when the child process has ended,
+    or when it could not be started. One descriptor per running shell, service and command
+    probe.
+
+    C{guestPath} is what answers and records show; C{path} is only for the spawn.
+    """
+
+    def __init__(self, guestPath: GuestPath, fd: int, path: str) -> None:
+        self.guestPath = guestPath
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def holding(cls, guestPath: GuestPath, fd: int) -> WorkingDirectory:
+        """Take over C{fd}, an open directory, and make its ``/proc`` path (closed on error).
+
+        The path is checked to lead to the same directory: without ``/proc`` (or with one of
+        another pid namespace) it does not, and the child could not be started safely.
+        """
+        try:
+            # /proc's own idea of our pid: right even in a pid namespace /proc is not from.
+            path = f"/proc/{os.readlink('/proc/self')}/fd/{fd}"
+            seen, held = os.stat(path), os.fstat(fd)
+            if (seen.st_dev, seen.st_ino) != (held.st_dev, held.st_ino):
+                raise OSError(errno.ENOENT, "not the directory held open")
+        except OSError:
+            os.close(fd)
+            raise WorkspaceError(
+                f"cannot use {guestPath.text} as a working directory: /proc is not available"
+            ) from None
+        return cls(guestPath, fd, path)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        """Let the directory go (again: nothing). Only once the child is in it, or gone."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            _closeQuietly(fd)
+
+    def __repr__(self) -> str:
+        return f"<WorkingDirectory {self.guestPath.text} fd={self._fd}>"
 
 
 class Workspace:
@@ -512,17 +572,16 @@ class Workspace:
                 return None
             raise
 
-    def directory(self, guestPath: str) -> Path:
-        """The host path of an existing workspace directory, for a child's working directory.
+    def openWorkingDirectory(self, guestPath: str) -> WorkingDirectory:
+        """Open an existing workspace directory for a child process to start in.
 
-        Checks that ``guestPath`` is a directory beneath the workspace reached without any
-        symlink. The child process then enters it by name: a guest program able to rename
-        directories could still swap one in between, which is no worse than what it could do
-        from inside the workspace itself.
+        ``guestPath`` must be a directory beneath the workspace reached without any symlink
+        (as L{openDirectory}). The directory stays open until the caller closes the returned
+        L{WorkingDirectory}, and the child is started in its C{path}, which names the opened
+        directory itself rather than a name that could be swapped meanwhile.
         """
         path = self.resolve(guestPath)
-        os.close(self.openDirectory(path.parts))
-        return path.hostPath
+        return WorkingDirectory.holding(path, self.openDirectory(path.parts))
 
     def fileExists(self, guestPath: str) -> bool:
         """Whether something exists at ``guestPath`` (a service's "file" readiness probe).

@@ -288,6 +288,31 @@ class RunCommandTests(TestCase):
             )
         self.assertIn("/nonexistent/dir", str(caught.exception))
 
+    async def test_onExitedOnceTheShellHasExited(self) -> None:
+        """What keeps the working directory valid is let go when the shell has exited, or at
+        once when it cannot start; never twice."""
+        calls: list[str] = []
+        ran = runCommand(
+            reactor,
+            "sleep 0.2; echo late",
+            timeoutSeconds=5,
+            maxOutputBytes=64,
+            onExited=lambda: calls.append("exited"),
+        )
+        self.assertEqual(calls, [])  # still sleeping
+        result = await ran
+        self.assertEqual((result.stdout, calls), ("late\n", ["exited"]))
+        with self.assertRaises(ActionError):
+            await runCommand(
+                reactor,
+                "true",
+                timeoutSeconds=5,
+                cwd="/nonexistent/dir",
+                maxOutputBytes=64,
+                onExited=lambda: calls.append("refused"),
+            )
+        self.assertEqual(calls, ["exited", "refused"])
+
     async def test_timedOutResultKeepsOutputForCallers(self) -> None:
         result = await runCommand(
             reactor, "echo begun; sleep 30", timeoutSeconds=0.3, maxOutputBytes=64

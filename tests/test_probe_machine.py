@@ -1,16 +1,23 @@
-"""The readiness probe machine, driven by a fake check and a L{Clock}: no sockets, no processes."""
+"""The readiness probe machine, driven by a fake check and a L{Clock}: no sockets, no processes.
+
+Except L{CommandCheckTests}: the real ``command`` check, with real processes.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.probes import Probe, ProbeCore, ProbeMachine, parseReadiness
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.probes import Probe, ProbeCore, ProbeMachine, commandCheck, parseReadiness
+from pyro_reactor.workspace import WorkingDirectory, Workspace
+from tests.helpers import reactor
 
 
 class FakeCheck:
@@ -239,3 +246,57 @@ class ReadinessParsingTests(SynchronousTestCase):
             ActionError, parseReadiness, {"type": "command", "command": " "}, self.workspace
         )
         self.assertEqual(str(error), "readiness command is required")
+
+
+class CommandCheckTests(TestCase):
+    """The ``command`` check runs in the directory it opened, and lets it go only once the
+    command has exited, even when the probe stopped waiting (its deadline) before that."""
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        (base / "ws" / "sub").mkdir(parents=True)
+        self.workspace = Workspace(base / "ws")
+        self.opened: list[WorkingDirectory] = []
+        opening = self.workspace.openWorkingDirectory
+
+        def recordOpened(guestPath: str) -> WorkingDirectory:
+            directory = opening(guestPath)
+            self.opened.append(directory)
+            return directory
+
+        self.patch(self.workspace, "openWorkingDirectory", recordOpened)
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="command-check-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.inThread = lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
+        self.marker = base / "ran-in"
+
+    def check(self, command: str, cwd: str = "/workspace/sub") -> Deferred[bool]:
+        return commandCheck(
+            reactor, command, workspace=self.workspace, inThread=self.inThread, cwd=cwd, env={}
+        )()
+
+    async def test_runsInTheDirectoryAndLetsItGo(self) -> None:
+        ready = await self.check(f"pwd > {self.marker}")
+        self.assertTrue(ready)
+        self.assertEqual(self.marker.read_text().strip(), str(self.workspace.root / "sub"))
+        self.assertEqual([directory.closed for directory in self.opened], [True])
+        self.assertFalse(await self.check("false"))
+
+    async def test_missingDirectoryFailsTheCheck(self) -> None:
+        with self.assertRaises(ActionError):
+            await self.check("true", cwd="/workspace/nope")
+        self.assertEqual(self.opened, [])
+
+    async def test_cancelledCheckKeepsTheDirectoryUntilTheCommandExits(self) -> None:
+        pending = self.check(f"sleep 1; pwd > {self.marker}")
+        while not self.opened:
+            await deferLater(reactor, 0.01, lambda: None)
+        pending.cancel()
+        self.failureResultOf(pending, CancelledError)
+        self.assertFalse(self.opened[0].closed)
+        deadline = time.monotonic() + 15
+        while not self.opened[0].closed and time.monotonic() < deadline:
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(self.opened[0].closed)
+        self.assertEqual(self.marker.read_text().strip(), str(self.workspace.root / "sub"))

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import os
+import re
 import secrets
 import tarfile
 import threading
@@ -968,3 +969,193 @@ class LimitTests(AgentTestCase):
         answer = await self.upload("extract_archive", exported, destination="back")
         self.assertIn("unsupported archive member type", answer["error"])
         self.assertFalse((self.layout.workspace / "back").exists())
+
+
+# -- working directories raced --------------------------------------------------------------
+
+
+CWD_RACE_SECONDS = 2.0
+"""How long each working-directory race keeps starting children (the flipper runs on)."""
+
+_PRINT_CWD = 'echo "CWD=$(readlink /proc/$$/cwd)="'
+_CWD_LINE = re.compile(r"CWD=(/[^=\r\n]*)=")
+
+
+class WorkingDirectoryRaceTests(AgentTestCase):
+    """A shell, a service or a command probe never starts outside the workspace, even when its
+    ``cwd`` is swapped for a symlink to outside between the agent's check and the child's
+    ``chdir`` (the child enters the directory the agent opened, through ``/proc``).
+
+    Each child prints its working directory as the kernel has it (``/proc/$$/cwd``; not
+    ``pwd -P``, which bash computes by resolving its remembered path *name* again): the
+    directory the flipper swaps is named ``d`` or ``d.alt`` inside the workspace, whereas a
+    child that escaped prints the outside directory's path.
+    """
+
+    def flip(self) -> Flipper:
+        flipper = Flipper(self.layout.workspace, "d", self.layout.outside)
+        flipper.start(self)
+        return flipper
+
+    def assertInside(self, cwd: str, context: object) -> None:
+        self.assertNotIn(str(self.layout.outside), cwd, (context, cwd))
+        self.assertIn(str(self.layout.workspace / "d"), cwd, context)
+
+    async def shellCwd(self, shellId: str) -> str:
+        """Ask the shell for its physical directory and wait for the answer."""
+        await self.call({"action": "write_shell", "shell_id": shellId, "input": f"{_PRINT_CWD}\n"})
+        cursor, seen = 0, ""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = await self.call(
+                {"action": "read_shell", "shell_id": shellId, "cursor": cursor, "wait_ms": 200}
+            )
+            cursor, seen = answer["next_cursor"], seen + answer["output"]
+            found = _CWD_LINE.search(seen)
+            if found:
+                return found.group(1)
+        self.fail(f"shell {shellId} never printed its directory: {seen!r}")
+
+    async def serviceStdout(self, name: str) -> str:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            logs = await self.call({"action": "logs_service", "service_name": name})
+            if logs.get("state") != "running" and logs["stdout"]:
+                return str(logs["stdout"])
+            await sleep(0.01)
+        self.fail(f"service {name} never printed its directory")
+
+    async def test_shellsNeverStartOutside(self) -> None:
+        flipper = self.flip()
+        opened = 0
+        started = time.monotonic()
+        for index in range(200):
+            if time.monotonic() - started > CWD_RACE_SECONDS:
+                break
+            shellId = f"s{index}"
+            answer = await self.call(
+                {"action": "open_shell", "shell_id": shellId, "cwd": "/workspace/d"}
+            )
+            if "error" in answer:
+                continue  # d was the symlink when the agent looked: refused, as it must be
+            self.assertEqual(answer["cwd"], "/workspace/d")
+            opened += 1
+            self.assertInside(await self.shellCwd(shellId), shellId)
+            await self.call({"action": "close_shell", "shell_id": shellId})
+        flipper.stop()
+        self.assertGreater(flipper.flips, 0)
+        self.assertGreater(opened, 3)
+
+    async def test_servicesNeverStartOutside(self) -> None:
+        flipper = self.flip()
+        names = []
+        started = time.monotonic()
+        for index in range(200):
+            if time.monotonic() - started > CWD_RACE_SECONDS:
+                break
+            name = f"v{index}"
+            answer = await self.call(
+                {
+                    "action": "start_service",
+                    "service_name": name,
+                    "command": _PRINT_CWD,
+                    "cwd": "/workspace/d",
+                }
+            )
+            if "error" in answer:
+                continue
+            self.assertEqual(answer["cwd"], "/workspace/d")
+            names.append(name)
+        flipper.stop()
+        self.assertGreater(flipper.flips, 0)
+        self.assertGreater(len(names), 3)
+        for name in names:
+            stdout = await self.serviceStdout(name)
+            found = _CWD_LINE.search(stdout)
+            self.assertIsNotNone(found, stdout)
+            assert found is not None
+            self.assertInside(found.group(1), name)
+            record = json.loads(
+                (self.agent.context.config.serviceRoot / f"{name}.json").read_text()
+            )
+            self.assertEqual(record["cwd"], "/workspace/d")
+
+    async def test_commandProbesNeverRunOutside(self) -> None:
+        probeLogs = Path(self.mktemp()).absolute()
+        probeLogs.mkdir()
+        flipper = self.flip()
+        ready = 0
+        started = time.monotonic()
+        for index in range(200):
+            if time.monotonic() - started > CWD_RACE_SECONDS:
+                break
+            name = f"p{index}"
+            probeLog = probeLogs / f"{name}.log"
+            # Ready on the third check that found the directory: three probe commands each.
+            probe = f'{_PRINT_CWD} >> {probeLog}; [ "$(wc -l < {probeLog})" -ge 3 ]'
+            answer = await self.call(
+                {
+                    "action": "start_service",
+                    "service_name": name,
+                    "command": "sleep 30",
+                    "cwd": "/workspace/d",
+                    "readiness": {"type": "command", "command": probe},
+                    "ready_timeout_seconds": 5,
+                    "ready_interval_ms": 1,
+                }
+            )
+            if "error" in answer:
+                continue
+            self.assertEqual(answer["state"], "running", answer)
+            ready += 1
+            await self.call({"action": "stop_service", "service_name": name})
+        flipper.stop()
+        self.assertGreater(flipper.flips, 0)
+        self.assertGreater(ready, 3)
+        checks = 0
+        for probeLog in probeLogs.iterdir():
+            for line in probeLog.read_text().splitlines():
+                checks += 1
+                self.assertInside(line, probeLog.name)
+        self.assertGreaterEqual(checks, 3 * ready)
+
+    async def test_noDescriptorLeak(self) -> None:
+        """Each shell, service and probe holds its directory open only while it runs."""
+
+        async def round(index: int) -> None:
+            shellId, name = f"leak{index}", f"leak{index}"
+            opened = await self.call({"action": "open_shell", "shell_id": shellId, "cwd": "real"})
+            self.assertEqual(opened["cwd"], "/workspace/real")
+            await self.call({"action": "close_shell", "shell_id": shellId})
+            started = await self.call(
+                {
+                    "action": "start_service",
+                    "service_name": name,
+                    "command": "sleep 30",
+                    "cwd": "real",
+                    "readiness": {"type": "command", "command": "test -f inner.txt"},
+                }
+            )
+            self.assertEqual(started["state"], "running", started)
+            stopped = await self.call({"action": "stop_service", "service_name": name})
+            self.assertEqual(stopped["state"], "stopped")
+            # Stopped before it could start, and refused: nothing held either.
+            racing = self.call(
+                {"action": "start_service", "service_name": f"{name}-x", "command": "true"}
+            )
+            await self.call({"action": "stop_service", "service_name": f"{name}-x"})
+            await racing
+            missing = await self.call({"action": "open_shell", "shell_id": "m", "cwd": "nope"})
+            self.assertIn("error", missing)
+
+        def descriptors() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        await round(0)  # lazily opened descriptors (/dev/null, pools) are there from now on
+        before = descriptors()
+        for index in range(1, 11):
+            await round(index)
+        deadline = time.monotonic() + 5
+        while descriptors() > before and time.monotonic() < deadline:
+            await sleep(0.05)
+        self.assertLessEqual(descriptors(), before)

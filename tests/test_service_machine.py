@@ -479,10 +479,12 @@ class InstantExitTests(SynchronousTestCase):
         )
         registry = Services(context)
         files = ServiceFiles(context.config.serviceRoot, "quick")
+        directory = registry.workspace.openWorkingDirectory("/workspace")
+        self.addCleanup(directory.close)
         core = ServiceCore(
             clock=reactor,
             record={"service_name": "quick", "state": "running"},
-            launch=lambda onExit: registry._spawn(files, base / "workspace", {}, onExit),
+            launch=lambda onExit: registry._spawn(files, directory, {}, onExit),
             makeProbe=None,
             save=lambda record: succeed(None),
             now=reactor.seconds,
@@ -495,3 +497,5 @@ class InstantExitTests(SynchronousTestCase):
         reactor.advance(0)
         record = self.successResultOf(core.whenEnded())
         self.assertEqual((record["state"], record["exit_code"]), ("exited", 0))
+        # The runner's working directory is let go once it has exited.
+        self.assertTrue(directory.closed)

@@ -422,14 +422,40 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
 
     # -- directory, fileExists --------------------------------------------------------------
 
-    def test_directory(self) -> None:
-        self.assertEqual(self.workspace.directory("/workspace"), self.host)
-        self.assertEqual(self.workspace.directory("d/e"), self.host / "d" / "e")
-        self.assertRaises(SymlinkInPath, self.workspace.directory, "abs")
-        self.assertRaises(SymlinkInPath, self.workspace.directory, "inner/e")
-        self.assertRaises(NotADirectoryInPath, self.workspace.directory, "d/f.txt")
-        self.assertRaises(MissingPath, self.workspace.directory, "nope")
-        self.assertRaises(ActionError, self.workspace.directory, "/workspace/../outside")
+    def test_openWorkingDirectory(self) -> None:
+        cases = (
+            ("/workspace", "/workspace", self.host),
+            ("d/e", "/workspace/d/e", self.host / "d" / "e"),
+        )
+        for guest, text, host in cases:
+            directory = self.workspace.openWorkingDirectory(guest)
+            self.addCleanup(directory.close)
+            self.assertEqual(directory.guestPath.text, text)
+            self.assertTrue(directory.path.startswith("/proc/"), directory.path)
+            self.assertTrue(os.path.samefile(directory.path, host))
+        opening = self.workspace.openWorkingDirectory
+        self.assertRaises(SymlinkInPath, opening, "abs")
+        self.assertRaises(SymlinkInPath, opening, "inner/e")
+        self.assertRaises(NotADirectoryInPath, opening, "d/f.txt")
+        self.assertRaises(MissingPath, opening, "nope")
+        self.assertRaises(ActionError, opening, "/workspace/../outside")
+
+    def test_workingDirectoryPinsTheCheckedDirectory(self) -> None:
+        """Its path still leads to the opened directory after the name was swapped for a
+        symlink to outside, and closing it (twice is harmless) lets the descriptor go."""
+        directory = self.workspace.openWorkingDirectory("d/e")
+        self.addCleanup(directory.close)
+        held = os.stat(self.host / "d" / "e")
+        os.rename(self.host / "d" / "e", self.host / "d" / "moved")
+        os.symlink(self.outside, self.host / "d" / "e")
+        entered = os.stat(directory.path)
+        self.assertEqual((entered.st_dev, entered.st_ino), (held.st_dev, held.st_ino))
+        fd = int(directory.path.rsplit("/", 1)[1])
+        self.assertFalse(directory.closed)
+        directory.close()
+        directory.close()
+        self.assertTrue(directory.closed)
+        self.assertRaises(OSError, os.fstat, fd)
 
     def test_fileExists(self) -> None:
         self.makeInsideLinks()
