@@ -28,6 +28,20 @@ def sleep(seconds: float) -> Any:
     return deferLater(reactor, seconds, lambda: None)
 
 
+async def remainingMembers(sessionId: int, within: float = 5.0) -> list[int]:
+    """The session's live members once they are gone, or after ``within`` seconds.
+
+    A process sent SIGKILL is still listed (not yet a zombie) for a moment on a loaded
+    machine: wait for the kernel to finish with it rather than racing it.
+    """
+    deadline = time.monotonic() + within
+    members = sessionMembers(sessionId)
+    while members and time.monotonic() < deadline:
+        await sleep(0.05)
+        members = sessionMembers(sessionId)
+    return members
+
+
 class ShellTestCase(TestCase):
     timeout = 60
     agentOptions: dict[str, Any] = {}
@@ -298,7 +312,7 @@ class ShellTests(ShellTestCase):
         closed = await closing
         self.assertEqual((closed["closed"], closed["state"]), (True, "stopped"))
         self.assertEqual(closed["exit_code"], -9)
-        self.assertEqual(sessionMembers(pid), [])
+        self.assertEqual(await remainingMembers(pid), [])
         self.assertEqual(
             await self.agent.call({"action": "close_shell", "shell_id": "s"}),
             {"error": "shell 's' does not exist"},
@@ -315,7 +329,7 @@ class ShellTests(ShellTestCase):
         pids = [self.shells().session(name).pid for name in ("a", "b")]
         await self.shells().stopService()
         for pid in pids:
-            self.assertEqual(sessionMembers(pid), [])
+            self.assertEqual(await remainingMembers(pid), [])
 
 
 class BurstTests(ShellTestCase):
