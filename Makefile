@@ -34,9 +34,10 @@ unit: setup
 	$(BIN)/pytest -q
 
 trial: setup
+	rm -rf _trial_temp
 	$(BIN)/trial tests
 
-test: lint types unit
+test: lint types unit trial
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
