@@ -1,0 +1,162 @@
+"""Run pyro-reactor beside the reference agent and print a table of ours / reference ratios.
+
+Usage (from the repository root, as root: the reference needs ``unshare``)::
+
+    .venv/bin/python benchmarks/run.py [--only NAME]... [--rounds N] [--quick] [--json FILE]
+
+Every ``benchmarks/bench_*.py`` module is a section (``--list`` shows them). Both agents listen
+on loopback only, with fresh temporary directories, and every agent started is killed at the
+end, also on Ctrl-C or SIGTERM. The reference is ``../shared/reference/run_reference.py``
+(``--reference`` to point elsewhere), run with this interpreter so both agents use the same
+Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import NoReturn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import Bench, BenchError, Row  # noqa: E402
+
+DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "run_reference.py"
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    order: int
+    module: ModuleType
+
+
+def sections() -> list[Section]:
+    """Every ``bench_*`` module of this package, in ``ORDER``."""
+    import benchmarks
+
+    found = []
+    for info in pkgutil.iter_modules(benchmarks.__path__):
+        if not info.name.startswith("bench_"):
+            continue
+        module = importlib.import_module(f"benchmarks.{info.name}")
+        name = getattr(module, "NAME", info.name.removeprefix("bench_"))
+        found.append(Section(name, getattr(module, "ORDER", 50), module))
+    return sorted(found, key=lambda section: (section.order, section.name))
+
+
+def _number(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    digits = 2 if value < 100 else 0
+    return f"{value:.{digits}f} {unit}"
+
+
+def table(rows: list[Row]) -> str:
+    header = ("metric", "ours", "reference", "ours/ref", "goal", "")
+    lines = [header]
+    for row in rows:
+        ratio = row.ratio
+        met = row.met
+        lines.append(
+            (
+                row.metric,
+                _number(row.ours, row.unit),
+                _number(row.reference, row.unit),
+                "-" if ratio is None else f"{ratio:.3f}x",
+                "-" if row.goal is None else f"<= {row.goal:g}x",
+                "" if met is None else ("met" if met else "MISSED"),
+            )
+        )
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    rendered = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    rendered.insert(1, "  ".join("-" * width for width in widths).rstrip())
+    notes = [f"- {row.metric}: {row.note}" for row in rows if row.note]
+    return "\n".join(rendered + (["", *notes] if notes else []))
+
+
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    available = sections()
+    names = [section.name for section in available]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--only", action="append", choices=names, help="run only this section")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    parser.add_argument("--quick", action="store_true", help="fewer samples and rounds of each")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    options = parser.parse_args(argv)
+    if options.list:
+        for section in available:
+            print(f"{section.name:12} {section.module.__name__}")
+        return 0
+    if options.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if not options.reference.is_file():
+        parser.error(f"no reference agent at {options.reference}")
+    if not (REPO / ".venv" / "bin" / "twistd").exists():
+        parser.error("no .venv/bin/twistd: run `make setup` first")
+    chosen = [s for s in available if not options.only or s.name in options.only]
+
+    signal.signal(signal.SIGTERM, _terminate)
+    rows: list[Row] = []
+    failures: list[str] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pyro-bench-") as workdir:
+        bench = Bench(
+            repo=REPO,
+            workdir=Path(workdir),
+            referenceScript=options.reference.resolve(),
+            rounds=options.rounds,
+            quick=options.quick,
+        )
+        try:
+            for section in chosen:
+                print(f"[{time.monotonic() - started:6.1f} s] {section.name} ...", file=sys.stderr)
+                try:
+                    rows.extend(section.module.run(bench))
+                except BenchError as error:
+                    failures.append(f"{section.name}: {error}")
+                    print(f"  failed: {error}", file=sys.stderr)
+                except Exception:
+                    failures.append(f"{section.name}: crashed")
+                    traceback.print_exc()
+        finally:
+            bench.close()
+    print()
+    print(table(rows))
+    for note in bench.notes:
+        print(f"- note: {note}")
+    for failure in failures:
+        print(f"- FAILED {failure}")
+    print(f"\n{len(rows)} rows in {time.monotonic() - started:.1f} s, {options.rounds} rounds")
+    if options.json:
+        options.json.write_text(
+            json.dumps(
+                [asdict(row) | {"ratio": row.ratio, "met": row.met} for row in rows], indent=2
+            )
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

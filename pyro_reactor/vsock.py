@@ -1,0 +1,247 @@
+"""AF_VSOCK server support: an address, a listening port, a server endpoint and its parser.
+
+Inside a Firecracker guest the host reaches the agent over vsock (``AF_VSOCK``), where an
+address is a pair of 32-bit numbers ``(cid, port)`` rather than a host name and a port.
+Twisted has no vsock transport and ``adoptStreamPort`` refuses the family, so this module
+teaches Twisted's TCP port about it:
+
+- L{VSockAddress} is the ``IAddress`` of either end of a vsock connection.
+- L{VSockPort} is a ``twisted.internet.tcp.Port`` whose socket is an ``AF_VSOCK`` one bound to
+  ``(cid, port)``. Streams on it behave exactly like TCP streams once accepted, so everything
+  else (reading, writing, producers, closing) is Twisted's own code.
+- L{VSockServerEndpoint} and L{VSockServerParser} make ``serverFromString(reactor,
+  "vsock:5005")`` work; the parser instance is registered in
+  ``twisted/plugins/pyro_reactor_plugins.py``.
+
+Endpoint strings: ``vsock:PORT`` or ``vsock:port=PORT``, with optional ``cid=CID`` (a number
+or ``ANY``, ``LOCAL``, ``HOST``, ``HYPERVISOR``; default ``ANY``) and ``backlog=N`` (default
+50). Port ``0`` (or ``ANY``) asks the kernel for a free port, as ``tcp:0`` does: vsock's own
+spelling of that is ``VMADDR_PORT_ANY`` (``0xFFFFFFFF``), which is also accepted.
+
+This leans on three internals of ``tcp.Port``, all present from Twisted 24.7 to 26.10 (the
+range setup.cfg allows, and ``tests/test_vsock.py`` checks them): ``_preexistingSocket`` (a
+socket that ``startListening`` adopts instead of creating one), ``_buildAddr`` (the address
+handed to ``buildProtocol`` for each accepted connection) and the ``transport`` class
+attribute (the connection class built around each accepted socket).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, cast
+
+import attrs
+from twisted.internet import tcp
+from twisted.internet.base import BasePort
+from twisted.internet.defer import Deferred, execute
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.internet.protocol import Factory
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+AF_VSOCK: socket.AddressFamily | None = getattr(socket, "AF_VSOCK", None)
+"""The address family, or ``None`` on a platform without vsock (the module still imports)."""
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_HYPERVISOR = 0
+VMADDR_CID_LOCAL = 1  # Python 3.11's socket module lacks this constant.
+VMADDR_CID_HOST = 2
+VMADDR_PORT_ANY = 0xFFFFFFFF
+
+_CID_NAMES = {
+    "ANY": VMADDR_CID_ANY,
+    "HYPERVISOR": VMADDR_CID_HYPERVISOR,
+    "LOCAL": VMADDR_CID_LOCAL,
+    "HOST": VMADDR_CID_HOST,
+}
+_MAX_U32 = 0xFFFFFFFF
+
+
+def cidName(cid: int) -> str:
+    """``ANY``, ``LOCAL``, ``HOST``, ``HYPERVISOR`` for the well-known CIDs, else the number."""
+    for name, value in _CID_NAMES.items():
+        if value == cid:
+            return name
+    return str(cid)
+
+
+@implementer(IAddress)
+@attrs.frozen
+class VSockAddress:
+    """One end of a vsock connection: a context id (the VM, or the host) and a port."""
+
+    cid: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"vsock:cid={cidName(self.cid)}:port={self.port}"
+
+
+class VSockServer(tcp.Server):
+    """An accepted vsock connection: a TCP stream whose addresses are L{VSockAddress}es."""
+
+    def getHost(self) -> VSockAddress:
+        cid, port = self.socket.getsockname()
+        return VSockAddress(cid, port)
+
+    def getPeer(self) -> VSockAddress:
+        cid, port = self.client
+        return VSockAddress(cast(int, cid), cast(int, port))
+
+
+def _listeningSocket(cid: int, port: int, backlog: int) -> socket.socket:
+    """A non-blocking ``AF_VSOCK`` stream socket bound to ``(cid, port)`` and listening."""
+    if AF_VSOCK is None:
+        raise OSError(errno.EAFNOSUPPORT, "AF_VSOCK is not supported on this platform")
+    try:
+        skt = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as error:
+        if error.errno == errno.EAFNOSUPPORT:
+            raise OSError(
+                error.errno,
+                "AF_VSOCK sockets are unavailable here (is the kernel's vsock transport loaded?)",
+            ) from error
+        raise
+    try:
+        skt.setblocking(False)
+        skt.bind((cid, port))
+        skt.listen(backlog)
+    except OSError:
+        skt.close()
+        raise
+    return skt
+
+
+@implementer(IListeningPort)
+class VSockPort(tcp.Port):
+    """A Twisted TCP port that listens on an ``AF_VSOCK`` socket bound to ``(cid, port)``."""
+
+    transport = VSockServer
+    _type = "VSOCK"
+
+    def __init__(
+        self,
+        port: int,
+        factory: IProtocolFactory,
+        backlog: int = 50,
+        cid: int = VMADDR_CID_ANY,
+        reactor: Any = None,
+    ) -> None:
+        # tcp.Port.__init__ would resolve an IP interface; only BasePort's part applies.
+        BasePort.__init__(self, reactor=reactor)
+        if AF_VSOCK is not None:
+            self.addressFamily = AF_VSOCK
+        self.port = port
+        self.vsockPort = port
+        self.cid = cid
+        self.interface = cidName(cid)
+        self.factory = cast("Factory[Any]", factory)
+        self.backlog = backlog
+
+    def startListening(self) -> None:
+        if self._preexistingSocket is None:
+            try:
+                self._preexistingSocket = _listeningSocket(self.cid, self.vsockPort, self.backlog)
+            except OSError as error:
+                raise CannotListenError(f"vsock cid {self.interface}", self.port, error) from error
+        super().startListening()
+
+    def _buildAddr(self, address: tuple[int, int]) -> VSockAddress:
+        return VSockAddress(*address)
+
+    def getHost(self) -> VSockAddress:
+        cid, port = self.socket.getsockname()
+        return VSockAddress(cid, port)
+
+    def __repr__(self) -> str:
+        state = "not listening" if self._realPortNumber is None else str(self._realPortNumber)
+        return f"<VSockPort of {type(self.factory).__name__} on {self.interface}:{state}>"
+
+
+@implementer(IStreamServerEndpoint)
+class VSockServerEndpoint:
+    """Listens on vsock ``(cid, port)``; ``cid`` defaults to any of this machine's CIDs."""
+
+    def __init__(
+        self, reactor: Any, port: int, cid: int = VMADDR_CID_ANY, backlog: int = 50
+    ) -> None:
+        for name, value in (("port", port), ("cid", cid)):
+            if not 0 <= value <= _MAX_U32:
+                raise ValueError(f"vsock {name} must be between 0 and {_MAX_U32}, not {value}")
+        if backlog < 1:
+            raise ValueError(f"vsock backlog must be positive, not {backlog}")
+        self.reactor = reactor
+        self.port = VMADDR_PORT_ANY if port == 0 else port
+        self.cid = cid
+        self.backlog = backlog
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def start() -> IListeningPort:
+            port = VSockPort(self.port, protocolFactory, self.backlog, self.cid, self.reactor)
+            port.startListening()
+            return port
+
+        return execute(start)
+
+    def __repr__(self) -> str:
+        return f"VSockServerEndpoint(port={self.port}, cid={cidName(self.cid)})"
+
+
+def _number(kind: str, text: str, names: dict[str, int]) -> int:
+    value = names.get(text.strip().upper())
+    if value is not None:
+        return value
+    try:
+        number = int(text, 10)
+    except ValueError:
+        choices = ", ".join(names)
+        raise ValueError(
+            f"vsock {kind} must be a number or one of {choices}, not {text!r}"
+        ) from None
+    if not 0 <= number <= _MAX_U32:
+        raise ValueError(f"vsock {kind} must be between 0 and {_MAX_U32}, not {number}")
+    return number
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class VSockServerParser:
+    """Parses ``vsock:PORT[:cid=CID][:backlog=N]`` (or ``port=PORT``) into an endpoint."""
+
+    prefix = "vsock"
+
+    def parseStreamServer(
+        self, reactor: IReactorCore, *args: object, **kwargs: object
+    ) -> VSockServerEndpoint:
+        return self._parse(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
+
+    def _parse(self, reactor: IReactorCore, *args: str, **kwargs: str) -> VSockServerEndpoint:
+        unknown = sorted(set(kwargs) - {"port", "cid", "backlog"})
+        if unknown:
+            raise ValueError(
+                f"unknown vsock endpoint option(s): {', '.join(unknown)}"
+                " (known: port, cid, backlog)"
+            )
+        if len(args) > 1:
+            raise ValueError(f"vsock endpoint takes one positional port, got {list(args)}")
+        if args and "port" in kwargs:
+            raise ValueError("vsock port given twice")
+        portText = args[0] if args else kwargs.get("port")
+        if portText is None or portText == "":
+            raise ValueError("vsock endpoint needs a port: vsock:PORT or vsock:port=PORT")
+        port = _number("port", portText, {"ANY": VMADDR_PORT_ANY})
+        cid = _number("cid", kwargs.get("cid", "ANY"), _CID_NAMES)
+        backlogText = kwargs.get("backlog", "50")
+        try:
+            backlog = int(backlogText, 10)
+        except ValueError:
+            raise ValueError(f"vsock backlog must be a number, not {backlogText!r}") from None
+        return VSockServerEndpoint(reactor, port, cid=cid, backlog=backlog)

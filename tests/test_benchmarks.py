@@ -1,0 +1,55 @@
+"""The benchmark runner's own logic: section discovery, statistics and the result table.
+
+Running the benchmarks needs root and the reference agent, so it is not part of the suite; these
+tests keep the parts that decide what gets reported honest.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from benchmarks.harness import Row, percentile
+from benchmarks.run import sections, table
+
+
+class StatisticsTests(SynchronousTestCase):
+    def test_percentileInterpolates(self) -> None:
+        samples = [4.0, 1.0, 3.0, 2.0]
+        self.assertEqual(percentile(samples, 0.0), 1.0)
+        self.assertEqual(percentile(samples, 1.0), 4.0)
+        self.assertEqual(percentile(samples, 0.5), 2.5)
+        self.assertAlmostEqual(percentile(list(map(float, range(11))), 0.9), 9.0)
+
+    def test_ratioAndGoal(self) -> None:
+        self.assertEqual(Row("x", "ms", 1.0, 4.0, goal=0.5).ratio, 0.25)
+        self.assertIs(Row("x", "ms", 1.0, 4.0, goal=0.5).met, True)
+        self.assertIs(Row("x", "ms", 3.0, 4.0, goal=0.5).met, False)
+        self.assertIsNone(Row("x", "ms", 3.0, None).ratio)
+        self.assertIsNone(Row("x", "ms", 3.0, 4.0).met)
+
+
+class RunnerTests(SynchronousTestCase):
+    def test_everySectionIsFound(self) -> None:
+        found = sections()
+        names = [section.name for section in found]
+        self.assertEqual(len(names), len(set(names)))
+        for expected in ("startup", "exec", "write", "concurrent"):
+            self.assertIn(expected, names)
+        self.assertEqual(found, sorted(found, key=lambda section: (section.order, section.name)))
+        for section in found:
+            self.assertTrue(callable(section.module.run), section.name)
+
+    def test_tableShowsRatioGoalAndNotes(self) -> None:
+        rendered = table(
+            [
+                Row("exec p50", "ms", 3.0, 4.0, goal=1.0, note="500 requests"),
+                Row("write", "ms", 50.0, 500.0, goal=0.05),
+                Row("ping", "ms", 0.4, None),
+            ]
+        )
+        lines = rendered.splitlines()
+        self.assertIn("0.750x", lines[2])
+        self.assertTrue(lines[2].endswith("met"))
+        self.assertIn("0.100x", lines[3])
+        self.assertTrue(lines[3].endswith("MISSED"))
+        self.assertIn("- exec p50: 500 requests", lines)

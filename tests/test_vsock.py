@@ -1,0 +1,335 @@
+"""The vsock endpoint: its string parser, address, listening port and accepted connections.
+
+These machines are themselves guests without a vsock loopback transport, so an ``AF_VSOCK``
+socket can be created and bound here but nothing can connect to it. The tests therefore:
+
+- parse endpoint strings through ``serverFromString`` (which also proves the plugin is found);
+- listen for real on ``AF_VSOCK`` (bound socket, kernel-chosen port, clear errors);
+- drive the accept path of L{VSockPort} over a TCP socket dressed up as a vsock one
+  (``_VSockCostume``), a real connection whose addresses the kernel would have reported as
+  ``(cid, port)`` pairs;
+- when ``vsock_loopback`` is loaded, run a real ping over ``AF_VSOCK`` to CID 1 (skipped here).
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from pyro_reactor.agent import buildFactory
+from pyro_reactor.vsock import (
+    AF_VSOCK,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    VMADDR_CID_LOCAL,
+    VMADDR_PORT_ANY,
+    VSockAddress,
+    VSockPort,
+    VSockServer,
+    VSockServerEndpoint,
+)
+from tests.helpers import call, makeContext, reactor
+
+
+def _vsockUnavailable() -> str | None:
+    """Why an AF_VSOCK socket cannot be made here, or None if it can."""
+    if AF_VSOCK is None:
+        return "this platform has no AF_VSOCK"
+    try:
+        socket.socket(AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError as error:
+        return f"AF_VSOCK sockets are unavailable: {error}"
+    return None
+
+
+class ParserTests(SynchronousTestCase):
+    """``serverFromString`` finds the ``vsock`` parser plugin and reads every spelling."""
+
+    def parse(self, description: str) -> VSockServerEndpoint:
+        endpoint = serverFromString(MemoryReactor(), description)
+        self.assertIsInstance(endpoint, VSockServerEndpoint)
+        assert isinstance(endpoint, VSockServerEndpoint)
+        verifyObject(IStreamServerEndpoint, endpoint)
+        return endpoint
+
+    def assertEndpoint(self, description: str, port: int, cid: int, backlog: int = 50) -> None:
+        endpoint = self.parse(description)
+        self.assertEqual((endpoint.port, endpoint.cid, endpoint.backlog), (port, cid, backlog))
+
+    def test_positionalPort(self) -> None:
+        self.assertEndpoint("vsock:5005", 5005, VMADDR_CID_ANY)
+
+    def test_namedPort(self) -> None:
+        self.assertEndpoint("vsock:port=5005", 5005, VMADDR_CID_ANY)
+
+    def test_cidByName(self) -> None:
+        self.assertEndpoint("vsock:port=5005:cid=ANY", 5005, VMADDR_CID_ANY)
+        self.assertEndpoint("vsock:5005:cid=any", 5005, VMADDR_CID_ANY)
+        self.assertEndpoint("vsock:5005:cid=LOCAL", 5005, VMADDR_CID_LOCAL)
+        self.assertEndpoint("vsock:5005:cid=HOST", 5005, VMADDR_CID_HOST)
+
+    def test_cidByNumber(self) -> None:
+        self.assertEndpoint("vsock:5005:cid=3", 5005, 3)
+
+    def test_backlog(self) -> None:
+        self.assertEndpoint("vsock:5005:backlog=7", 5005, VMADDR_CID_ANY, backlog=7)
+
+    def test_portZeroMeansAnyPort(self) -> None:
+        """As with ``tcp:0``, port 0 lets the kernel choose (vsock spells it 0xFFFFFFFF)."""
+        self.assertEndpoint("vsock:0", VMADDR_PORT_ANY, VMADDR_CID_ANY)
+        self.assertEndpoint("vsock:any", VMADDR_PORT_ANY, VMADDR_CID_ANY)
+        self.assertEndpoint("vsock:4294967295", VMADDR_PORT_ANY, VMADDR_CID_ANY)
+
+    def assertRefused(self, description: str, fragment: str) -> None:
+        with self.assertRaises(ValueError) as caught:
+            serverFromString(MemoryReactor(), description)
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_missingPort(self) -> None:
+        self.assertRefused("vsock:cid=3", "needs a port")
+
+    def test_portNotANumber(self) -> None:
+        self.assertRefused("vsock:http", "port must be a number")
+
+    def test_portOutOfRange(self) -> None:
+        self.assertRefused("vsock:4294967296", "between 0 and 4294967295")
+        self.assertRefused("vsock:-1", "between 0 and 4294967295")
+
+    def test_badCid(self) -> None:
+        self.assertRefused("vsock:5005:cid=guest", "cid must be a number or one of ANY")
+
+    def test_portTwice(self) -> None:
+        self.assertRefused("vsock:5005:port=5006", "port given twice")
+
+    def test_unknownOption(self) -> None:
+        self.assertRefused("vsock:5005:interface=127.0.0.1", "unknown vsock endpoint option")
+
+    def test_badBacklog(self) -> None:
+        self.assertRefused("vsock:5005:backlog=0", "backlog must be positive")
+        self.assertRefused("vsock:5005:backlog=lots", "backlog must be a number")
+
+
+class AddressTests(SynchronousTestCase):
+    def test_providesIAddress(self) -> None:
+        verifyObject(IAddress, VSockAddress(3, 5005))
+
+    def test_valueSemantics(self) -> None:
+        self.assertEqual(VSockAddress(3, 5005), VSockAddress(3, 5005))
+        self.assertNotEqual(VSockAddress(3, 5005), VSockAddress(4, 5005))
+        self.assertEqual(len({VSockAddress(3, 5005), VSockAddress(3, 5005)}), 1)
+
+    def test_str(self) -> None:
+        self.assertEqual(str(VSockAddress(VMADDR_CID_ANY, 5005)), "vsock:cid=ANY:port=5005")
+        self.assertEqual(str(VSockAddress(3, 1024)), "vsock:cid=3:port=1024")
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    """The parts of ``twisted.internet.tcp`` that L{VSockPort} relies on still exist.
+
+    If this fails after a Twisted upgrade, revisit ``pyro_reactor/vsock.py`` before widening the
+    Twisted range in setup.cfg.
+    """
+
+    def test_portHooks(self) -> None:
+        self.assertTrue(hasattr(tcp.Port, "_preexistingSocket"))
+        self.assertTrue(callable(getattr(tcp.Port, "_buildAddr", None)))
+        self.assertTrue(issubclass(tcp.Port.transport, tcp.Server))
+        self.assertTrue(issubclass(VSockPort.transport, tcp.Server))
+
+    def test_serverSignature(self) -> None:
+        parameters = list(inspect.signature(tcp.Server.__init__).parameters)
+        self.assertEqual(
+            parameters, ["self", "sock", "protocol", "client", "server", "sessionno", "reactor"]
+        )
+
+
+class _AddressRecorder(Protocol):
+    """Reports what the transport says about both ends, then closes."""
+
+    def __init__(self, built: list[object]) -> None:
+        self.built = built
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.built.append(
+            (type(self.transport), self.transport.getPeer(), self.transport.getHost())
+        )
+        self.transport.write(b"hello\n")
+        self.transport.loseConnection()
+
+
+class _RecordingFactory(Factory):
+    def __init__(self) -> None:
+        self.addresses: list[object] = []
+        self.transports: list[object] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.addresses.append(addr)
+        return _AddressRecorder(self.transports)
+
+
+class _VSockCostume:
+    """A real TCP socket that reports ``(cid, port)`` addresses as an AF_VSOCK one would.
+
+    The listener is CID ANY in the guest; accepted connections are CID 3 (the guest) on the
+    listening port, and their peer is the host (CID 2) on the client's TCP port.
+    """
+
+    def __init__(self, real: socket.socket, name: tuple[int, int]) -> None:
+        self._real = real
+        self._name = name
+
+    def getsockname(self) -> tuple[int, int]:
+        return self._name
+
+    def accept(self) -> tuple[_VSockCostume, tuple[int, int]]:
+        connection, (_, clientPort) = self._real.accept()
+        return _VSockCostume(connection, (3, self._name[1])), (VMADDR_CID_HOST, clientPort)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class AcceptTests(TestCase):
+    """L{VSockPort} accepts connections and labels both ends with L{VSockAddress}es."""
+
+    def listenInCostume(self, factory: Factory) -> tuple[VSockPort, int]:
+        real = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        real.bind(("127.0.0.1", 0))
+        real.listen(50)
+        real.setblocking(False)
+        tcpPort = real.getsockname()[1]
+        port = VSockPort(tcpPort, factory, cid=VMADDR_CID_ANY, reactor=reactor)
+        port._preexistingSocket = _VSockCostume(real, (VMADDR_CID_ANY, tcpPort))  # type: ignore[assignment]
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        return port, tcpPort
+
+    async def test_acceptedConnectionAddresses(self) -> None:
+        factory = _RecordingFactory()
+        port, tcpPort = self.listenInCostume(factory)
+        self.assertEqual(port.getHost(), VSockAddress(VMADDR_CID_ANY, tcpPort))
+
+        received: Deferred[tuple[bytes, int]] = deferToThread(self.connectAndRead, tcpPort)
+        reply, clientPort = await received
+        self.assertEqual(reply, b"hello\n")
+        self.assertEqual(factory.addresses, [VSockAddress(VMADDR_CID_HOST, clientPort)])
+        self.assertEqual(
+            factory.transports,
+            [(VSockServer, VSockAddress(VMADDR_CID_HOST, clientPort), VSockAddress(3, tcpPort))],
+        )
+
+    @staticmethod
+    def connectAndRead(tcpPort: int) -> tuple[bytes, int]:
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=5) as client:
+            clientPort = client.getsockname()[1]
+            chunks = []
+            while chunk := client.recv(4096):
+                chunks.append(chunk)
+        return b"".join(chunks), clientPort
+
+    async def test_agentAnswersOverVSockPort(self) -> None:
+        """The whole agent (every capability's actions) serves a ping through a VSockPort."""
+        factory = buildFactory(makeContext(self))
+        port, tcpPort = self.listenInCostume(factory)
+        self.assertIsInstance(port, VSockPort)
+        answer = await call(tcpPort, {"action": "ping"})
+        self.assertEqual(answer["pong"], True)
+
+
+class ListenTests(TestCase):
+    """Listening for real on AF_VSOCK, where the kernel allows it."""
+
+    def setUp(self) -> None:
+        reason = _vsockUnavailable()
+        if reason is not None:
+            raise self.skipTest(reason)
+
+    async def listen(self, endpoint: VSockServerEndpoint) -> VSockPort:
+        port = await endpoint.listen(_RecordingFactory())
+        self.addCleanup(port.stopListening)
+        assert isinstance(port, VSockPort)
+        return port
+
+    async def test_listensOnAFreePort(self) -> None:
+        port = await self.listen(VSockServerEndpoint(reactor, 0))
+        verifyObject(IListeningPort, port)
+        self.assertEqual(port.socket.family, AF_VSOCK)
+        host = port.getHost()
+        self.assertIsInstance(host, VSockAddress)
+        self.assertEqual(host.cid, VMADDR_CID_ANY)
+        self.assertNotIn(host.port, (0, VMADDR_PORT_ANY))
+
+    async def test_portInUse(self) -> None:
+        port = await self.listen(VSockServerEndpoint(reactor, 0))
+        with self.assertRaises(CannotListenError) as caught:
+            await self.listen(VSockServerEndpoint(reactor, port.getHost().port))
+        self.assertEqual(caught.exception.socketError.errno, errno.EADDRINUSE)
+        self.assertIn(f"vsock cid ANY:{port.getHost().port}", str(caught.exception))
+
+    async def test_foreignCid(self) -> None:
+        """A CID that is not this machine's cannot be bound; the error says which one."""
+        with self.assertRaises(CannotListenError) as caught:
+            await self.listen(VSockServerEndpoint(reactor, 0, cid=0x7FFFFFF0))
+        self.assertEqual(caught.exception.socketError.errno, errno.EADDRNOTAVAIL)
+        self.assertIn("vsock cid 2147483632", str(caught.exception))
+
+    async def test_closesItsSocket(self) -> None:
+        port = await self.listen(VSockServerEndpoint(reactor, 0))
+        number = port.getHost().port
+        await port.stopListening()
+        again = await self.listen(VSockServerEndpoint(reactor, number))
+        self.assertEqual(again.getHost().port, number)
+
+    async def test_serverFromString(self) -> None:
+        port = await serverFromString(reactor, "vsock:0").listen(_RecordingFactory())
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port.getHost(), VSockAddress)
+
+
+class LoopbackTests(TestCase):
+    """A real request over AF_VSOCK to CID 1, when the host kernel has ``vsock_loopback``."""
+
+    def setUp(self) -> None:
+        reason = _vsockUnavailable()
+        if reason is None and not Path("/sys/module/vsock_loopback").exists():
+            reason = "no vsock loopback transport (kernel module vsock_loopback not loaded)"
+        if reason is not None:
+            raise self.skipTest(reason)
+
+    async def test_pingOverVSock(self) -> None:
+        factory = buildFactory(makeContext(self))
+        port = await VSockServerEndpoint(reactor, 0).listen(factory)
+        self.addCleanup(port.stopListening)
+        host = port.getHost()
+        assert isinstance(host, VSockAddress)
+        number = host.port
+
+        def ping() -> bytes:
+            assert AF_VSOCK is not None
+            with socket.socket(AF_VSOCK, socket.SOCK_STREAM) as client:
+                client.settimeout(5)
+                client.connect((VMADDR_CID_LOCAL, number))
+                client.sendall(b'{"action": "ping"}\n')
+                chunks = []
+                while chunk := client.recv(4096):
+                    chunks.append(chunk)
+            return b"".join(chunks)
+
+        raw = await deferToThread(ping)
+        self.assertEqual(json.loads(raw)["pong"], True)
