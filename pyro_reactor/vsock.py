@@ -14,9 +14,17 @@ teaches Twisted's TCP port about it:
   ``twisted/plugins/pyro_reactor_plugins.py``.
 
 Endpoint strings: ``vsock:PORT`` or ``vsock:port=PORT``, with optional ``cid=CID`` (a number
-or ``ANY``, ``LOCAL``, ``HOST``, ``HYPERVISOR``; default ``ANY``) and ``backlog=N`` (default
-50). Port ``0`` (or ``ANY``) asks the kernel for a free port, as ``tcp:0`` does: vsock's own
-spelling of that is ``VMADDR_PORT_ANY`` (``0xFFFFFFFF``), which is also accepted.
+or ``ANY``, ``LOCAL``, ``HOST``, ``HYPERVISOR``; default ``ANY``), ``backlog=N`` (default 50)
+and ``peers=CIDS`` (``ANY``, the default, or a comma-separated list of CIDs such as ``HOST`` or
+``2,1``). Port ``0`` (or ``ANY``) asks the kernel for a free port, as ``tcp:0`` does: vsock's
+own spelling of that is ``VMADDR_PORT_ANY`` (``0xFFFFFFFF``), which is also accepted.
+
+``peers`` is the port's admission check: an accepted connection whose peer CID is not in the
+list is closed at once, before any of its bytes is read and before the factory builds a
+protocol for it, and a ``refused`` event is logged. The default admits every peer, as the
+reference agent does and as the VM test tier needs (its in-guest checks connect over the
+loopback transport, CID 1); production guests with no in-guest client should say
+``peers=HOST`` (see ``docs/vsock.md`` and ``docs/security.md``).
 
 This leans on three internals of ``tcp.Port``, all present from Twisted 24.7 to 26.10 (the
 range setup.cfg allows, and ``tests/test_vsock.py`` checks them): ``_preexistingSocket`` (a
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
@@ -39,12 +48,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
+    ILoggingContext,
     IProtocolFactory,
     IReactorCore,
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -64,6 +75,13 @@ _CID_NAMES = {
     "HOST": VMADDR_CID_HOST,
 }
 _MAX_U32 = 0xFFFFFFFF
+_PEER_NAMES = {
+    "HYPERVISOR": VMADDR_CID_HYPERVISOR,
+    "LOCAL": VMADDR_CID_LOCAL,
+    "HOST": VMADDR_CID_HOST,
+}
+
+log = Logger(namespace="pyro_reactor.vsock")
 
 
 def cidName(cid: int) -> str:
@@ -72,6 +90,13 @@ def cidName(cid: int) -> str:
         if value == cid:
             return name
     return str(cid)
+
+
+def peersName(peers: Iterable[int] | None) -> str:
+    """How a peer list is spelled in an endpoint string: ``ANY`` or e.g. ``LOCAL,HOST``."""
+    if peers is None:
+        return "ANY"
+    return ",".join(cidName(cid) for cid in sorted(peers))
 
 
 @implementer(IAddress)
@@ -121,6 +146,48 @@ def _listeningSocket(cid: int, port: int, backlog: int) -> socket.socket:
     return skt
 
 
+@implementer(IProtocolFactory, ILoggingContext)
+class _AllowedPeers:
+    """The factory a L{VSockPort} listens with when only some peer CIDs may connect.
+
+    It refuses the others the way ``IProtocolFactory`` lets a factory refuse: ``buildProtocol``
+    returns ``None`` and the port closes the accepted socket without reading from it. Everything
+    else is the wrapped factory's.
+    """
+
+    def __init__(self, factory: IProtocolFactory, peers: frozenset[int], port: VSockPort) -> None:
+        self.factory = factory
+        self.peers = peers
+        self.listeningPort = port
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def logPrefix(self) -> str:
+        if ILoggingContext.providedBy(self.factory):
+            return cast(ILoggingContext, self.factory).logPrefix()
+        return type(self.factory).__name__
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        # VSockPort._buildAddr makes every address a VSockAddress; anything else is refused.
+        peer = addr if isinstance(addr, VSockAddress) else VSockAddress(VMADDR_CID_ANY, 0)
+        if peer.cid not in self.peers:
+            log.warn(
+                "refused a vsock connection from CID {peer_cid} on port {port}:"
+                " only {peers} may connect",
+                peer_cid=peer.cid,
+                peer_port=peer.port,
+                port=self.listeningPort.listeningPortNumber(),
+                peers=peersName(self.peers),
+                outcome="refused",
+            )
+            return None
+        return cast("Protocol | None", self.factory.buildProtocol(addr))
+
+
 @implementer(IListeningPort)
 class VSockPort(tcp.Port):
     """A Twisted TCP port that listens on an ``AF_VSOCK`` socket bound to ``(cid, port)``."""
@@ -135,7 +202,12 @@ class VSockPort(tcp.Port):
         backlog: int = 50,
         cid: int = VMADDR_CID_ANY,
         reactor: Any = None,
+        *,
+        peers: frozenset[int] | None = None,
     ) -> None:
+        """
+        @param peers: the peer CIDs whose connections are served, or C{None} for any peer.
+        """
         # tcp.Port.__init__ would resolve an IP interface; only BasePort's part applies.
         BasePort.__init__(self, reactor=reactor)
         if AF_VSOCK is not None:
@@ -144,7 +216,11 @@ class VSockPort(tcp.Port):
         self.vsockPort = port
         self.cid = cid
         self.interface = cidName(cid)
-        self.factory = cast("Factory[Any]", factory)
+        self.peers = peers
+        self.servedFactory = factory
+        # tcp.Port.doRead hands every accepted connection to self.factory.buildProtocol.
+        listening = factory if peers is None else _AllowedPeers(factory, peers, self)
+        self.factory = cast("Factory[Any]", listening)
         self.backlog = backlog
 
     def startListening(self) -> None:
@@ -162,38 +238,94 @@ class VSockPort(tcp.Port):
         cid, port = self.socket.getsockname()
         return VSockAddress(cid, port)
 
+    def listeningPortNumber(self) -> int:
+        """The port number listened on (the kernel's choice for port ANY, once listening)."""
+        number = self._realPortNumber
+        return self.vsockPort if number is None else int(number)
+
     def __repr__(self) -> str:
         state = "not listening" if self._realPortNumber is None else str(self._realPortNumber)
-        return f"<VSockPort of {type(self.factory).__name__} on {self.interface}:{state}>"
+        name = type(self.servedFactory).__name__
+        return f"<VSockPort of {name} on {self.interface}:{state} peers={peersName(self.peers)}>"
 
 
 @implementer(IStreamServerEndpoint)
 class VSockServerEndpoint:
-    """Listens on vsock ``(cid, port)``; ``cid`` defaults to any of this machine's CIDs."""
+    """Listens on vsock ``(cid, port)``; ``cid`` defaults to any of this machine's CIDs.
+
+    ``peers``, when given, lists the peer CIDs allowed to connect (``{VMADDR_CID_HOST}`` for
+    the host only); connections from any other CID are closed unread. ``None`` (the default)
+    serves every peer.
+    """
 
     def __init__(
-        self, reactor: Any, port: int, cid: int = VMADDR_CID_ANY, backlog: int = 50
+        self,
+        reactor: Any,
+        port: int,
+        cid: int = VMADDR_CID_ANY,
+        backlog: int = 50,
+        peers: Iterable[int] | None = None,
     ) -> None:
         for name, value in (("port", port), ("cid", cid)):
             if not 0 <= value <= _MAX_U32:
                 raise ValueError(f"vsock {name} must be between 0 and {_MAX_U32}, not {value}")
         if backlog < 1:
             raise ValueError(f"vsock backlog must be positive, not {backlog}")
+        allowed = None if peers is None else frozenset(peers)
+        if allowed is not None:
+            if not allowed:
+                raise ValueError("vsock peers must name at least one CID (or be ANY)")
+            for peer in sorted(allowed):
+                if not 0 <= peer < VMADDR_CID_ANY:
+                    raise ValueError(
+                        f"vsock peer CID must be between 0 and {VMADDR_CID_ANY - 1}, not {peer}"
+                    )
         self.reactor = reactor
         self.port = VMADDR_PORT_ANY if port == 0 else port
         self.cid = cid
         self.backlog = backlog
+        self.peers = allowed
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         def start() -> IListeningPort:
-            port = VSockPort(self.port, protocolFactory, self.backlog, self.cid, self.reactor)
+            port = VSockPort(
+                self.port, protocolFactory, self.backlog, self.cid, self.reactor, peers=self.peers
+            )
             port.startListening()
             return port
 
         return execute(start)
 
     def __repr__(self) -> str:
-        return f"VSockServerEndpoint(port={self.port}, cid={cidName(self.cid)})"
+        return (
+            f"VSockServerEndpoint(port={self.port}, cid={cidName(self.cid)},"
+            f" peers={peersName(self.peers)})"
+        )
+
+
+def _peers(text: str) -> frozenset[int] | None:
+    """The CIDs of a ``peers=`` option: ``None`` for ``ANY``, else a non-empty set.
+
+    Ranges are the endpoint's to check.
+    """
+    items = [item.strip() for item in text.split(",")]
+    if any(item.upper() == "ANY" for item in items):
+        if len(items) > 1:
+            raise ValueError(f"vsock peers=ANY admits every peer: list CIDs or ANY, not {text!r}")
+        return None
+    peers = set()
+    for item in items:
+        peer = _PEER_NAMES.get(item.upper())
+        if peer is None:
+            try:
+                peer = int(item, 10)
+            except ValueError:
+                raise ValueError(
+                    "vsock peers must be ANY or a comma-separated list of CIDs"
+                    f" (numbers or {', '.join(_PEER_NAMES)}), not {text!r}"
+                ) from None
+        peers.add(peer)
+    return frozenset(peers)
 
 
 def _number(kind: str, text: str, names: dict[str, int]) -> int:
@@ -214,7 +346,7 @@ def _number(kind: str, text: str, names: dict[str, int]) -> int:
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class VSockServerParser:
-    """Parses ``vsock:PORT[:cid=CID][:backlog=N]`` (or ``port=PORT``) into an endpoint."""
+    """Parses ``vsock:PORT[:cid=CID][:backlog=N][:peers=CIDS]`` (or ``port=PORT``)."""
 
     prefix = "vsock"
 
@@ -224,11 +356,11 @@ class VSockServerParser:
         return self._parse(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
 
     def _parse(self, reactor: IReactorCore, *args: str, **kwargs: str) -> VSockServerEndpoint:
-        unknown = sorted(set(kwargs) - {"port", "cid", "backlog"})
+        unknown = sorted(set(kwargs) - {"port", "cid", "backlog", "peers"})
         if unknown:
             raise ValueError(
                 f"unknown vsock endpoint option(s): {', '.join(unknown)}"
-                " (known: port, cid, backlog)"
+                " (known: port, cid, backlog, peers)"
             )
         if len(args) > 1:
             raise ValueError(f"vsock endpoint takes one positional port, got {list(args)}")
@@ -244,4 +376,5 @@ class VSockServerParser:
             backlog = int(backlogText, 10)
         except ValueError:
             raise ValueError(f"vsock backlog must be a number, not {backlogText!r}") from None
-        return VSockServerEndpoint(reactor, port, cid=cid, backlog=backlog)
+        peers = _peers(kwargs.get("peers", "ANY"))
+        return VSockServerEndpoint(reactor, port, cid=cid, backlog=backlog, peers=peers)
