@@ -40,6 +40,7 @@ trial: setup
 test: lint types unit trial
 
 bench: setup
+	$(BIN)/python -m compileall -q pyro_reactor twisted/plugins
 	$(BIN)/python benchmarks/run.py
 
 diagrams: setup

@@ -46,7 +46,6 @@ import pwd
 import secrets
 import shutil
 import stat
-import tarfile
 import tempfile
 import zlib
 from collections import OrderedDict
@@ -54,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -73,6 +72,9 @@ from pyro_reactor.workspace import (
     Workspace,
     processUmask,
 )
+
+if TYPE_CHECKING:
+    import tarfile
 
 log = Logger(namespace="pyro_reactor.archives")
 
@@ -98,8 +100,18 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
-# Errors a damaged archive raises while it is read (gzip's BadGzipFile and bz2's are OSErrors).
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+# tarfile is imported where archives are read or written, not at the top: an idle agent never
+# needs it (about 0.3 MiB of its resident memory and a millisecond of its start-up).
+@functools.cache
+def _archiveErrors() -> tuple[type[BaseException], ...]:
+    """Errors a damaged archive raises while it is read.
+
+    gzip's BadGzipFile and bz2's errors are OSErrors.
+    """
+    import tarfile  # noqa: PLC0415
+
+    return (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
 class Kind(Enum):
@@ -372,6 +384,8 @@ def _filteredMode(member: tarfile.TarInfo, normalized: str, name: str) -> int | 
     mode rules are applied here; the member rules above already refuse what the filter's
     path and link checks would.
     """
+    import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
     dataFilter = getattr(tarfile, "data_filter", None)
     if dataFilter is not None:
         try:
@@ -471,9 +485,11 @@ class _Counter:
 
 
 def _openArchive(path: Path) -> tarfile.TarFile:
+    import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
     try:
         return tarfile.open(path, "r:*")
-    except _ARCHIVE_ERRORS as error:
+    except _archiveErrors() as error:
         raise ActionError(str(error)) from None
 
 
@@ -503,10 +519,11 @@ def _checkAll(
     archive: tarfile.TarFile, tree: Tree, base: tuple[str, ...], rules: Rules
 ) -> list[Step]:
     steps: list[Step] = []
+    readErrors: tuple[type[BaseException], ...] = (*_archiveErrors(), OSError)
     try:
         for member in archive:
             steps.append(checkMember(tree, base, member, rules))
-    except (*_ARCHIVE_ERRORS, OSError) as error:
+    except readErrors as error:
         # Reading the archive itself failed (a damaged header or compressed stream); the
         # checks raise ActionError, and inspecting the tree turns its OSErrors into them.
         raise ActionError(str(error)) from None
@@ -575,7 +592,7 @@ def applySteps(
                 raise rules.writeFailed(current.member, failure) from None
             message = f"could not move an extracted entry into place: {failure.strerror}"
             raise ActionError(message) from None
-        if isinstance(failure, _ARCHIVE_ERRORS):
+        if isinstance(failure, _archiveErrors()):
             raise ActionError(str(failure)) from None
         raise
 
@@ -634,6 +651,8 @@ def _copyInKernel(
     ``False`` (nothing copied) when the archive is compressed, the member sparse, or the
     kernel or filesystems cannot do it: the caller then copies through a buffer.
     """
+    import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
     source = archive.fileobj
     if not _kernelCopy["usable"] or member.issparse() or not isinstance(source, io.BufferedReader):
         return False
@@ -820,6 +839,8 @@ def tarInfoFor(arcname: str, info: os.stat_result, linkname: str = "") -> tarfil
     Unlike ``gettarinfo``, a file with several hard links is a regular member each time: an
     archive we export can always be extracted again.
     """
+    import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
     mode = info.st_mode
     types = (
         (stat.S_ISREG, tarfile.REGTYPE),
@@ -936,6 +957,8 @@ class _Exporter:
         linkname: str = "",
         handle: IO[bytes] | None = None,
     ) -> None:
+        import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
         member = tarInfoFor(arcname, info, linkname)
         if member is None:
             return
@@ -972,6 +995,8 @@ def buildExport(
     counter: Transfer | _Counter | None = None,
 ) -> StreamedAnswer:
     """Write the tar of ``path`` into a temporary file under ``spoolRoot`` (blocking)."""
+    import tarfile  # noqa: PLC0415 (see _archiveErrors)
+
     counter = counter if counter is not None else _Counter()
     # A read, like list_workspace: symlinked parents are followed while they stay inside.
     info = workspace.lstat(path, followInside=True)

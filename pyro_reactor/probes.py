@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from automat import TypeMachineBuilder
@@ -35,12 +35,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as WireProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IResponse
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.execute import CommandResult, runCommand
 from pyro_reactor.workspace import WorkingDirectory, Workspace
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IResponse
 
 log = Logger(namespace="pyro_reactor.probes")
 
@@ -335,6 +336,9 @@ class _BodyDiscarder(WireProtocol):
 
 def httpCheck(reactor: Any, url: str, timeout: float = HTTP_TIMEOUT) -> Check:
     """Ready once a ``GET`` of C{url} answers 2xx or 3xx."""
+    # twisted.web's client costs the idle agent ~0.5 MiB and ~10 ms: only http probes need it.
+    from twisted.web.client import Agent, HTTPConnectionPool  # noqa: PLC0415
+
     pool = HTTPConnectionPool(reactor, persistent=False)
     agent = Agent(reactor, connectTimeout=timeout, pool=pool)
     target = url.encode("utf-8")

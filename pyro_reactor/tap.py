@@ -37,6 +37,37 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+class _ReactorNeeded(Exception):
+    """A parser wanted a reactor while its endpoint string was only being checked."""
+
+
+class _NoReactor:
+    """Stands in for the reactor while ``--listen`` strings are checked.
+
+    Options are parsed before twistd installs its reactor, so the check must not import
+    ``twisted.internet.reactor``. Parsing an endpoint string only records the reactor for
+    later; a parser that does use it at parse time is left to ``makeService``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        raise _ReactorNeeded(name)
+
+
+def checkEndpoint(description: str) -> None:
+    """Parse a ``--listen`` endpoint string, raising a ``UsageError`` that says what is wrong.
+
+    ``serverFromString`` reports an unknown type or a bad value as ``ValueError``, an unknown
+    option (``tcp:5005:inteface=...``) as ``TypeError`` from the parser's signature, and a type
+    whose code is missing (``ssl:`` without pyOpenSSL) as ``ImportError``.
+    """
+    try:
+        serverFromString(_NoReactor(), description)
+    except _ReactorNeeded:
+        return
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as error:
+        raise usage.UsageError(f"bad --listen endpoint {description!r}: {error}") from error
+
+
 class Options(usage.Options):
     """Options of ``twistd pyro-agent``."""
 
@@ -98,6 +129,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            checkEndpoint(description)
 
     def config(self) -> AgentConfig:
         return AgentConfig(

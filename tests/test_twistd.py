@@ -124,3 +124,32 @@ class TwistdTests(TestCase):
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(b"must be positive", result.stdout + result.stderr)
+
+    def test_badListenEndpoint(self) -> None:
+        """A --listen string that does not parse is a usage error naming it, not a traceback.
+
+        One good endpoint before the bad one: nothing may start listening either way.
+        """
+        port = freePort()
+        base = Path(self.mktemp()).absolute()
+        for bad, reason in [
+            ("tcp:5005:inteface=127.0.0.1", b"inteface"),
+            ("nosuchtype:5005", b"Unknown endpoint type"),
+            ("vsock:port=5005:cid=WHAT", b"vsock cid"),
+            ("tcp:abc", b"abc"),
+        ]:
+            argv = [str(TWISTD), "--nodaemon", "--pidfile=", "pyro-agent"]
+            argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", bad]
+            argv += ["--workspace", str(base / "ws"), "--state-dir", str(base / "state")]
+            result = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            output = result.stdout + result.stderr
+            self.assertNotEqual(result.returncode, 0, bad)
+            self.assertIn(f"bad --listen endpoint {bad!r}".encode(), output)
+            self.assertIn(reason, output)
+            self.assertNotIn(b"Traceback", output)
+            self.assertFalse((base / "ws").exists(), "the agent must not have started")
