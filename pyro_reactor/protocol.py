@@ -102,6 +102,7 @@ class RequestProtocol(Protocol):
         self._spoolPath: Path | None = None
         self._remaining = 0
         self._lost = False
+        self._pendingLog: Callable[[], None] | None = None
         self._bodySize = 0
         self._bodyStarted = self._lastProgress = 0.0
 
@@ -131,6 +132,9 @@ class RequestProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancelTimer()
+        emit, self._pendingLog = self._pendingLog, None
+        if emit is not None:
+            emit()
         if self._phase == _READING_BODY:
             self._logCutOff()
             self._discardSpool()
@@ -230,7 +234,15 @@ class RequestProtocol(Protocol):
         assert self._request is not None
         self._cancelTimer()
         self._phase = _WORKING
-        self.dispatcher.dispatch(self._request).addCallback(self._answer)
+        self.dispatcher.dispatch(self._request, self._logAfterAnswer).addCallback(self._answer)
+
+    def _logAfterAnswer(self, emit: Callable[[], None]) -> None:
+        # The request's log event waits until the answer is out and the connection closed
+        # (see Dispatcher.dispatch): writing it would otherwise delay every answer.
+        if self._lost:
+            emit()
+        else:
+            self._pendingLog = emit
 
     # -- answers -------------------------------------------------------------------------
 

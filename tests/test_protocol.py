@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -202,6 +203,55 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(body, b"tar-bytes" * 1000)
         self.assertFalse((self.spool / "export.tar").exists())
         self.assertTrue(self.transport.disconnecting)
+
+    def logged(self) -> list[dict[str, Any]]:
+        """The request events of the dispatcher logged from now on."""
+        events: list[dict[str, Any]] = []
+
+        def observe(event: LogEvent) -> None:
+            if event.get("log_namespace") == "pyro_reactor.dispatch":
+                events.append(event)
+
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
+
+    def test_requestLoggedOnceAfterItsAnswer(self) -> None:
+        """Each request is logged once, after its answer is out and the connection closed.
+
+        Writing the log line costs about 0.1 ms with twistd's text observer: it must not
+        delay the answer. The duration logged is still the time to the answer.
+        """
+        events = self.logged()
+        self.protocol.dataReceived(b'{"action": "echo"}\n')
+        self.assertEqual(self.answer(), {"echo": {"action": "echo"}})
+        self.assertEqual(events, [])
+        self.protocol.connectionLost()
+        self.assertEqual([(e["action"], e["outcome"]) for e in events], [("echo", "ok")])
+        self.assertIsInstance(events[0]["duration_ms"], float)
+
+    def test_errorLoggedOnceAfterItsAnswer(self) -> None:
+        """A failed request too is logged once, with its error, after the answer."""
+        events = self.logged()
+        self.protocol.dataReceived(b'{"action": "fails"}\n')
+        self.assertEqual(self.answer(), {"error": "it went wrong"})
+        self.assertEqual(events, [])
+        self.protocol.connectionLost()
+        self.assertEqual(
+            [(e["action"], e["outcome"], e["error"]) for e in events],
+            [("fails", "error", "it went wrong")],
+        )
+
+    def test_requestLoggedWhenClientLeftFirst(self) -> None:
+        """A request whose client left before the answer is logged when the answer comes."""
+        events = self.logged()
+        self.protocol.dataReceived(b'{"action": "slow"}\n')
+        self.protocol.connectionLost()
+        self.assertEqual(events, [])
+        assert self.recorder.pending is not None
+        self.recorder.pending.callback({"done": True})
+        self.assertEqual([(e["action"], e["outcome"]) for e in events], [("slow", "ok")])
 
     def test_answerAfterClientLeft(self) -> None:
         """A client that goes away before its answer does not break the agent."""
