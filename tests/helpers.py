@@ -9,6 +9,7 @@ bytes) and returns the parsed first answer line; ``exchange`` returns the raw an
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -120,4 +122,40 @@ def call(port: int, request: dict[str, Any], body: bytes = b"") -> Deferred[dict
     return exchange(port, request, body).addCallback(parse)
 
 
-__all__ = ["RunningAgent", "call", "exchange", "makeContext", "startAgent", "succeed"]
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie waiting for init counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
+    """Poll C{predicate} every 50 ms on the reactor for up to C{seconds}; its last value."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await deferLater(reactor, 0.05)
+    return bool(predicate())
+
+
+__all__ = [
+    "RunningAgent",
+    "alive",
+    "call",
+    "exchange",
+    "freePort",
+    "makeContext",
+    "startAgent",
+    "succeed",
+    "waitUntil",
+]

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import freePort
+
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_SCRIPT = REPO.parent / "shared" / "reference" / "run_reference.py"
 
@@ -63,13 +65,6 @@ def _dieWithParent() -> None:
     """In the child before exec: SIGKILL it when the test process dies, however it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _freePort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def blockingCall(port: int, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -134,7 +129,7 @@ def startReference() -> ReferenceAgent:
     workspace, stateDir, log = base / "workspace", base / "state", base / "agent.log"
     workspace.mkdir()
     stateDir.mkdir()
-    port = _freePort()
+    port = freePort()
     with log.open("wb") as output:
         process = subprocess.Popen(
             [

@@ -11,7 +11,6 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -25,26 +24,9 @@ from pyro_reactor.execute import (
     exitCodeOf,
     runCommand,
 )
-from tests.helpers import startAgent
+from tests.helpers import alive, startAgent, waitUntil
 
 reactor: Any = _reactor
-
-
-def _alive(pid: int) -> bool:
-    """Whether C{pid} runs (a zombie waiting for init counts as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
-
-
-async def _waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return True
-        await deferLater(reactor, 0.05)
-    return bool(predicate())
 
 
 class ExecOverTheWireTests(TestCase):
@@ -125,7 +107,7 @@ class ExecOverTheWireTests(TestCase):
         self.assertGreaterEqual(answer["duration_ms"], 1000)
         self.assertLess(elapsed, 20)
         grandchild = int(pidFile.read_text())
-        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
+        self.assertTrue(await waitUntil(lambda: not alive(grandchild)))
 
     async def test_timeoutKillsWhatIgnoresSigterm(self) -> None:
         pidFile = Path(self.mktemp()).absolute()
@@ -138,7 +120,7 @@ class ExecOverTheWireTests(TestCase):
         self.assertTrue(result.timedOut)
         # The answer comes once the group is gone (after the SIGKILL grace).
         grandchild = int(pidFile.read_text())
-        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild), seconds=2))
+        self.assertTrue(await waitUntil(lambda: not alive(grandchild), seconds=2))
 
     async def test_agentStopEndsRunningCommands(self) -> None:
         agent = await startAgent(self)
@@ -150,13 +132,13 @@ class ExecOverTheWireTests(TestCase):
                 "timeout_seconds": 60,
             }
         )
-        self.assertTrue(await _waitUntil(lambda: pidFile.exists() and pidFile.read_text() != ""))
+        self.assertTrue(await waitUntil(lambda: pidFile.exists() and pidFile.read_text() != ""))
         commands = agent.context.services.getServiceNamed("exec-commands")
         await commands.stopService()
         answer = await answered
         self.assertEqual(answer["exit_code"], -signal.SIGKILL)
         grandchild = int(pidFile.read_text())
-        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
+        self.assertTrue(await waitUntil(lambda: not alive(grandchild)))
 
     async def test_backgroundChildDoesNotHoldTheAnswer(self) -> None:
         agent = await startAgent(self)
@@ -168,7 +150,7 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(answer["exit_code"], 0)
         self.assertLess(elapsed, 10)
         # Left running, as in a terminal.
-        self.assertTrue(_alive(background))
+        self.assertTrue(alive(background))
 
     async def test_outputAfterShellExitWithinGraceIsKept(self) -> None:
         result = await runCommand(

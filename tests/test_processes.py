@@ -27,6 +27,7 @@ from pyro_reactor.processes import (
     spawnInSession,
     terminateGroup,
 )
+from tests.helpers import alive, waitUntil
 
 reactor: Any = _reactor
 
@@ -51,23 +52,6 @@ class _Recorder(ProcessProtocol):
         await self.ended
         assert self.reason is not None
         return self.reason.value
-
-
-def _alive(pid: int) -> bool:
-    """Whether C{pid} runs (a zombie waiting for init counts as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
-
-
-async def _waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return True
-        await deferLater(reactor, 0.05)
-    return bool(predicate())
 
 
 class SpawnInSessionTests(TestCase):
@@ -136,14 +120,14 @@ class SpawnInSessionTests(TestCase):
 
     async def test_groupSignalReachesGrandchildren(self) -> None:
         _, recorder = self._spawn(["/bin/sh", "-c", "sleep 30 & echo $!; wait"])
-        self.assertTrue(await _waitUntil(lambda: recorder.output.endswith(b"\n")))
+        self.assertTrue(await waitUntil(lambda: recorder.output.endswith(b"\n")))
         grandchild = int(recorder.output)
-        self.assertTrue(_alive(grandchild))
+        self.assertTrue(alive(grandchild))
         pgid = os.getpgid(grandchild)
         self.assertTrue(signalGroup(pgid, signal.SIGKILL))
         await recorder.ended
-        self.assertTrue(await _waitUntil(lambda: not _alive(grandchild)))
-        self.assertTrue(await _waitUntil(lambda: not groupAlive(pgid)))
+        self.assertTrue(await waitUntil(lambda: not alive(grandchild)))
+        self.assertTrue(await waitUntil(lambda: not groupAlive(pgid)))
 
     async def test_terminateGroupKillsWhatIgnoresSigterm(self) -> None:
         # "trap '' TERM" makes the shell and its sleep ignore SIGTERM: only SIGKILL ends them.

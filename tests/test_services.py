@@ -28,18 +28,11 @@ from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.request import Request
 from pyro_reactor.services import STOP_GRACE, Services, processStat, tailText
-from tests.helpers import RunningAgent, reactor, startAgent
+from tests.helpers import RunningAgent, freePort, reactor, startAgent
+from tests.twistd_helpers import ask, spawnTwistd, unixConnector
 
 PYTHON = sys.executable
-TWISTD = Path(sys.executable).with_name("twistd")
 NEVER = {"type": "file", "path": "/workspace/never-there"}
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -649,40 +642,12 @@ class AgentRestartTests(TestCase):
         sockets = Path(tempfile.mkdtemp(prefix="pyro-svc-"))
         self.addCleanup(shutil.rmtree, sockets, True)
         sock = sockets / "agent.sock"
-        argv = [str(TWISTD), "--nodaemon", "--pidfile=", "pyro-agent", "--listen", f"unix:{sock}"]
-        argv += ["--workspace", str(base / "ws"), "--state-dir", str(base / "state")]
-        with log.open("wb") as out:
-            agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=base)
-
-        def stop() -> None:
-            if agent.poll() is None:
-                agent.kill()
-            agent.wait()
-
-        self.addCleanup(stop)
+        # Cleanup kills the agent outright: no orderly shutdown the test did not ask for.
+        agent = spawnTwistd(self, base, ["--listen", f"unix:{sock}"], log=log, graceful=False)
         return agent, sock
 
     def ask(self, sock: Path, request: dict[str, Any]) -> dict[str, Any]:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as conn:
-                    conn.settimeout(20)
-                    conn.connect(str(sock))
-                    conn.sendall(json.dumps(request).encode() + b"\n")
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                answer = json.loads(data)
-                assert isinstance(answer, dict)
-                return answer
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        return ask(unixConnector(sock), request, deadline=20, timeout=20)
 
     def test_servicesOutliveTheAgent(self) -> None:
         base = Path(self.mktemp()).absolute()

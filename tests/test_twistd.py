@@ -4,71 +4,23 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-TWISTD = Path(sys.executable).with_name("twistd")
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def ask(connect: Any, request: dict[str, Any], deadline: float = 20.0) -> dict[str, Any]:
-    """Send one request with a blocking socket, retrying until the agent listens."""
-    give_up = time.monotonic() + deadline
-    while True:
-        try:
-            with connect() as conn:
-                conn.settimeout(10)
-                conn.sendall(json.dumps(request).encode() + b"\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                answer = json.loads(data)
-                assert isinstance(answer, dict)
-                return answer
-        except (ConnectionRefusedError, FileNotFoundError):
-            if time.monotonic() > give_up:
-                raise
-            time.sleep(0.05)
+from tests.helpers import freePort
+from tests.twistd_helpers import TWISTD, ask, spawnTwistd, tcpConnector, unixConnector
 
 
 class TwistdTests(TestCase):
     def startTwistd(self, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """The agent with C{extra} options (``--logger`` ones go to twistd) and its directory."""
         base = Path(self.mktemp()).absolute()
         base.mkdir()
-        log = base / "twistd.log"
-        argv = [str(TWISTD), "--nodaemon", "--pidfile="]
-        argv += [a for a in extra if a.startswith("--logger")]
-        argv += ["pyro-agent"] + [a for a in extra if not a.startswith("--logger")]
-        argv += ["--workspace", str(base / "ws"), "--state-dir", str(base / "state")]
-        with log.open("wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=base)
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
-        return process, base
+        twistdArgs = [a for a in extra if a.startswith("--logger")]
+        agentArgs = [a for a in extra if not a.startswith("--logger")]
+        return spawnTwistd(self, base, agentArgs, twistdArgs=twistdArgs), base
 
     def test_tcpAndUnixTogether(self) -> None:
         """--listen is repeatable; both endpoints serve the same agent; dirs are created."""
@@ -77,19 +29,9 @@ class TwistdTests(TestCase):
         process, base = self.startTwistd(
             "--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", f"unix:{sock}"
         )
-        overTcp = ask(lambda: socket.create_connection(("127.0.0.1", port)), {"action": "ping"})
+        overTcp = ask(tcpConnector(port), {"action": "ping"})
         self.assertEqual(overTcp["pid"], process.pid)
-
-        def unixConnection() -> socket.socket:
-            conn = socket.socket(socket.AF_UNIX)
-            try:
-                conn.connect(str(sock))
-            except OSError:
-                conn.close()
-                raise
-            return conn
-
-        overUnix = ask(unixConnection, {"action": "ping"})
+        overUnix = ask(unixConnector(sock), {"action": "ping"})
         self.assertEqual(overUnix["pid"], process.pid)
         for name in ("pyro-shells", "pyro-services", "pyro-secrets"):
             self.assertTrue((base / "state" / name).is_dir(), name)
@@ -103,7 +45,7 @@ class TwistdTests(TestCase):
         process, base = self.startTwistd(
             "--logger=pyro_reactor.logs.observer", "--listen", f"tcp:{port}:interface=127.0.0.1"
         )
-        connect = lambda: socket.create_connection(("127.0.0.1", port))  # noqa: E731
+        connect = tcpConnector(port)
         ask(connect, {"action": "ping"})
         ask(connect, {"action": "no-such-action"})
         process.send_signal(signal.SIGTERM)

@@ -19,10 +19,8 @@ from __future__ import annotations
 import errno
 import inspect
 import json
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from pyro_reactor.vsock import (
     VSockServerEndpoint,
 )
 from tests.helpers import call, makeContext, reactor
+from tests.twistd_helpers import TWISTD, spawnTwistd
 
 
 def _vsockUnavailable() -> str | None:
@@ -492,7 +491,6 @@ class ListenTests(TestCase):
         self.assertIsInstance(port.getHost(), VSockAddress)
 
 
-TWISTD = Path(sys.executable).with_name("twistd")
 BAD_PEERS_ENDPOINT = "vsock:5005:peers=guest"
 
 
@@ -524,22 +522,7 @@ class TwistdPeersTests(TestCase):
         base = Path(self.mktemp()).absolute()
         base.mkdir()
         log = base / "twistd.log"
-        argv = [str(TWISTD), "--nodaemon", "--pidfile=", "pyro-agent"]
-        argv += ["--listen", "vsock:0:peers=HOST", "--workspace", str(base / "ws")]
-        argv += ["--state-dir", str(base / "state")]
-        with log.open("wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=base)
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
+        process = spawnTwistd(self, base, ["--listen", "vsock:0:peers=HOST"], log=log)
         giveUp = time.monotonic() + 30
         while "listening on" not in log.read_text() and process.poll() is None:
             if time.monotonic() > giveUp:
