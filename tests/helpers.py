@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -156,6 +156,5 @@ __all__ = [
     "freePort",
     "makeContext",
     "startAgent",
-    "succeed",
     "waitUntil",
 ]
