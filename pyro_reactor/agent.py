@@ -1,22 +1,36 @@
-"""Assembles the agent: the dispatcher with every capability's actions, and its factory.
+"""Assembles the agent: every capability, the dispatcher of their actions, and its factory.
 
-The list of capability modules lives here and only here. Each module exposes
-``actions(context) -> list[Action]``; a module with something to start or stop (shell and
-service registries) attaches a child service to ``context.services``.
+The list of capabilities lives here and only here. Each entry is built once from the
+L{AgentContext} into a L{Capability}: its actions are registered with the dispatcher, its
+features are announced by ``ping``, and its service (if any) joins ``context.services``.
 """
 
 from __future__ import annotations
 
-from pyro_reactor import archives, execute, files, services, shells
-from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Dispatcher
-from pyro_reactor.ping import pingAction
-from pyro_reactor.protocol import RequestFactory
+from collections.abc import Callable, Sequence
 
-CAPABILITIES = (execute, files, archives, shells, services)
+from pyro_reactor.capabilities.archives import ArchivesCapability
+from pyro_reactor.capabilities.base import Capability
+from pyro_reactor.capabilities.execute import ExecCapability
+from pyro_reactor.capabilities.files import FilesCapability
+from pyro_reactor.capabilities.ping import PingCapability
+from pyro_reactor.capabilities.services import ServicesCapability
+from pyro_reactor.capabilities.shells import ShellsCapability
+from pyro_reactor.context import AgentContext
+from pyro_reactor.wire.dispatch import Dispatcher
+from pyro_reactor.wire.protocol import RequestFactory
+
+CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
+    ExecCapability,
+    FilesCapability,
+    ArchivesCapability,
+    ShellsCapability,
+    ServicesCapability,
+)
 
 
 def buildDispatcher(context: AgentContext) -> Dispatcher:
+    """Build every capability and register its actions; attach their services to the agent."""
     config = context.config
     for root in (config.shellRoot, config.serviceRoot, config.secretRoot, config.spoolRoot):
         root.mkdir(parents=True, exist_ok=True)
@@ -25,9 +39,15 @@ def buildDispatcher(context: AgentContext) -> Dispatcher:
         maxUploadBytes=config.maxArchiveBytes,
         clock=context.reactor.seconds,
     )
-    dispatcher.register([pingAction(context, dispatcher.actionNames)])
-    for capability in CAPABILITIES:
-        dispatcher.register(capability.actions(context))
+    capabilities = [make(context) for make in CAPABILITIES]
+
+    def features() -> list[str]:
+        return sorted({name for capability in capabilities for name in capability.features})
+
+    for capability in [PingCapability(context, dispatcher.actionNames, features), *capabilities]:
+        dispatcher.register(capability.actions)
+        if capability.service is not None:
+            capability.service.setServiceParent(context.services)
     return dispatcher
 
 

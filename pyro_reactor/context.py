@@ -16,6 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from pyro_reactor.system.workspace import Workspace
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -54,11 +56,11 @@ class AgentConfig:
 
 @dataclass
 class AgentContext:
-    """The agent's world, handed to each capability module's ``actions(context)``.
+    """The agent's world, from which each capability is built.
 
     ``reactor`` provides at least ``IReactorTime``, ``IReactorProcess``, ``IReactorTCP`` and
-    ``IReactorCore``. ``services`` is the parent service: a capability that has something to
-    start or stop with the agent (a registry of shells, re-adopted services) attaches a child.
+    ``IReactorCore``. ``services`` is the parent service of every capability's own service.
+    ``workspace`` is the one confined view of ``config.workspace`` all capabilities share.
     """
 
     config: AgentConfig
@@ -66,6 +68,10 @@ class AgentContext:
     threadPool: ThreadPool
     services: MultiService = field(default_factory=MultiService)
     startedAt: float = 0.0
+    workspace: Workspace = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workspace = Workspace(self.config.workspace)
 
     def inThread(
         self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs

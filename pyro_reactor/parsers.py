@@ -3,7 +3,7 @@
 ``twistd`` imports every plugin module holding a service maker at each start, the agent's
 included, so ``twisted/plugins/pyro_reactor_plugins.py`` must stay cheap: it holds instances of
 these small classes, which only know their prefix. The first ``parseStreamServer`` or
-``parseStreamClient`` call imports the real parser (``pyro_reactor.vsock`` for the ``vsock:``
+``parseStreamClient`` call imports the real parser (``pyro_reactor.system.vsock`` for the ``vsock:``
 server endpoint, ``pyro_reactor.client.endpoints`` for the host's ``fcvsock:`` and ``vsock:``
 client endpoints) and hands the arguments over unchanged, so every error message is the real
 parser's.

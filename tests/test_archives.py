@@ -23,8 +23,8 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor import archives
-from pyro_reactor.archives import (
+from pyro_reactor.capabilities import archives
+from pyro_reactor.capabilities.archives import (
     STAGE_PREFIX,
     Transfer,
     checkSymlinkTarget,
@@ -32,11 +32,11 @@ from pyro_reactor.archives import (
     installSecrets,
     normalizeMemberName,
 )
-from pyro_reactor.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.errors import ActionError
-from pyro_reactor.protocol import RequestProtocol
-from pyro_reactor.request import Request
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.system.workspace import Workspace
+from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
+from pyro_reactor.wire.protocol import RequestProtocol
+from pyro_reactor.wire.request import Request
 from tests.archive_helpers import (
     Member,
     dirMember,
@@ -343,9 +343,9 @@ class ExtractTests(_WorkspaceCase):
             script = (
                 "import resource, signal, sys\n"
                 "from pathlib import Path\n"
-                "from pyro_reactor import archives\n"
+                "from pyro_reactor.capabilities import archives\n"
                 "from pyro_reactor.errors import ActionError\n"
-                "from pyro_reactor.workspace import Workspace\n"
+                "from pyro_reactor.system.workspace import Workspace\n"
                 "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
                 "resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))\n"
                 "archives._kernelCopy['usable'] = sys.argv[3] == 'kernel'\n"

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.archives import STAGE_PREFIX, extractArchive
+from pyro_reactor.capabilities.archives import STAGE_PREFIX, extractArchive
 from pyro_reactor.errors import ActionError
-from pyro_reactor.workspace import Workspace
+from pyro_reactor.system.workspace import Workspace
 from tests.archive_helpers import (
     Member,
     dirMember,

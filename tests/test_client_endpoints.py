@@ -22,7 +22,7 @@ from pyro_reactor.client.endpoints import (
     VSockConnectError,
     _HandshakeProtocol,
 )
-from pyro_reactor.vsock import AF_VSOCK, VSockServerEndpoint
+from pyro_reactor.system.vsock import AF_VSOCK, VSockServerEndpoint
 from tests.helpers import reactor
 
 

@@ -14,9 +14,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor import processes
-from pyro_reactor.errors import ActionError
-from pyro_reactor.execute import (
+from pyro_reactor.capabilities.execute import (
     CommandResult,
     _Capture,
     _spawnEnvironment,
@@ -24,6 +22,8 @@ from pyro_reactor.execute import (
     exitCodeOf,
     runCommand,
 )
+from pyro_reactor.errors import ActionError
+from pyro_reactor.system import processes
 from tests.helpers import alive, startAgent, waitUntil
 
 reactor: Any = _reactor

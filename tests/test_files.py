@@ -12,9 +12,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from pyro_reactor.capabilities.files import WORKSPACE_FILE_MAX_BYTES, WorkspaceFiles
 from pyro_reactor.errors import ActionError
-from pyro_reactor.files import WORKSPACE_FILE_MAX_BYTES, WorkspaceFiles
-from pyro_reactor.workspace import TEMP_PREFIX, Workspace, processUmask
+from pyro_reactor.system.workspace import TEMP_PREFIX, Workspace, processUmask
 from tests.helpers import RunningAgent, reactor, startAgent
 
 MiB = 1024 * 1024

@@ -14,9 +14,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from pyro_reactor.capabilities.probes import (
+    Probe,
+    ProbeCore,
+    ProbeMachine,
+    commandCheck,
+    parseReadiness,
+)
 from pyro_reactor.errors import ActionError
-from pyro_reactor.probes import Probe, ProbeCore, ProbeMachine, commandCheck, parseReadiness
-from pyro_reactor.workspace import WorkingDirectory, Workspace
+from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 from tests.helpers import reactor
 
 

@@ -18,8 +18,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor import processes
-from pyro_reactor.processes import (
+from pyro_reactor.system import processes
+from pyro_reactor.system.processes import (
     groupAlive,
     sessionArgv,
     signalGroup,

@@ -15,10 +15,10 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.errors import ActionError
-from pyro_reactor.protocol import RequestProtocol
-from pyro_reactor.request import Request
+from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
+from pyro_reactor.wire.protocol import RequestProtocol
+from pyro_reactor.wire.request import Request
 
 
 class Recorder:
@@ -209,7 +209,7 @@ class ProtocolTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
 
         def observe(event: LogEvent) -> None:
-            if event.get("log_namespace") == "pyro_reactor.dispatch":
+            if event.get("log_namespace") == "pyro_reactor.wire.dispatch":
                 events.append(event)
 
         observer = cast(ILogObserver, observe)

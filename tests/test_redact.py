@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.redact import MASK, StreamRedactor, redactText
+from pyro_reactor.capabilities.redact import MASK, StreamRedactor, redactText
 
 
 def feedAll(redactor: StreamRedactor, pieces: list[str]) -> list[str]:

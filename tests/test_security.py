@@ -32,8 +32,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, eventAsJSON, formatEvent
 from twisted.trial.unittest import TestCase
 
-from pyro_reactor.archives import exchange
-from pyro_reactor.redact import MASK
+from pyro_reactor.capabilities.archives import exchange
+from pyro_reactor.capabilities.redact import MASK
 from tests.archive_helpers import (
     Member,
     dirMember,

@@ -16,9 +16,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.context import AgentConfig, AgentContext
-from pyro_reactor.errors import ActionError
-from pyro_reactor.services import (
+from pyro_reactor.capabilities.services import (
     DRAIN_LONGEST,
     STOP_GRACE,
     RecordWriter,
@@ -30,6 +28,8 @@ from pyro_reactor.services import (
     exited,
     running,
 )
+from pyro_reactor.context import AgentConfig, AgentContext
+from pyro_reactor.errors import ActionError
 
 
 class FakeProcess:

@@ -23,11 +23,11 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor import services
+from pyro_reactor.capabilities import services
+from pyro_reactor.capabilities.services import STOP_GRACE, Services, processStat, tailText
 from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.errors import ActionError
-from pyro_reactor.request import Request
-from pyro_reactor.services import STOP_GRACE, Services, processStat, tailText
+from pyro_reactor.wire.request import Request
 from tests.helpers import RunningAgent, freePort, reactor, startAgent
 from tests.twistd_helpers import ask, spawnTwistd, unixConnector
 

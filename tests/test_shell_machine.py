@@ -11,9 +11,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.errors import ActionError
-from pyro_reactor.redact import MASK
-from pyro_reactor.shells import (
+from pyro_reactor.capabilities.redact import MASK
+from pyro_reactor.capabilities.shells import (
     CLOSE_TIMEOUT_SECONDS,
     EXIT_GRACE_SECONDS,
     KILL_TIMEOUT_SECONDS,
@@ -23,6 +22,7 @@ from pyro_reactor.shells import (
     ShellOutput,
     ShellRecord,
 )
+from pyro_reactor.errors import ActionError
 
 
 class FakeTerminal:

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from pyro_reactor.redact import MASK
-from pyro_reactor.shells import Shells, sessionMembers
+from pyro_reactor.capabilities.redact import MASK
+from pyro_reactor.capabilities.shells import Shells, sessionMembers
 from tests.helpers import RunningAgent, startAgent
 
 SECRET = "s3cr3tvalue"

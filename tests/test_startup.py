@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 ON_DEMAND = (
     "pyro_reactor.client.endpoints",
     "pyro_reactor.client.api",
-    "pyro_reactor.vsock",
+    "pyro_reactor.system.vsock",
     "twisted.web.client",
     "tarfile",
 )
@@ -56,7 +56,7 @@ class StartupImportTests(SynchronousTestCase):
             " '--workspace', base + '/ws', '--state-dir', base + '/state'])\n"
             "tap.makeService(options)"
         )
-        self.assertIn("pyro_reactor.archives", loaded)
+        self.assertIn("pyro_reactor.capabilities.archives", loaded)
         self.assertEqual(sorted(loaded & set(ON_DEMAND)), [])
 
     def test_lazyParsersLoadTheirEndpoints(self) -> None:
@@ -69,5 +69,5 @@ class StartupImportTests(SynchronousTestCase):
             "client = clientFromString(MemoryReactor(), 'fcvsock:path=/v.sock:port=5005')\n"
             "assert type(client).__name__ == 'FirecrackerVSockClientEndpoint', client"
         )
-        self.assertIn("pyro_reactor.vsock", loaded)
+        self.assertIn("pyro_reactor.system.vsock", loaded)
         self.assertIn("pyro_reactor.client.endpoints", loaded)

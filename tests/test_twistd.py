@@ -51,7 +51,7 @@ class TwistdTests(TestCase):
         process.send_signal(signal.SIGTERM)
         process.wait(10)
         events = [json.loads(line) for line in (base / "twistd.log").read_text().splitlines()]
-        requests = [e for e in events if e.get("log_namespace") == "pyro_reactor.dispatch"]
+        requests = [e for e in events if e.get("log_namespace") == "pyro_reactor.wire.dispatch"]
         self.assertEqual([e["action"] for e in requests], ["ping", "no-such-action"])
         self.assertEqual([e["outcome"] for e in requests], ["ok", "error"])
         self.assertIsInstance(requests[0]["duration_ms"], float)

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pyro_reactor.agent import buildFactory
-from pyro_reactor.vsock import (
+from pyro_reactor.system.vsock import (
     AF_VSOCK,
     VMADDR_CID_ANY,
     VMADDR_CID_HOST,
@@ -208,8 +208,8 @@ class AddressTests(SynchronousTestCase):
 class TwistedInternalsTests(SynchronousTestCase):
     """The parts of ``twisted.internet.tcp`` that L{VSockPort} relies on still exist.
 
-    If this fails after a Twisted upgrade, revisit ``pyro_reactor/vsock.py`` before widening the
-    Twisted range in setup.cfg.
+    If this fails after a Twisted upgrade, revisit ``pyro_reactor/system/vsock.py`` before
+    widening the Twisted range in setup.cfg.
     """
 
     def test_portHooks(self) -> None:
@@ -245,7 +245,7 @@ def _recordEvents(case: TestCase, namespace: str) -> list[LogEvent]:
 
 
 def _recordVSockEvents(case: TestCase) -> list[LogEvent]:
-    return _recordEvents(case, "pyro_reactor.vsock")
+    return _recordEvents(case, "pyro_reactor.system.vsock")
 
 
 class _AddressRecorder(Protocol):
@@ -372,7 +372,7 @@ class AcceptTests(TestCase):
     async def test_refusedPeerIsClosedUnanswered(self) -> None:
         """With ``peers=HOST`` a local peer (CID 1) is closed unread, and the refusal logged."""
         events = _recordVSockEvents(self)
-        dispatched = _recordEvents(self, "pyro_reactor.dispatch")
+        dispatched = _recordEvents(self, "pyro_reactor.wire.dispatch")
         factory = buildFactory(makeContext(self))
         _, tcpPort, costume = self.listenInCostumeAs(factory, frozenset({VMADDR_CID_HOST}))
         costume.peerCid = VMADDR_CID_LOCAL

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.workspace import (
+from pyro_reactor.system.workspace import (
     RESOLVE_BENEATH,
     RESOLVE_NO_SYMLINKS,
     TEMP_PREFIX,

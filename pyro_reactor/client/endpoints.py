@@ -46,7 +46,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.vsock import AF_VSOCK, VSockAddress, cidName
+from pyro_reactor.system.vsock import AF_VSOCK, VSockAddress, cidName
 
 _MAX_U32 = 0xFFFFFFFF
 _OK_LINE = re.compile(rb"OK (\d+)")

@@ -17,7 +17,7 @@ pyroAgent = ServiceMaker(
 )
 
 # The guest's AF_VSOCK server endpoint: vsock:PORT.
-vsockServerParser = LazyServerParser("vsock", "pyro_reactor.vsock", "VSockServerParser")
+vsockServerParser = LazyServerParser("vsock", "pyro_reactor.system.vsock", "VSockServerParser")
 
 # Client endpoints of the host side (pyro_reactor.client): fcvsock: and vsock:.
 firecrackerVSockClientParser = LazyClientParser(

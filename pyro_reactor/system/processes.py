@@ -66,7 +66,7 @@ else:
         _twistedProcess.Process, "_trySpawnInsteadOfFork"
     )
 
-log = Logger(namespace="pyro_reactor.processes")
+log = Logger(namespace="pyro_reactor.system.processes")
 
 #: The trampoline used when util-linux ``setsid`` is missing: chdir, a new session, then exec.
 _PYTHON_TRAMPOLINE = (
@@ -221,7 +221,7 @@ def spawnInSession(  # noqa: PLR0917 - the spawnProcess order, as callers expect
     the child's whole environment, str or bytes (nothing is inherited implicitly). C{cwd}, if
     given, is checked to be a directory first so that a missing one fails here with a clear
     error rather than as an exit status; for a workspace directory it is a
-    L{pyro_reactor.workspace.WorkingDirectory}'s ``/proc/<agent pid>/fd/<n>`` path, which
+    L{pyro_reactor.system.workspace.WorkingDirectory}'s ``/proc/<agent pid>/fd/<n>`` path, which
     ``env --chdir``, the forked child's ``chdir`` and the trampoline all enter as the open
     directory itself. C{childFDs} is as for ``spawnProcess`` (default:
     stdin, stdout and stderr as pipes).

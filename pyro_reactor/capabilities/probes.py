@@ -36,14 +36,14 @@ from twisted.internet.protocol import Protocol as WireProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pyro_reactor.capabilities.execute import CommandResult, runCommand
 from pyro_reactor.errors import ActionError
-from pyro_reactor.execute import CommandResult, runCommand
-from pyro_reactor.workspace import WorkingDirectory, Workspace
+from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IResponse
 
-log = Logger(namespace="pyro_reactor.probes")
+log = Logger(namespace="pyro_reactor.capabilities.probes")
 
 #: Seconds a TCP check waits for the connection (the reference's socket timeout).
 TCP_TIMEOUT = 1.0

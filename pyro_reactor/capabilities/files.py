@@ -1,7 +1,7 @@
 """The list_workspace, read_workspace_file, write_workspace_file and delete_workspace_path actions.
 
 Same requests, answers and error messages as the reference agent, with every path reached
-through L{pyro_reactor.workspace.Workspace} (kernel-confined, no symlink followed, ``..``
+through L{pyro_reactor.system.workspace.Workspace} (kernel-confined, no symlink followed, ``..``
 refused) and every filesystem call made in the agent's thread pool, so a big listing or file
 never delays another client.
 
@@ -22,10 +22,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Action
 from pyro_reactor.errors import ActionError
-from pyro_reactor.request import Request
-from pyro_reactor.workspace import (
+from pyro_reactor.system.workspace import (
     Child,
     GuestPath,
     MissingPath,
@@ -33,6 +31,8 @@ from pyro_reactor.workspace import (
     WorkspaceError,
     processUmask,
 )
+from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.request import Request
 
 WORKSPACE_FILE_MAX_BYTES = 1024 * 1024
 """The largest file read_workspace_file returns and write_workspace_file accepts."""
@@ -226,33 +226,38 @@ class WorkspaceFiles:
         return {"path": path.text, "deleted": True}
 
 
-def actions(context: AgentContext) -> list[Action]:
-    """The four workspace file actions, working on ``context.config.workspace``."""
-    processUmask()  # read once now, before worker threads start creating files
-    files = WorkspaceFiles(Workspace(context.config.workspace))
+class FilesCapability:
+    """The four workspace file actions, working on the context's workspace."""
 
-    def listWorkspace(request: Request) -> Deferred[dict[str, Any]]:
+    features: tuple[str, ...] = ()
+    service = None
+
+    def __init__(self, context: AgentContext) -> None:
+        processUmask()  # read once now, before worker threads start creating files
+        self._inThread = context.inThread
+        self._files = WorkspaceFiles(context.workspace)
+        self.actions = [
+            Action("list_workspace", self._listWorkspace),
+            Action("read_workspace_file", self._readWorkspaceFile),
+            Action("write_workspace_file", self._writeWorkspaceFile),
+            Action("delete_workspace_path", self._deleteWorkspacePath),
+        ]
+
+    def _listWorkspace(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
         recursive = request.boolean("recursive", False)
-        return context.inThread(files.listWorkspace, path, recursive=recursive)
+        return self._inThread(self._files.listWorkspace, path, recursive=recursive)
 
-    def readWorkspaceFile(request: Request) -> Deferred[dict[str, Any]]:
+    def _readWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
         maxBytes = request.integer("max_bytes", WORKSPACE_FILE_MAX_BYTES)
-        return context.inThread(files.readFile, path, maxBytes=maxBytes)
+        return self._inThread(self._files.readFile, path, maxBytes=maxBytes)
 
-    def writeWorkspaceFile(request: Request) -> Deferred[dict[str, Any]]:
+    def _writeWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
         text = request.string("text", "")
-        return context.inThread(files.writeFile, path, text=text)
+        return self._inThread(self._files.writeFile, path, text=text)
 
-    def deleteWorkspacePath(request: Request) -> Deferred[dict[str, Any]]:
+    def _deleteWorkspacePath(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
-        return context.inThread(files.deletePath, path)
-
-    return [
-        Action("list_workspace", listWorkspace),
-        Action("read_workspace_file", readWorkspaceFile),
-        Action("write_workspace_file", writeWorkspaceFile),
-        Action("delete_workspace_path", deleteWorkspacePath),
-    ]
+        return self._inThread(self._files.deletePath, path)

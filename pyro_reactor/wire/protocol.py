@@ -24,11 +24,11 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.dispatch import Answer, Dispatcher, StreamedAnswer
 from pyro_reactor.errors import ActionError
-from pyro_reactor.request import Request, parseRequestLine
+from pyro_reactor.wire.dispatch import Answer, Dispatcher, StreamedAnswer
+from pyro_reactor.wire.request import Request, parseRequestLine
 
-log = Logger(namespace="pyro_reactor.protocol")
+log = Logger(namespace="pyro_reactor.wire.protocol")
 
 _READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _DONE = range(5)
 

@@ -1,7 +1,7 @@
 """The ``exec`` action, and L{runCommand}, the one way the agent runs a shell command to its end.
 
 ``runCommand`` runs ``/bin/sh -lc COMMAND`` as the leader of a new process group (see
-L{pyro_reactor.processes.spawnInGroup}) and collects its output:
+L{pyro_reactor.system.processes.spawnInGroup}) and collects its output:
 
 - Output is decoded incrementally as UTF-8 with replacement characters (a character split
   across two reads stays whole; invalid bytes become U+FFFD), and bytes are kept as they are
@@ -42,12 +42,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Action
 from pyro_reactor.errors import ActionError
-from pyro_reactor.processes import groupAlive, signalGroup, spawnInGroup
-from pyro_reactor.request import Request
+from pyro_reactor.system.processes import groupAlive, signalGroup, spawnInGroup
+from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.request import Request
 
-log = Logger(namespace="pyro_reactor.execute")
+log = Logger(namespace="pyro_reactor.capabilities.execute")
 
 SHELL = "/bin/sh"
 DEFAULT_TIMEOUT_SECONDS = 30
@@ -298,7 +298,7 @@ def runCommand(
     (L{RunningCommands} uses it to end what is left when the agent stops). C{onExited}, if
     given, is called once the shell process has exited, or at once if it could not be
     started, even when the returned Deferred was cancelled: what keeps C{cwd} valid (an open
-    L{pyro_reactor.workspace.WorkingDirectory}) is let go there.
+    L{pyro_reactor.system.workspace.WorkingDirectory}) is let go there.
     """
     protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now)
     protocol.onExited = onExited
@@ -359,34 +359,40 @@ class RunningCommands(Service):
         return deferLater(self.clock, KILL_GRACE, kill)
 
 
-def actions(context: AgentContext) -> list[Action]:
-    """The ``exec`` action (also what a request without an ``action`` field runs)."""
-    commands = RunningCommands(context.reactor)
-    commands.setServiceParent(context.services)
+class ExecCapability:
+    """The ``exec`` action (also what a request without an ``action`` field runs).
 
-    def execute(request: Request) -> Deferred[dict[str, Any]]:
+    Its service is the set of exec commands in flight, ended when the agent stops.
+    """
+
+    features: tuple[str, ...] = ()
+
+    def __init__(self, context: AgentContext) -> None:
+        self._context = context
+        self.service = RunningCommands(context.reactor)
+        self.actions = [Action("exec", self._execute)]
+
+    def _execute(self, request: Request) -> Deferred[dict[str, Any]]:
         command = request.string("command", "")
         timeoutSeconds = request.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
         env = request.environment("exec")
         if "\x00" in command:
             raise ActionError("command must not contain NUL bytes")
         result = runCommand(
-            context.reactor,
+            self._context.reactor,
             command,
             timeoutSeconds=timeoutSeconds,
             env=env,
-            maxOutputBytes=context.config.maxOutputBytes,
-            running=commands.groups,
+            maxOutputBytes=self._context.config.maxOutputBytes,
+            running=self.service.groups,
         )
         return result.addCallback(CommandResult.execAnswer)
-
-    return [Action("exec", execute)]
 
 
 __all__ = [
     "CommandResult",
+    "ExecCapability",
     "RunningCommands",
-    "actions",
     "commandEnvironment",
     "exitCodeOf",
     "runCommand",

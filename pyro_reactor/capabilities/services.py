@@ -65,17 +65,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor import probes
+from pyro_reactor.capabilities import probes
+from pyro_reactor.capabilities.execute import commandEnvironment
+from pyro_reactor.capabilities.probes import Probe, ProbeCore, parseReadiness
 from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Action
 from pyro_reactor.errors import ActionError
-from pyro_reactor.execute import commandEnvironment
-from pyro_reactor.probes import Probe, ProbeCore, parseReadiness
-from pyro_reactor.processes import groupAlive, signalGroup, spawnInSession
-from pyro_reactor.request import Request
-from pyro_reactor.workspace import WorkingDirectory, Workspace
+from pyro_reactor.system.processes import groupAlive, signalGroup, spawnInSession
+from pyro_reactor.system.workspace import WorkingDirectory
+from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.request import Request
 
-log = Logger(namespace="pyro_reactor.services")
+log = Logger(namespace="pyro_reactor.capabilities.services")
 
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Seconds between SIGTERM and SIGKILL when a service is stopped.
@@ -917,7 +917,7 @@ class Services(Service):
         self.context = context
         self.reactor = context.reactor
         self.root = context.config.serviceRoot
-        self.workspace = Workspace(context.config.workspace)
+        self.workspace = context.workspace
         self.stopGrace = stopGrace
         self.handles: dict[str, ServiceHandle] = {}
         self.writers: dict[str, RecordWriter] = {}
@@ -1200,17 +1200,20 @@ class Services(Service):
         return {"services": [self.handles[name].core.snapshot() for name in sorted(self.handles)]}
 
 
-def actions(context: AgentContext) -> list[Action]:
+class ServicesCapability:
     """The service actions, served by a L{Services} registry started with the agent."""
-    services = Services(context)
-    services.setServiceParent(context.services)
-    return [
-        Action("start_service", services.startAction),
-        Action("status_service", services.statusAction),
-        Action("logs_service", services.logsAction),
-        Action("stop_service", services.stopAction),
-        Action("list_services", services.listAction),
-    ]
+
+    features: tuple[str, ...] = ()
+
+    def __init__(self, context: AgentContext) -> None:
+        self.service = services = Services(context)
+        self.actions = [
+            Action("start_service", services.startAction),
+            Action("status_service", services.statusAction),
+            Action("logs_service", services.logsAction),
+            Action("stop_service", services.stopAction),
+            Action("list_services", services.listAction),
+        ]
 
 
 __all__ = [
@@ -1220,7 +1223,7 @@ __all__ = [
     "ServiceInputs",
     "ServiceMachine",
     "Services",
-    "actions",
+    "ServicesCapability",
     "normalizeServiceName",
     "runnerScript",
     "tailText",

@@ -62,21 +62,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Action, StreamedAnswer
 from pyro_reactor.errors import ActionError
-from pyro_reactor.request import Request
-from pyro_reactor.workspace import (
+from pyro_reactor.system.workspace import (
     GuestPath,
     NotADirectoryInPath,
     SymlinkInPath,
     Workspace,
     processUmask,
 )
+from pyro_reactor.wire.dispatch import Action, StreamedAnswer
+from pyro_reactor.wire.request import Request
 
 if TYPE_CHECKING:
     import tarfile
 
-log = Logger(namespace="pyro_reactor.archives")
+log = Logger(namespace="pyro_reactor.capabilities.archives")
 
 CHUNK = 1024 * 1024
 """Bytes copied at a time between a tar and a file: the bound on memory per transfer."""
@@ -1043,46 +1043,57 @@ def buildExport(
 # -- actions ---------------------------------------------------------------------------------
 
 
-def actions(context: AgentContext) -> list[Action]:
-    """The three archive actions, working in ``context``'s workspace and state directory."""
-    config = context.config
-    workspace = Workspace(config.workspace)
-    config.secretRoot.mkdir(parents=True, exist_ok=True)
-    os.chmod(config.secretRoot, 0o700)
-    removeStaleSecretStages(config.secretRoot)
+class ArchivesCapability:
+    """The three archive actions, working in the context's workspace and state directory.
 
-    def transferred(name: str, work: Callable[[Transfer], Any]) -> Deferred[Any]:
-        transfer = Transfer.begin(name, context.reactor)
-        result: Deferred[Any] = context.inThread(work, transfer)
+    Building it readies the secrets root: created 0700, and stages an interrupted install
+    left behind removed.
+    """
+
+    features: tuple[str, ...] = ()
+    service = None
+
+    def __init__(self, context: AgentContext) -> None:
+        self._context = context
+        self._config = config = context.config
+        self._workspace = context.workspace
+        config.secretRoot.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.secretRoot, 0o700)
+        removeStaleSecretStages(config.secretRoot)
+        self.actions = [
+            Action("extract_archive", self._extract, upload=True),
+            Action("install_secrets", self._install, upload=True),
+            Action("export_archive", self._export),
+        ]
+
+    def _transferred(self, name: str, work: Callable[[Transfer], Any]) -> Deferred[Any]:
+        transfer = Transfer.begin(name, self._context.reactor)
+        result: Deferred[Any] = self._context.inThread(work, transfer)
         return result.addBoth(transfer.end)
 
-    def extract(request: Request) -> Deferred[dict[str, Any]]:
+    def _extract(self, request: Request) -> Deferred[dict[str, Any]]:
+        workspace = self._workspace
         destination = workspace.resolve(request.string("destination", "/workspace"))
         upload = _upload(request)
-        return transferred(
+        return self._transferred(
             "extract_archive",
             lambda transfer: extractArchive(workspace, upload, destination, transfer),
         )
 
-    def install(request: Request) -> Deferred[dict[str, Any]]:
+    def _install(self, request: Request) -> Deferred[dict[str, Any]]:
         upload = _upload(request)
-        return transferred(
-            "install_secrets",
-            lambda transfer: installSecrets(config.secretRoot, upload, transfer),
+        root = self._config.secretRoot
+        return self._transferred(
+            "install_secrets", lambda transfer: installSecrets(root, upload, transfer)
         )
 
-    def export(request: Request) -> Deferred[StreamedAnswer]:
+    def _export(self, request: Request) -> Deferred[StreamedAnswer]:
+        workspace = self._workspace
         path = workspace.resolve(request.string("path", "/workspace"))
-        return transferred(
-            "export_archive",
-            lambda transfer: buildExport(workspace, path, config.spoolRoot, transfer),
+        spool = self._config.spoolRoot
+        return self._transferred(
+            "export_archive", lambda transfer: buildExport(workspace, path, spool, transfer)
         )
-
-    return [
-        Action("extract_archive", extract, upload=True),
-        Action("install_secrets", install, upload=True),
-        Action("export_archive", export),
-    ]
 
 
 def _upload(request: Request) -> Path:

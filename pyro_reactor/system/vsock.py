@@ -81,7 +81,7 @@ _PEER_NAMES = {
     "HOST": VMADDR_CID_HOST,
 }
 
-log = Logger(namespace="pyro_reactor.vsock")
+log = Logger(namespace="pyro_reactor.system.vsock")
 
 
 def cidName(cid: int) -> str:

@@ -53,15 +53,15 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pyro_reactor.capabilities.redact import StreamRedactor
 from pyro_reactor.context import AgentContext
-from pyro_reactor.dispatch import Action
 from pyro_reactor.errors import ActionError
-from pyro_reactor.processes import signalGroup
-from pyro_reactor.redact import StreamRedactor
-from pyro_reactor.request import Request
-from pyro_reactor.workspace import WorkingDirectory, Workspace
+from pyro_reactor.system.processes import signalGroup
+from pyro_reactor.system.workspace import WorkingDirectory
+from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.request import Request
 
-log = Logger(namespace="pyro_reactor.shells")
+log = Logger(namespace="pyro_reactor.capabilities.shells")
 
 SIGNALS: dict[str, signal.Signals] = {
     "HUP": signal.SIGHUP,
@@ -862,7 +862,7 @@ class Shells(Service):
     ) -> None:
         self.context = context
         self.config = context.config
-        self.workspace = Workspace(context.config.workspace)
+        self.workspace = context.workspace
         self.argv = argv
         self.closeTimeout = closeTimeout
         self._shells: dict[str, ShellSession] = {}
@@ -1090,11 +1090,14 @@ class Shells(Service):
         ]
 
 
-def actions(context: AgentContext) -> list[Action]:
-    """The shell actions; the registry joins ``context.services`` to close shells at stop."""
-    shells = Shells(context)
-    shells.setServiceParent(context.services)
-    return shells.actions()
+class ShellsCapability:
+    """The shell actions; the L{Shells} registry is its service, closing shells at stop."""
+
+    features: tuple[str, ...] = ()
+
+    def __init__(self, context: AgentContext) -> None:
+        self.service = Shells(context)
+        self.actions = self.service.actions()
 
 
 __all__ = [
@@ -1106,8 +1109,8 @@ __all__ = [
     "ShellOutput",
     "ShellRecord",
     "Shells",
+    "ShellsCapability",
     "Terminal",
-    "actions",
     "shellArgv",
     "shellEnvironment",
 ]

@@ -21,9 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.request import Request
+from pyro_reactor.wire.request import Request
 
-log = Logger(namespace="pyro_reactor.dispatch")
+log = Logger(namespace="pyro_reactor.wire.dispatch")
 
 
 @dataclass(frozen=True)
