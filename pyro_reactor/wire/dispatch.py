@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeAlias, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,10 +39,32 @@ class StreamedAnswer:
     path: Path
 
 
-Answer: TypeAlias = "dict[str, Any] | StreamedAnswer"
+@dataclass(frozen=True)
+class HandOff:
+    """An answer that takes the connection over after its first line.
+
+    The protocol writes ``header`` as one JSON line, then connects ``protocol`` to the
+    connection's transport (``makeConnection``). From then on ``protocol`` owns the connection:
+    every byte the client sends goes to its ``dataReceived`` (bytes that arrived after the
+    request line, before the answer was ready, first and in order), a half-close to its
+    ``readConnectionLost`` when it provides ``IHalfCloseableProtocol`` (otherwise the
+    connection is closed), and the end of the connection to its ``connectionLost``. It writes
+    to the transport itself, may register itself as a producer, and closes the connection
+    when its stream ends.
+
+    Streaming actions (attach a job, relay TCP, watch the workspace) answer this. When the
+    client has gone before the answer was ready, ``protocol.connectionLost`` is called without
+    ``makeConnection`` having been called, so that it can release what it holds.
+    """
+
+    header: dict[str, Any]
+    protocol: IProtocol
+
+
+Answer: TypeAlias = "dict[str, Any] | StreamedAnswer | HandOff"
 Handler: TypeAlias = (
-    "Callable[[Request], Deferred[dict[str, Any]] | Deferred[StreamedAnswer] | Deferred[Answer]"
-    " | Answer]"
+    "Callable[[Request], Deferred[dict[str, Any]] | Deferred[StreamedAnswer]"
+    " | Deferred[HandOff] | Deferred[Answer] | Answer]"
 )
 
 

@@ -3,7 +3,9 @@
 ``RequestProtocol`` only frames bytes. It reads the request line (bounded by
 ``maxRequestBytes``, with an idle timeout), spools the raw body of an upload action to a file
 under the state directory as it arrives, hands the whole request to the L{Dispatcher}, and
-writes the answer: one JSON line, or a JSON header line followed by a streamed file.
+writes the answer: one JSON line, a JSON header line followed by a streamed file, or a JSON
+header line after which the connection is handed to the protocol of a streaming action
+(L{HandOff}).
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -25,12 +34,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.wire.dispatch import Answer, Dispatcher, StreamedAnswer
+from pyro_reactor.wire.dispatch import Answer, Dispatcher, HandOff, StreamedAnswer
 from pyro_reactor.wire.request import Request, parseRequestLine
 
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
-_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _DONE = range(5)
+_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE = range(6)
+
+EARLY_BYTES_LIMIT = 1024 * 1024
+"""Bytes a client may send after its request line while the answer is being prepared.
+
+They are kept for an answer that takes the connection over (L{HandOff}: a TCP relay must not
+lose what the host sent before ``connected``); past this the connection stops being read until
+the answer is ready. Other answers drop them, as the reference ignores them."""
 
 PROGRESS_INTERVAL = 5.0
 """Seconds between two progress events of a long upload or export."""
@@ -105,6 +121,10 @@ class RequestProtocol(Protocol):
         self._pendingLog: Callable[[], None] | None = None
         self._bodySize = 0
         self._bodyStarted = self._lastProgress = 0.0
+        self._early = bytearray()
+        self._earlyEOF = False
+        self._paused = False
+        self._handedTo: IProtocol | None = None
 
     # -- connection events ---------------------------------------------------------------
 
@@ -116,9 +136,31 @@ class RequestProtocol(Protocol):
             self._receiveLine(data)
         elif self._phase == _READING_BODY:
             self._receiveBody(data)
-        # Bytes after a complete request are ignored, as the reference ignores them.
+        elif self._phase == _HANDED_OFF:
+            assert self._handedTo is not None
+            self._handedTo.dataReceived(data)
+        elif self._phase == _WORKING:
+            self._keepEarly(data)
+        # Bytes after a complete request are otherwise ignored, as the reference ignores them.
+
+    def _keepEarly(self, data: bytes) -> None:
+        self._early += data
+        if len(self._early) >= EARLY_BYTES_LIMIT and not self._paused:
+            self._paused = True
+            cast(IPushProducer, self.transport).pauseProducing()
 
     def readConnectionLost(self) -> None:
+        if self._phase == _HANDED_OFF:
+            handedTo = self._handedTo
+            if IHalfCloseableProtocol.providedBy(handedTo):
+                handedTo.readConnectionLost()
+            else:
+                assert self.transport is not None
+                self.transport.loseConnection()
+            return
+        if self._phase == _WORKING:
+            self._earlyEOF = True
+            return
         if self._phase == _READING_LINE:
             self._receiveLine(b"\n")
         elif self._phase == _READING_BODY:
@@ -128,10 +170,15 @@ class RequestProtocol(Protocol):
 
     def writeConnectionLost(self) -> None:
         """Nothing to do: the answer can no longer be delivered, the work still ends."""
+        if self._phase == _HANDED_OFF and IHalfCloseableProtocol.providedBy(self._handedTo):
+            self._handedTo.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancelTimer()
+        if self._handedTo is not None:
+            handedTo, self._handedTo = self._handedTo, None
+            handedTo.connectionLost(reason)
         emit, self._pendingLog = self._pendingLog, None
         if emit is not None:
             emit()
@@ -177,6 +224,8 @@ class RequestProtocol(Protocol):
             return
         if size is None:
             self._dispatch()
+            if rest:
+                self.dataReceived(rest)
             return
         self._startBody(size)
         if rest and self._phase == _READING_BODY:
@@ -257,14 +306,36 @@ class RequestProtocol(Protocol):
         if self._lost:
             if isinstance(answer, StreamedAnswer):
                 answer.path.unlink(missing_ok=True)
+            elif isinstance(answer, HandOff):
+                answer.protocol.connectionLost(Failure(ConnectionDone("client went away")))
             return
         self._phase = _ANSWERING
+        if isinstance(answer, HandOff):
+            self._handOff(answer)
+            return
+        self._early = bytearray()
         if isinstance(answer, StreamedAnswer):
             self._stream(answer)
         elif self.encodeInThread is not None and _carriesMuchText(answer):
             self.encodeInThread(encodeAnswer, answer).addCallback(self._writeEncoded)
         else:
             self._writeLine(answer)
+
+    def _handOff(self, answer: HandOff) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(encodeAnswer(answer.header))
+        self._phase = _HANDED_OFF
+        self._handedTo = handedTo = answer.protocol
+        early, self._early = bytes(self._early), bytearray()
+        handedTo.makeConnection(transport)
+        if self._paused:
+            self._paused = False
+            cast(IPushProducer, transport).resumeProducing()
+        if early and self._handedTo is handedTo:
+            handedTo.dataReceived(early)
+        if self._earlyEOF and self._handedTo is handedTo:
+            self.readConnectionLost()
 
     def _writeLine(self, answer: dict[str, Any]) -> None:
         self._writeEncoded(encodeAnswer(answer))
