@@ -16,6 +16,8 @@ from pyro_reactor.capabilities.files import FilesCapability
 from pyro_reactor.capabilities.ping import PingCapability
 from pyro_reactor.capabilities.services import ServicesCapability
 from pyro_reactor.capabilities.shells import ShellsCapability
+from pyro_reactor.capabilities.snapshots import SnapshotsCapability
+from pyro_reactor.capabilities.stats import StatsCapability
 from pyro_reactor.context import AgentContext
 from pyro_reactor.wire.dispatch import Dispatcher
 from pyro_reactor.wire.protocol import RequestFactory
@@ -26,6 +28,8 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ArchivesCapability,
     ShellsCapability,
     ServicesCapability,
+    SnapshotsCapability,
+    StatsCapability,
 )
 
 
@@ -54,7 +58,7 @@ def buildDispatcher(context: AgentContext) -> Dispatcher:
 def buildFactory(context: AgentContext) -> RequestFactory:
     """The protocol factory every listening endpoint of the agent shares."""
     config = context.config
-    return RequestFactory(
+    factory = RequestFactory(
         buildDispatcher(context),
         context.reactor,
         config.spoolRoot,
@@ -62,3 +66,5 @@ def buildFactory(context: AgentContext) -> RequestFactory:
         timeout=config.requestTimeout,
         encodeInThread=context.inThread,
     )
+    context.hooks.counts["connections"] = lambda: factory.openConnections
+    return factory

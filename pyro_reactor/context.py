@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from pyro_reactor.hooks import Hooks
 from pyro_reactor.system.workspace import Workspace
 
 _P = ParamSpec("_P")
@@ -61,6 +62,7 @@ class AgentContext:
     ``reactor`` provides at least ``IReactorTime``, ``IReactorProcess``, ``IReactorTCP`` and
     ``IReactorCore``. ``services`` is the parent service of every capability's own service.
     ``workspace`` is the one confined view of ``config.workspace`` all capabilities share.
+    ``hooks`` holds what capabilities offer each other (see L{pyro_reactor.hooks}).
     """
 
     config: AgentConfig
@@ -69,6 +71,7 @@ class AgentContext:
     services: MultiService = field(default_factory=MultiService)
     startedAt: float = 0.0
     workspace: Workspace = field(init=False)
+    hooks: Hooks = field(default_factory=Hooks)
 
     def __post_init__(self) -> None:
         self.workspace = Workspace(self.config.workspace)

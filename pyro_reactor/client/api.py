@@ -15,9 +15,11 @@ Uploads stream from a file and exports stream to a file; nothing holds an archiv
 
 from __future__ import annotations
 
+import base64
 import os
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -625,6 +627,50 @@ class AgentClient:
             {"action": "list_services"},
             lambda answer: [ServiceInfo.fromAnswer(s) for s in _items(answer, "services")],
         )
+
+    def restored(
+        self,
+        unixTime: float | None = None,
+        entropy: bytes | None = None,
+        generation: int | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """Tell a guest just restored from a snapshot: the host's clock, fresh entropy.
+
+        ``unixTime`` defaults to this host's clock at the moment of the call and ``entropy`` to
+        64 bytes of ``os.urandom``; the answer is the agent's, as docs/actions/snapshots.md
+        describes it (``clock_error``/``entropy_error`` say what it could not do).
+        """
+        fields: dict[str, Any] = {
+            "action": "restored",
+            "unix_time": time.time() if unixTime is None else unixTime,
+            "entropy": base64.b64encode(os.urandom(64) if entropy is None else entropy).decode(),
+        }
+        if generation is not None:
+            fields["generation"] = generation
+        return self._simple(fields, dict)
+
+    def quiesce(
+        self,
+        freeze: Sequence[str] = (),
+        freezeJobs: bool = False,
+        timeoutSeconds: float = 30.0,
+    ) -> Deferred[dict[str, Any]]:
+        """Sync, and freeze the given guest mount points (and jobs) before a snapshot."""
+        fields: dict[str, Any] = {
+            "action": "quiesce",
+            "freeze": list(freeze),
+            "freeze_jobs": freezeJobs,
+            "timeout_seconds": timeoutSeconds,
+        }
+        return self._simple(fields, dict, 30 + self.timeout)
+
+    def thaw(self) -> Deferred[dict[str, Any]]:
+        """Undo ``quiesce`` (nothing frozen is not an error)."""
+        return self._simple({"action": "thaw"}, dict)
+
+    def stats(self) -> Deferred[dict[str, Any]]:
+        """Memory, CPU, pressure, disks and the agent's own figures."""
+        return self._simple({"action": "stats"}, dict)
 
 
 def _items(answer: dict[str, Any], key: str) -> list[dict[str, Any]]:

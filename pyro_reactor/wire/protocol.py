@@ -125,11 +125,15 @@ class RequestProtocol(Protocol):
         self._earlyEOF = False
         self._paused = False
         self._handedTo: IProtocol | None = None
+        self._counted = False
 
     # -- connection events ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
+        if isinstance(self.factory, RequestFactory):
+            self.factory.openConnections += 1
+            self._counted = True
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase == _READING_LINE:
@@ -174,6 +178,9 @@ class RequestProtocol(Protocol):
             self._handedTo.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._counted and isinstance(self.factory, RequestFactory):
+            self.factory.openConnections -= 1
+            self._counted = False
         self._lost = True
         self._cancelTimer()
         if self._handedTo is not None:
@@ -429,6 +436,8 @@ class RequestFactory(Factory):
         self.maxRequestBytes = maxRequestBytes
         self.timeout = timeout
         self.encodeInThread = encodeInThread
+        #: Connections whose protocol this factory built and that are still open (``stats``).
+        self.openConnections = 0
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
         protocol = RequestProtocol(
