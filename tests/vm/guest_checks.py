@@ -55,7 +55,7 @@ WORKSPACE = Path("/workspace")
 HOST_DONE = WORKSPACE / ".pyro-vm-host-done"
 HOST_PHASE_MARKER = "@@ host-phase"
 READY_TIMEOUT = 90.0
-HOST_PHASE_TIMEOUT = 240.0
+HOST_PHASE_TIMEOUT = 420.0
 
 
 class Report:

@@ -264,10 +264,15 @@ class HostChecks:
 
 
 def runHostChecks(
-    vmGuest: ModuleType, port: int, kernelRelease: str, say: Say
+    vmGuest: ModuleType,
+    port: int,
+    kernelRelease: str,
+    say: Say,
+    beforeFinish: Callable[[HostChecks], None] | None = None,
 ) -> tuple[dict[str, str], bool]:
-    """Every host check; then the signal to the guest. Returns results and whether the
-    guest was told (if not, it would wait in vain: the runner stops the VM)."""
+    """Every host check, then C{beforeFinish} (the snapshot capture), then the signal to the
+    guest. Returns results and whether the guest was told (if not, it would wait in vain:
+    the runner stops the VM)."""
     checks = HostChecks(vmGuest, port, kernelRelease, say)
     checks.run("host.ping", [], checks.ping)
     if checks.results["host.ping"] == "ok":
@@ -293,6 +298,8 @@ def runHostChecks(
             ["start_service", "status_service", "logs_service", "stop_service"],
             checks.service,
         )
+    if beforeFinish is not None and checks.results["host.ping"] == "ok":
+        beforeFinish(checks)
     failed = [name for name, outcome in checks.results.items() if outcome == "FAIL"]
     try:
         checks.finish("failed" if failed else "passed")

