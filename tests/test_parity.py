@@ -38,12 +38,11 @@ from unittest import SkipTest
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tests.helpers import RunningAgent, call, exchange, startAgent
+from tests.helpers import RunningAgent, call, exchange, sleep, startAgent
 from tests.reference_agent import ReferenceAgent, ReferenceUnavailable, referenceAgent
 
 reactor: Any = _reactor
@@ -239,10 +238,6 @@ class ParityCase(TestCase):
     async def sameEach(self, requests: Iterable[dict[str, Any]]) -> None:
         for request in requests:
             await self.same(request)
-
-
-def pause(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 class _Ready(Resource):
@@ -902,7 +897,7 @@ class ShellsParityTests(ParityCase):
             answer = answer | {"output": output, "cursor": start}
             if done(answer):
                 return answer
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"shell {shellId} on port {port}: never done; output so far {output!r}")
 
     async def untilBoth(
@@ -1056,7 +1051,7 @@ class ShellsParityTests(ParityCase):
         await self.readUntil(
             self.ours.port, shellId, prompt["next_cursor"], lambda a: "sleep 30\r\n" in a["output"]
         )
-        await pause(0.2)
+        await sleep(0.2)
         answer = await self.ours.call({"action": "signal_shell", "shell_id": shellId})
         self.assertEqual((answer["signal"], answer["state"]), ("INT", "running"))
         after = await self.readUntil(
@@ -1144,7 +1139,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if "from-env" in ours["stdout"] and "from-env" in theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         for tail in (None, 1, 2, 5, 10, "3"):
             await self.same({"action": "logs_service", "service_name": name, "tail_lines": tail})
         self.assertEqual(ours["stdout"], "out\nl1\nl2\nl3\nfrom-env\n")
@@ -1252,7 +1247,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if ours["stdout"] and theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         ours, _ = await self.same({"action": "logs_service", "service_name": name})
         self.assertEqual(ours["stdout"], "again\ufffd\n")
 
@@ -1294,7 +1289,7 @@ class ServicesParityTests(ParityCase):
             status = await self.ours.call({"action": "status_service", "service_name": name})
             if status["state"] != "running":
                 break
-            await pause(0.05)
+            await sleep(0.05)
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         # Stopping an ended service answers its record unchanged.
         self.assertEqual(
@@ -1306,7 +1301,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if done(ours) and done(theirs):
                 return
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"logs of {name} never complete: {ours!r} / {theirs!r}")
 
     async def test_tailLines(self) -> None:
