@@ -42,7 +42,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tests.helpers import RunningAgent, call, exchange, sleep, startAgent
+from tests.helpers import RunningAgent, call, exchange, sleep, startAgent, waitUntil
 from tests.reference_agent import ReferenceAgent, ReferenceUnavailable, referenceAgent
 
 reactor: Any = _reactor
@@ -238,6 +238,25 @@ class ParityCase(TestCase):
     async def sameEach(self, requests: Iterable[dict[str, Any]]) -> None:
         for request in requests:
             await self.same(request)
+
+
+def inForeground(argv: list[str]) -> bool:
+    """Whether a process runs ``argv`` as the foreground process group of its terminal."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() != wanted:
+                continue
+            status = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # After the command name: state ppid pgrp session tty_nr tpgid ...
+        fields = status[status.rfind(b")") + 2 :].split()
+        if fields[2] == fields[5]:
+            return True
+    return False
 
 
 class _Ready(Resource):
@@ -1046,12 +1065,14 @@ class ShellsParityTests(ParityCase):
         await self.ours.call({"action": "open_shell", "shell_id": shellId})
         self.addCleanup(self.ours.call, {"action": "close_shell", "shell_id": shellId})
         prompt = await self.readUntil(self.ours.port, shellId, 0, lambda a: PROMPT in a["output"])
-        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": "sleep 30"})
-        # Once the command line is echoed, bash has run or is about to run the job.
+        # A duration of its own tells this job apart from every other `sleep` on the machine.
+        job = f"sleep 30.{next(_names)}"
+        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": job})
         await self.readUntil(
-            self.ours.port, shellId, prompt["next_cursor"], lambda a: "sleep 30\r\n" in a["output"]
+            self.ours.port, shellId, prompt["next_cursor"], lambda a: f"{job}\r\n" in a["output"]
         )
-        await sleep(0.2)
+        # The signal must find the job in the terminal's foreground, not bash still forking it.
+        self.assertTrue(await waitUntil(lambda: inForeground(job.split()), 10.0), job)
         answer = await self.ours.call({"action": "signal_shell", "shell_id": shellId})
         self.assertEqual((answer["signal"], answer["state"]), ("INT", "running"))
         after = await self.readUntil(
