@@ -35,6 +35,8 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    maxListEntries: int = 100_000
+    maxArchiveMembers: int = 100_000
 
     @property
     def shellRoot(self) -> Path:

@@ -13,10 +13,13 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from pyro_reactor._version import __version__
 from pyro_reactor.agent import buildFactory
@@ -116,6 +119,20 @@ class Options(usage.Options):
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "max-list-entries",
+            None,
+            100_000,
+            "Most entries a list_workspace answer holds (more is refused with an error).",
+            _positive(int),
+        ],
+        [
+            "max-archive-members",
+            None,
+            100_000,
+            "Most members an uploaded archive may have (more is refused before writing).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +158,8 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            maxListEntries=self["max-list-entries"],
+            maxArchiveMembers=self["max-archive-members"],
         )
 
 
@@ -159,18 +178,16 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-class ListeningService(StreamServerEndpointService):
-    """A listening endpoint that says where it listens once it does."""
+@implementer(IStreamServerEndpoint)
+class _AnnouncedEndpoint:
+    """An endpoint that logs where it listens once its ``listen`` Deferred fires."""
 
-    def __init__(self, description: str, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint) -> None:
         self.description = description
+        self.endpoint = endpoint
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        assert self._waitingForPort is not None
-
-        def listening(port: Any) -> Any:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def listening(port: IListeningPort) -> IListeningPort:
             log.info(
                 "pyro-agent listening on {endpoint} ({address})",
                 endpoint=self.description,
@@ -178,7 +195,17 @@ class ListeningService(StreamServerEndpointService):
             )
             return port
 
-        self._waitingForPort.addCallback(listening)
+        return self.endpoint.listen(protocolFactory).addCallback(listening)
+
+
+class ListeningService(StreamServerEndpointService):
+    """A listening endpoint that says where it listens once it does."""
+
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+    ) -> None:
+        super().__init__(_AnnouncedEndpoint(description, endpoint), factory)
+        self.description = description
 
 
 def makeService(options: Options) -> IService:
