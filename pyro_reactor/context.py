@@ -35,6 +35,8 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    #: Bytes per service log file before it is rotated once to ``NAME.stdout.1``.
+    logBytes: int = 64 * MiB
 
     @property
     def shellRoot(self) -> Path:

@@ -116,6 +116,13 @@ class Options(usage.Options):
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "log-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes per service log file; past it, the file is rotated once (to NAME.stdout.1).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +148,7 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            logBytes=self["log-bytes"],
         )
 
 

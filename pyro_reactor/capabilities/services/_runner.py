@@ -8,9 +8,10 @@ the standard library only and work on its own.
 The runner (the process the agent spawned, leader of the service's session and process group)
 starts ``/bin/sh -lc COMMAND`` with its stdout and stderr on two pipes, forks a *log writer*
 that copies each pipe to its log file, waits for the command, writes its exit status to
-``NAME.status`` and exits with it. The log writer keeps at most ``LOG_BYTES`` bytes per log
-file: when a write would pass the cap, the file is renamed to ``NAME.stdout.1`` (replacing
-the previous one) and a new one is started, so a stream never holds more than twice the cap.
+``NAME.status`` and exits with it. The log writer keeps at most the cap (``--log-bytes``)
+per log file: once a file is full, it is renamed to ``NAME.stdout.1`` (replacing the
+previous one) and a new one is started, so a stream never holds more than twice the cap, and
+the two files always hold one contiguous end of the output.
 The writer ignores SIGTERM, SIGHUP and SIGINT so that what the service prints while it shuts
 down is still kept; it ends when every writer of its pipes is gone (the command and anything
 it left running), or with the group's SIGKILL. A write that fails (a full state directory)
@@ -44,24 +45,31 @@ class _Log:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data: bytes) -> None:
-        if len(data) > self.cap:
-            data = data[-self.cap :]
-        if self.size and self.size + len(data) > self.cap:
-            try:
-                os.replace(self.path, self.path + ".1")
-                fd = _open(self.path)
-            except OSError:
-                return
-            os.close(self.fd)
-            self.fd, self.size = fd, 0
-        view = memoryview(data)
+        # Fill the file up to the cap, rotate, go on: the two files always hold one
+        # contiguous end of the stream.
+        view = memoryview(data)[-2 * self.cap :]
         while view:
-            try:
-                written = os.write(self.fd, view)
-            except OSError:
+            if self.size >= self.cap and not self._rotate():
                 return
-            self.size += written
-            view = view[written:]
+            part = view[: self.cap - self.size]
+            view = view[len(part) :]
+            while part:
+                try:
+                    written = os.write(self.fd, part)
+                except OSError:
+                    return
+                self.size += written
+                part = part[written:]
+
+    def _rotate(self) -> bool:
+        try:
+            os.replace(self.path, self.path + ".1")
+            fd = _open(self.path)
+        except OSError:
+            return False
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+        return True
 
 
 def _copyLogs(streams: dict[int, str], cap: int) -> None:

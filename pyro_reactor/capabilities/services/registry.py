@@ -69,8 +69,6 @@ if TYPE_CHECKING:  # the actions module imports this one
 log = Logger(namespace="pyro_reactor.capabilities.services")
 
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: Bytes per log file when the configuration does not say (``--log-bytes``).
-DEFAULT_LOG_BYTES = 64 * 1024 * 1024
 
 Record = dict[str, Any]
 
@@ -127,7 +125,7 @@ class Services(Service):
         self.root = context.config.serviceRoot
         self.workspace = context.workspace
         self.stopGrace = stopGrace
-        self.logBytes: int = getattr(context.config, "logBytes", DEFAULT_LOG_BYTES)
+        self.logBytes = context.config.logBytes
         self.handles: dict[str, ServiceHandle] = {}
         self.writers: dict[str, RecordWriter] = {}
         self.invalid: set[str] = set()
