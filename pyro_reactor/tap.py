@@ -133,6 +133,13 @@ class Options(usage.Options):
             "Most members an uploaded archive may have (more is refused before writing).",
             _positive(int),
         ],
+        [
+            "log-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes per service log file; past it, the file is rotated once (to NAME.stdout.1).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -160,6 +167,7 @@ class Options(usage.Options):
             shellBufferChars=self["shell-buffer-chars"],
             maxListEntries=self["max-list-entries"],
             maxArchiveMembers=self["max-archive-members"],
+            logBytes=self["log-bytes"],
         )
 
 

@@ -14,13 +14,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities.probes import (
-    Probe,
-    ProbeCore,
-    ProbeMachine,
-    commandCheck,
-    parseReadiness,
-)
+from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
+from pyro_reactor.capabilities.services.readiness import commandCheck, parseReadiness
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 from tests.helpers import reactor
@@ -59,7 +54,7 @@ class ProbeMachineTests(SynchronousTestCase):
             onReady=lambda: self.events.append("ready"),
             onTimeout=lambda: self.events.append("timeout"),
         )
-        self.probe: Probe = ProbeMachine(self.core)
+        self.probe: ProbeInput = ProbeMachine(self.core)
 
     def assertQuiet(self) -> None:
         """No timer is left behind."""
@@ -172,7 +167,7 @@ class ProbeMachineTests(SynchronousTestCase):
             self.events.clear()
             self.check = FakeCheck()
             self.core.check = self.check
-            probe: Probe = ProbeMachine(self.core)
+            probe: ProbeInput = ProbeMachine(self.core)
             probe.start()
             if finish == "ready":
                 self.check.pending[0].callback(True)
@@ -278,9 +273,10 @@ class CommandCheckTests(TestCase):
         self.marker = base / "ran-in"
 
     def check(self, command: str, cwd: str = "/workspace/sub") -> Deferred[bool]:
-        return commandCheck(
+        check: Deferred[bool] = commandCheck(
             reactor, command, workspace=self.workspace, inThread=self.inThread, cwd=cwd, env={}
         )()
+        return check
 
     async def test_runsInTheDirectoryAndLetsItGo(self) -> None:
         ready = await self.check(f"pwd > {self.marker}")

@@ -23,8 +23,14 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities import services
-from pyro_reactor.capabilities.services import STOP_GRACE, Services, processStat, tailText
+from pyro_reactor.capabilities.services import (
+    STOP_GRACE,
+    ServiceActions,
+    Services,
+    processStat,
+    records,
+)
+from pyro_reactor.capabilities.services.records import tailText
 from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.request import Request
@@ -450,7 +456,7 @@ class TailTests(SynchronousTestCase):
 
     def test_sameLinesAsTheReference(self) -> None:
         """Across block boundaries, CRLF, lone CR and multi-byte characters."""
-        self.patch(services, "TAIL_BLOCK", 3)
+        self.patch(records, "TAIL_BLOCK", 3)
         path = Path(self.mktemp())
         rng = random.Random(5)
         for _ in range(300):
@@ -536,7 +542,7 @@ class AdoptionTests(ServiceTestCase):
         return registry
 
     def ask(self, registry: Services, handler: str, **fields: Any) -> Any:
-        return getattr(registry, handler)(Request(fields))
+        return getattr(ServiceActions(registry), handler)(Request(fields))
 
     async def test_liveServiceIsTakenBackAndStoppable(self) -> None:
         context = self.context()
@@ -545,13 +551,13 @@ class AdoptionTests(ServiceTestCase):
         assert ticks is not None
         self.record(context, "web", pid=process.pid, pid_start_ticks=ticks[1])
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="web")
+        status = self.ask(registry, "status", service_name="web")
         self.assertEqual((status["state"], status["pid"]), ("running", process.pid))
         refused = self.assertRaises(
-            ActionError, self.ask, registry, "startAction", service_name="web", command="true"
+            ActionError, self.ask, registry, "start", service_name="web", command="true"
         )
         self.assertEqual(str(refused), "service 'web' is already running")
-        stopped = await self.ask(registry, "stopAction", service_name="web")
+        stopped = await self.ask(registry, "stop", service_name="web")
         self.assertEqual((stopped["state"], stopped["stop_reason"]), ("stopped", "sigterm"))
 
     async def test_exitWhileAdoptedIsSeen(self) -> None:
@@ -564,7 +570,7 @@ class AdoptionTests(ServiceTestCase):
         registry = self.registry(context)
         os.killpg(process.pid, signal.SIGKILL)
         status = await self.eventually(
-            lambda: succeedWith(self.ask(registry, "statusAction", service_name="web")),
+            lambda: succeedWith(self.ask(registry, "status", service_name="web")),
             lambda answer: answer["state"] != "running",
         )
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 3))
@@ -583,11 +589,11 @@ class AdoptionTests(ServiceTestCase):
         self.record(context, "web", pid=process.pid, pid_start_ticks=ticks[1])
         (context.config.serviceRoot / "web.status").write_text("6")
         registry = self.registry(context)
-        self.assertEqual(self.ask(registry, "statusAction", service_name="web")["state"], "running")
+        self.assertEqual(self.ask(registry, "status", service_name="web")["state"], "running")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         status = await self.eventually(
-            lambda: succeedWith(self.ask(registry, "statusAction", service_name="web")),
+            lambda: succeedWith(self.ask(registry, "status", service_name="web")),
             lambda answer: answer["state"] != "running",
         )
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 6))
@@ -600,7 +606,7 @@ class AdoptionTests(ServiceTestCase):
         self.record(context, "gone", pid=process.pid)
         (context.config.serviceRoot / "gone.status").write_text("4")
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="gone")
+        status = self.ask(registry, "status", service_name="gone")
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         self.assertIsNotNone(status["ended_at"])
 
@@ -612,9 +618,9 @@ class AdoptionTests(ServiceTestCase):
         assert ticks is not None
         self.record(context, "old", pid=process.pid, pid_start_ticks=ticks[1] - 1)
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="old")
+        status = self.ask(registry, "status", service_name="old")
         self.assertEqual((status["state"], status["exit_code"]), ("exited", None))
-        await self.ask(registry, "stopAction", service_name="old")
+        await self.ask(registry, "stop", service_name="old")
         self.assertIsNone(process.poll())
 
     async def test_terminalAndInvalidRecords(self) -> None:
@@ -622,13 +628,11 @@ class AdoptionTests(ServiceTestCase):
         self.record(context, "done", state="stopped", stop_reason="sigkill", pid=12345)
         (context.config.serviceRoot / "broken.json").write_text("{not json")
         registry = self.registry(context)
-        done = self.ask(registry, "statusAction", service_name="done")
+        done = self.ask(registry, "status", service_name="done")
         self.assertEqual((done["state"], done["stop_reason"]), ("stopped", "sigkill"))
-        error = self.assertRaises(
-            ActionError, self.ask, registry, "statusAction", service_name="broken"
-        )
+        error = self.assertRaises(ActionError, self.ask, registry, "status", service_name="broken")
         self.assertEqual(str(error), "service record for 'broken' is invalid")
-        answer = await self.ask(registry, "startAction", service_name="broken", command="true")
+        answer = await self.ask(registry, "start", service_name="broken", command="true")
         self.assertEqual(answer["state"], "running")
 
 
