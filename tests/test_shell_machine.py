@@ -47,6 +47,9 @@ class FakeTerminal:
     def killSession(self) -> None:
         self.events.append(("killSession",))
 
+    def endRemains(self) -> None:
+        self.events.append(("endRemains",))
+
 
 def syncThread(function: Callable[..., str], *args: Any) -> Deferred[str]:
     return succeed(function(*args))
@@ -200,7 +203,7 @@ class MachineTests(SynchronousTestCase):
         self.shell._ended()
         _, fired = self.closeDeferred()
         self.assertEqual(fired, [None])
-        self.assertEqual(self.terminal.events, [("killSession",)])
+        self.assertEqual(self.terminal.events, [("endRemains",)])
 
     # close
 
@@ -214,7 +217,7 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual(fired, [])
         self.shell._ended()
         self.assertEqual(fired, [None])
-        self.assertEqual(self.terminal.events, [("hangUp",), ("killSession",)])
+        self.assertEqual(self.terminal.events, [("hangUp",), ("endRemains",)])
         self.assertEqual(self.record.state, "stopped")
         self.assertEqual(self.record.exitCode, -1)
         self.assertEqual(self.clock.getDelayedCalls(), [])

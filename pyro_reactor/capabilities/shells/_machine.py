@@ -214,7 +214,7 @@ def makeShellMachine() -> Callable[[ShellCore], ShellInput]:
     def closedInTime(shell: ShellInput, core: ShellCore, timer: IDelayedCall) -> None:
         _cancel(timer)
         # What the shell started and left behind (nohup, disown, trap '' HUP, setsid jobs).
-        core.terminal.killSession()
+        core.terminal.endRemains()
         core.finish()
         core.closed()
 
@@ -244,7 +244,7 @@ def makeShellMachine() -> Callable[[ShellCore], ShellInput]:
     @exited.upon(ShellInput.close).to(closed)
     def closeExited(shell: ShellInput, core: ShellCore) -> Deferred[None]:
         # The shell is gone; what it left in its session (or marked) is not.
-        core.terminal.killSession()
+        core.terminal.endRemains()
         core.closed()
         return succeed(None)
 

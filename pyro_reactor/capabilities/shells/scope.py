@@ -136,10 +136,35 @@ class TreeScope:
         self._procRoot = procRoot
         self._held: dict[int, int | None] = {}
         """Collected pids and their pidfds (``None`` where pidfds are not available)."""
+        # Held from the start: once the shell is reaped its pid may be reused, and only a
+        # live pidfd says the pid is still the shell's, whose children may be walked.
+        self._hold(leader)
+
+    def _hold(self, pid: int) -> None:
+        try:
+            self._held[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        except OSError:
+            self._held[pid] = None
+
+    def _roots(self) -> list[int]:
+        """Held processes still alive (so still the ones we found): safe to walk from."""
+        roots = []
+        for pid, pidfd in self._held.items():
+            if pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(pidfd, 0)
+                except ProcessLookupError:
+                    continue
+                except OSError:
+                    pass
+            roots.append(pid)
+        return roots
 
     def _find(self) -> list[int]:
         root = self._procRoot
-        found = descendants([self.leader, *self._held], root)
+        found = descendants(self._roots(), root)
         found += sessionMembers(self.leader, root)
         found += marked(self.token, root)
         # Descendants of the session's and marked processes too (a setsid job's children).
@@ -149,14 +174,8 @@ class TreeScope:
 
     def collect(self) -> None:
         for pid in self._find():
-            if pid in self._held:
-                continue
-            try:
-                self._held[pid] = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            except OSError:
-                self._held[pid] = None
+            if pid not in self._held:
+                self._hold(pid)
 
     def kill(self) -> None:
         self.collect()

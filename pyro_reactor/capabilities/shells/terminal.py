@@ -112,7 +112,10 @@ class Terminal(Protocol):
         "Note what the shell started, SIGHUP the shell and close the terminal."
 
     def killSession(self) -> None:
-        "SIGKILL everything the shell started (its session, descendants, marked processes)."
+        "SIGKILL the shell (not yet reaped) and everything it started."
+
+    def endRemains(self) -> None:
+        "The shell has been reaped: SIGKILL what it started and left behind."
 
 
 @implementer(IPushProducer)
@@ -254,7 +257,14 @@ class PTYTerminal:
         self._close()
 
     def killSession(self) -> None:
+        # The shell is not reaped yet, so its pid (and group id) cannot have been reused.
         signalGroup(self.pid, signal.SIGKILL)
+        self.scope.kill()
+        self._close()
+
+    def endRemains(self) -> None:
+        # The shell's group id may belong to someone else by now: only the scope (pidfds,
+        # and the session, whose id stays taken while it has members) is safe to use.
         self.scope.kill()
         self._close()
 
