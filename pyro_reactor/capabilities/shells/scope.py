@@ -44,6 +44,9 @@ class ProcessScope(Protocol):
     def kill(self) -> None:
         "SIGKILL every process of the scope (those collected and those found now)."
 
+    def leaderAlive(self) -> bool:
+        "Whether the shell is not reaped yet (so its pid and group id are still its own)."
+
 
 def _statFields(pid: int, procRoot: Path) -> list[bytes] | None:
     """The fields of ``/proc/PID/stat`` after ``comm``: state, ppid, pgrp, session, ..."""
@@ -123,6 +126,17 @@ def marked(token: str, procRoot: Path = _PROC) -> list[int]:
     return found
 
 
+def _signalled(pidfd: int, signum: int) -> bool:
+    """Send ``signum`` through ``pidfd``; ``False`` if its process is gone (reaped)."""
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 class TreeScope:
     """A shell's processes without cgroups: its session, descendants and marked processes.
 
@@ -148,18 +162,18 @@ class TreeScope:
         except OSError:
             self._held[pid] = None
 
+    def leaderAlive(self) -> bool:
+        if self.leader not in self._held:
+            return False
+        pidfd = self._held[self.leader]
+        return pidfd is None or _signalled(pidfd, 0)
+
     def _roots(self) -> list[int]:
         """Held processes still alive (so still the ones we found): safe to walk from."""
         roots = []
         for pid, pidfd in self._held.items():
-            if pidfd is not None:
-                try:
-                    signal.pidfd_send_signal(pidfd, 0)
-                except ProcessLookupError:
-                    continue
-                except OSError:
-                    pass
-            roots.append(pid)
+            if pidfd is None or _signalled(pidfd, 0):
+                roots.append(pid)
         return roots
 
     def _find(self) -> list[int]:

@@ -253,12 +253,15 @@ class PTYTerminal:
 
     def hangUp(self) -> None:
         self.scope.collect()
-        signalGroup(self.pid, signal.SIGHUP)
+        # Once the shell is reaped its group id may be someone else's; closing the terminal
+        # still hangs up whatever has it as its controlling terminal.
+        if self.scope.leaderAlive():
+            signalGroup(self.pid, signal.SIGHUP)
         self._close()
 
     def killSession(self) -> None:
-        # The shell is not reaped yet, so its pid (and group id) cannot have been reused.
-        signalGroup(self.pid, signal.SIGKILL)
+        if self.scope.leaderAlive():
+            signalGroup(self.pid, signal.SIGKILL)
         self.scope.kill()
         self._close()
 
