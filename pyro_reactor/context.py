@@ -37,7 +37,8 @@ class AgentConfig:
     shellBufferChars: int = 8 * MiB
     maxListEntries: int = 100_000
     maxArchiveMembers: int = 100_000
-    #: Bytes per service log file before it is rotated once to ``NAME.stdout.1``.
+    maxShells: int = 64
+    #: Bytes per service or shell log file before it is rotated once (to ``NAME.stdout.1``).
     logBytes: int = 64 * MiB
 
     @property

@@ -115,7 +115,22 @@ class Options(usage.Options):
             "shell-buffer-chars",
             None,
             8 * 1024 * 1024,
-            "Characters of shell output kept in memory per shell (the rest is read from its log).",
+            "Bytes of JSON-encoded output a read_shell answer carries at most; also caps the"
+            " output a shell keeps in memory (the rest is read from its log).",
+            _positive(int),
+        ],
+        [
+            "max-shells",
+            None,
+            64,
+            "Shells that may be open at once (open_shell is refused beyond).",
+            _positive(int),
+        ],
+        [
+            "log-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes per shell or service log file before it is rotated once (to NAME.1).",
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
@@ -131,13 +146,6 @@ class Options(usage.Options):
             None,
             100_000,
             "Most members an uploaded archive may have (more is refused before writing).",
-            _positive(int),
-        ],
-        [
-            "log-bytes",
-            None,
-            64 * 1024 * 1024,
-            "Bytes per service log file; past it, the file is rotated once (to NAME.stdout.1).",
             _positive(int),
         ],
     ]
@@ -167,6 +175,7 @@ class Options(usage.Options):
             shellBufferChars=self["shell-buffer-chars"],
             maxListEntries=self["max-list-entries"],
             maxArchiveMembers=self["max-archive-members"],
+            maxShells=self["max-shells"],
             logBytes=self["log-bytes"],
         )
 
