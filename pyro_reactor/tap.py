@@ -116,6 +116,34 @@ class Options(usage.Options):
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "answer-timeout",
+            None,
+            60.0,
+            "Seconds a client may accept no bytes of its answer before it is dropped.",
+            _positive(float),
+        ],
+        [
+            "memory-budget",
+            None,
+            256 * 1024 * 1024,
+            "Bytes of requests in flight and answers being written the agent holds at most.",
+            _positive(int),
+        ],
+        [
+            "max-connections",
+            None,
+            256,
+            "Connections served at once; beyond, one second for the line and only ping answered.",
+            _positive(int),
+        ],
+        [
+            "min-upload-rate",
+            None,
+            64 * 1024,
+            "Bytes a second an upload body must average (after --request-timeout for the line).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +169,10 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            answerTimeout=self["answer-timeout"],
+            memoryBudget=self["memory-budget"],
+            maxConnections=self["max-connections"],
+            minUploadRate=self["min-upload-rate"],
         )
 
 
