@@ -148,6 +148,34 @@ class Options(usage.Options):
             "Most members an uploaded archive may have (more is refused before writing).",
             _positive(int),
         ],
+        [
+            "answer-timeout",
+            None,
+            60.0,
+            "Seconds a client may accept no bytes of its answer before it is dropped.",
+            _positive(float),
+        ],
+        [
+            "memory-budget",
+            None,
+            256 * 1024 * 1024,
+            "Bytes of requests in flight and answers being written the agent holds at most.",
+            _positive(int),
+        ],
+        [
+            "max-connections",
+            None,
+            256,
+            "Connections served at once; beyond, one second for the line and only ping answered.",
+            _positive(int),
+        ],
+        [
+            "min-upload-rate",
+            None,
+            64 * 1024,
+            "Bytes a second an upload body must average (after --request-timeout for the line).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -177,6 +205,10 @@ class Options(usage.Options):
             maxArchiveMembers=self["max-archive-members"],
             maxShells=self["max-shells"],
             logBytes=self["log-bytes"],
+            answerTimeout=self["answer-timeout"],
+            memoryBudget=self["memory-budget"],
+            maxConnections=self["max-connections"],
+            minUploadRate=self["min-upload-rate"],
         )
 
 
