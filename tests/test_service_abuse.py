@@ -443,7 +443,7 @@ class OddInputTests(AbuseTestCase):
         cases = [
             (
                 b'"ready_timeout_seconds":1' + b"0" * 400,
-                "ready_timeout_seconds must be at most 86400",
+                "ready_timeout_seconds is out of range (at most 9223372036854775807 in magnitude)",
             ),
             (
                 b'"ready_timeout_seconds":"' + b"9" * 5000 + b'"',
@@ -451,7 +451,12 @@ class OddInputTests(AbuseTestCase):
             ),
             (b'"ready_timeout_seconds":NaN', "ready_timeout_seconds must be an integer"),
             (b'"ready_timeout_seconds":1e400', "ready_timeout_seconds must be an integer"),
-            (b'"ready_interval_ms":1' + b"0" * 400, "ready_interval_ms must be at most 86400000"),
+            (b'"ready_timeout_seconds":86401', "ready_timeout_seconds must be at most 86400"),
+            (
+                b'"ready_interval_ms":1' + b"0" * 400,
+                "ready_interval_ms is out of range (at most 9223372036854775807 in magnitude)",
+            ),
+            (b'"ready_interval_ms":86400001', "ready_interval_ms must be at most 86400000"),
             (b'"cwd":"/workspace/\\udcff"', "cwd must be valid Unicode text"),
             (
                 b'"readiness":{"type":"command","command":"\\ud800"}',
@@ -472,7 +477,7 @@ class OddInputTests(AbuseTestCase):
         await self.assertRefused(
             agent,
             b'{"action":"start_service","service_name":"\\ud800","command":"true"}\n',
-            "service_name is invalid",
+            "service_name must be valid Unicode text",
         )
         # The name was never taken: it starts and stops normally afterwards.
         started = await agent.call(

@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred
 from pyro_reactor.capabilities.execute import commandEnvironment
 from pyro_reactor.capabilities.services.readiness import (
     ReadinessSpec,
-    isValidText,
     parseReadiness,
 )
 from pyro_reactor.capabilities.services.registry import Services, normalizeServiceName
@@ -83,10 +82,6 @@ def parseStart(
     cwd = workspace.resolve(cwdText)
     if "\x00" in command:
         raise ActionError("command must not contain NUL bytes")
-    if not isValidText(command):
-        raise ActionError("command must be valid Unicode text")
-    if not isValidText(cwdText):
-        raise ActionError("cwd must be valid Unicode text")
     checkName(name)
     readiness = request.mapping("readiness")
     probe = None if readiness is None else parseReadiness(readiness, workspace)
