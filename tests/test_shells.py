@@ -527,6 +527,34 @@ class LimitTests(ShellTestCase):
         self.assertFalse(timer.active())
 
 
+class LogCapTests(ShellTestCase):
+    """``--log-bytes`` caps each shell log file; it is rotated once."""
+
+    agentOptions = {"logBytes": 64 * 1024, "shellBufferChars": 65536}
+
+    async def test_logIsCappedRotatedAndTheTailReadable(self) -> None:
+        """400 KB of output leave at most two 64 KiB files; a read from 0 starts at the
+        first character kept, and the stream reads on to the end from there."""
+        await self.openShell()
+        await self.write(f"yes 0123456789 | head -c 400000; printf '{octal('DONE')}\\n'")
+        output = self.shells().session("s").output
+        # Not followed with reads: a reader falling behind the rotation would see a jump.
+        self.assertTrue(
+            await until(
+                lambda: "DONE\r\n" in output.window.slice(output.windowStart, output.length), 60
+            )
+        )
+        root = self.agent.stateDir / "pyro-shells"
+        self.assertLessEqual((root / "s.log").stat().st_size, 64 * 1024)
+        self.assertLessEqual((root / "s.log.1").stat().st_size, 64 * 1024)
+        first = await self.agent.call(
+            {"action": "read_shell", "shell_id": "s", "cursor": 0, "max_chars": 100}
+        )
+        self.assertGreater(first["cursor"], 0)
+        self.assertEqual(len(first["output"]), 100)
+        self.assertIn(first["output"], "0123456789\r\n" * 20)
+
+
 def _killSleepers(tag: str) -> None:
     for pid in sleepers(tag):
         try:
