@@ -57,11 +57,10 @@ def readSegments(pieces: list[tuple[int, int, int, int]], limit: int) -> str:
         parts: list[str] = []
         budget = limit
         for fd, byteOffset, skipChars, count in pieces:
-            text = _readText(fd, byteOffset, skipChars, count)
-            kept = fitEncoded(text, budget)
-            parts.append(kept.text)
-            budget -= kept.size
-            if len(kept.text) < count:
+            text, used, complete = _readText(fd, byteOffset, skipChars, count, budget)
+            parts.append(text)
+            budget -= used
+            if not complete:
                 break
         return "".join(parts)
     finally:
@@ -69,10 +68,15 @@ def readSegments(pieces: list[tuple[int, int, int, int]], limit: int) -> str:
             os.close(piece[0])
 
 
-def _readText(fd: int, byteOffset: int, skipChars: int, count: int) -> str:
+def _readText(
+    fd: int, byteOffset: int, skipChars: int, count: int, budget: int
+) -> tuple[str, int, bool]:
+    """Up to ``count`` characters from ``byteOffset`` after skipping ``skipChars``, as long as
+    they fit ``budget`` encoded bytes: the text, its encoded size, and whether all ``count``
+    characters (or the file's end) fit. Never decodes more than a block past the budget."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pieces: list[str] = []
-    have = 0
+    have = used = 0
     offset = byteOffset
     while have < count:
         data = os.pread(fd, _READ_BLOCK, offset)
@@ -87,9 +91,13 @@ def _readText(fd: int, byteOffset: int, skipChars: int, count: int) -> str:
             text = text[skipChars:]
             skipChars = 0
         text = text[: count - have]
-        pieces.append(text)
-        have += len(text)
-    return "".join(pieces)
+        kept = fitEncoded(text, budget - used)
+        pieces.append(kept.text)
+        have += len(kept.text)
+        used += kept.size
+        if len(kept.text) < len(text):
+            return "".join(pieces), used, False
+    return "".join(pieces), used, True
 
 
 class ShellLog:
