@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -436,6 +438,28 @@ class OutputTests(SynchronousTestCase):
         middle = output.first + len(old) - 50
         got = self.successResultOf(output.read(middle, middle + 100, syncThread, 1 << 20))  # type: ignore[arg-type]
         self.assertEqual(got, text[middle : middle + 100])
+
+    def test_logFollowsTheStreamAgainAfterAFailedWrite(self) -> None:
+        """A write failing (full disk) breaks the log; the next append starts it afresh at
+        its position, older log output is dropped, and reads line up with the stream."""
+        output = self.makeOutput([], 10)
+        output.feed(b"a" * 100)
+        realWrite = os.write
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "write", full)
+        output.feed(b"b" * 100)
+        self.assertTrue(output.log.broken)
+        error = self.assertRaises(ActionError, output.read, 0, 50, syncThread, 1 << 20)
+        self.assertIn("could not be written", str(error))
+        self.patch(os, "write", realWrite)
+        output.feed(b"c" * 100)
+        self.assertFalse(output.log.broken)
+        self.assertEqual(output.first, 200)
+        self.assertEqual((self.root / "o.log").read_text(), "c" * 100)
+        self.assertEqual(self.readAll(output, 200), "c" * 100)
 
     def test_logHoldsOnlyRedactedText(self) -> None:
         """The log on disk holds the redacted stream, never the secret."""
