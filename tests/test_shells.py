@@ -138,6 +138,10 @@ class ShellTests(ShellTestCase):
         record = json.loads((self.agent.stateDir / "pyro-shells" / "s.json").read_text())
         self.assertEqual(record["state"], "running")
         self.assertEqual(record["shell_id"], "s")
+        root = self.agent.stateDir / "pyro-shells"
+        paths = (root, root / "s.json", root / "s.log")
+        modes = {path.name: path.stat().st_mode & 0o777 for path in paths}
+        self.assertEqual(modes, {"pyro-shells": 0o700, "s.json": 0o600, "s.log": 0o600})
 
     async def test_cursorMaxCharsAndTruncated(self) -> None:
         """Cursors, max_chars and truncated behave as the reference's."""

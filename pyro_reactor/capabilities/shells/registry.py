@@ -177,7 +177,8 @@ class Shells(Service):
         root = self.config.shellRoot
         reactor = self.context.reactor
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            root.chmod(0o700)
             output = ShellOutput(
                 logPath(root, spec.shellId),
                 spec.secrets,
