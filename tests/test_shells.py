@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -449,7 +450,12 @@ class LimitTests(ShellTestCase):
     async def test_queuedInputIsBounded(self) -> None:
         """Input into a shell that does not read is refused past the bound, not held."""
         await self.openShell()
+        pid = self.shells().session("s").pid
         await self.write("sleep 1000")
+        # Once sleep runs in the foreground, nobody reads the terminal.
+        self.assertTrue(
+            await until(lambda: any(_command(m) == "sleep" for m in sessionMembers(pid)))
+        )
         chunk = "z" * (3 * 1024 * 1024)
         first = await self.agent.call(
             {"action": "write_shell", "shell_id": "s", "input": chunk, "append_newline": False}
@@ -464,7 +470,7 @@ class LimitTests(ShellTestCase):
 
     async def test_closeEndsWhatTheShellStarted(self) -> None:
         """nohup, disown, trap '' HUP and setsid jobs do not outlive close_shell."""
-        tag = str(4000 + os.getpid() % 1000)
+        tag = str(random.randrange(10_000, 100_000))
         await self.openShell()
         self.addCleanup(_killSleepers, tag)
         await self.write(
