@@ -536,6 +536,18 @@ class LimitTests(ShellTestCase):
         self.assertEqual(len(output.waiters), 0)
         self.assertFalse(timer.active())
 
+    async def test_openCancelledBeforeItStartsStartsNothing(self) -> None:
+        """An open_shell whose client left before the shell started (its answer cancelled)
+        starts no shell and frees the id."""
+        handlers = ShellActions(self.shells())
+        opening = handlers.openShell(Request({"action": "open_shell", "shell_id": "gone"}))
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        self.assertTrue(await until(lambda: not self.shells().reserved))
+        self.assertEqual(await self.agent.call({"action": "list_shells"}), {"shells": []})
+        self.assertFalse((self.agent.stateDir / "pyro-shells" / "gone.json").exists())
+        await self.openShell("gone")
+
 
 class LogCapTests(ShellTestCase):
     """``--log-bytes`` caps each shell log file; it is rotated once."""
