@@ -24,6 +24,7 @@ from pyro_reactor.capabilities.shells import (
     ShellRecord,
 )
 from pyro_reactor.capabilities.shells.redact import MASK
+from pyro_reactor.capabilities.shells.terminal import InputQueue
 from pyro_reactor.errors import ActionError
 
 
@@ -525,3 +526,58 @@ class OutputTests(SynchronousTestCase):
         self.assertEqual((output.length, woken), (0, []))
         output.feed(b"er2")
         self.assertEqual((output.length, woken), (len(MASK), [None]))
+
+
+class FakeConsumer:
+    """A transport that pauses its producer past ``bufferSize`` held bytes, as Twisted's
+    file descriptors do, and drains on demand."""
+
+    bufferSize = 64 * 1024
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.written = 0
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.held += len(data)
+        if self.held > self.bufferSize and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.written += self.held
+        self.held = 0
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+class InputQueueTests(SynchronousTestCase):
+    def test_transportHoldsLittleAndTheQueueCountsTheRest(self) -> None:
+        """Input goes to the transport a piece at a time until it pauses us; the rest is
+        queued and counted, and flows on as the transport drains."""
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer)  # type: ignore[arg-type]
+        queue.write(b"x" * 1_000_000)
+        self.assertLessEqual(consumer.held, 2 * InputQueue.piece)
+        self.assertEqual(queue.queued + consumer.held, 1_000_000)
+        while queue.queued:
+            consumer.drain()
+        consumer.drain()
+        self.assertEqual(consumer.written, 1_000_000)
+
+    def test_dropForgetsWhatIsQueued(self) -> None:
+        """Closing the terminal drops queued input and stops producing."""
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer)  # type: ignore[arg-type]
+        queue.write(b"x" * 500_000)
+        queue.drop()
+        self.assertEqual(queue.queued, 0)
+        held = consumer.held
+        consumer.drain()
+        self.assertEqual(consumer.written, held)
