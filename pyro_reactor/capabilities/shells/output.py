@@ -187,7 +187,7 @@ class ShellOutput:
     def _append(self, text: str) -> None:
         if not text:
             return
-        self.log.append(text)
+        self.log.append(text, self.window.length)
         self.window.append(text)
         self.waiters.wake()
 
@@ -198,12 +198,18 @@ class ShellOutput:
         bytes once JSON-encoded: from memory if there, else from the log in a thread."""
         if start >= self.window.start:
             return fitEncoded(self.window.slice(start, stop), limit).text
-        if stop > self.log.end or start < self.log.first:
+        if start < self.log.first or min(stop, self.window.start) > self.log.end:
             raise ActionError(
                 f"shell output before character {self.window.start} is no longer available:"
                 " the shell log could not be written"
             )
-        return inThread(readSegments, self.log.plan(start, stop), limit)
+        # What the log holds, up to the window at most (the rest comes with the next read).
+        stop = min(stop, self.log.end)
+        try:
+            plan = self.log.plan(start, stop)
+        except OSError as error:
+            raise ActionError(f"cannot read the shell log: {error.strerror or error}") from None
+        return inThread(readSegments, plan, limit)
 
     def waitBeyond(self, cursor: int, seconds: float) -> Deferred[None]:
         """Fires once the stream is longer than ``cursor``, it has ended, or ``seconds``

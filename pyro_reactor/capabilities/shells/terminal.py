@@ -26,7 +26,7 @@ import struct
 import termios
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IConsumer, IProcessTransport, IPushProducer
@@ -37,6 +37,9 @@ from zope.interface import implementer
 from pyro_reactor.capabilities.shells.scope import UNIT_VARIABLE, ProcessScope, TreeScope
 from pyro_reactor.system.processes import signalGroup
 from pyro_reactor.system.workspace import WorkingDirectory
+
+if TYPE_CHECKING:
+    from pyro_reactor.capabilities.shells._machine import ShellInput
 
 SIGNALS: dict[str, signal.Signals] = {
     "HUP": signal.SIGHUP,
@@ -288,8 +291,8 @@ class ShellProcess(ProcessProtocol):
 
     def __init__(self, directory: WorkingDirectory | None = None) -> None:
         self.directory = directory
-        self.shell: Any = None
-        """The shell machine (a L{pyro_reactor.capabilities.shells._machine.ShellInput})."""
+        self.shell: ShellInput | None = None
+        """The shell machine, once it exists."""
 
     def releaseDirectory(self) -> None:
         directory, self.directory = self.directory, None
