@@ -24,6 +24,8 @@ from pyro_reactor.capabilities.execute import (
 )
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system import processes
+from pyro_reactor.system._twisted import SpawningProcess
+from pyro_reactor.system.processes import signalGroup
 from tests.helpers import alive, startAgent, waitUntil
 
 reactor: Any = _reactor
@@ -121,6 +123,41 @@ class ExecOverTheWireTests(TestCase):
         # The answer comes once the group is gone (after the SIGKILL grace).
         grandchild = int(pidFile.read_text())
         self.assertTrue(await waitUntil(lambda: not alive(grandchild), seconds=2))
+
+    async def test_timeoutEndsChildrenThatLeftTheGroup(self) -> None:
+        """A timed-out command leaves nothing: not even a ``setsid`` child (own session) that
+        ignores SIGTERM, nor that child's own child."""
+        pidFile = Path(self.mktemp()).absolute()
+        script = (
+            f"setsid sh -c 'trap \"\" TERM; sleep 300 & echo $$ $! > {pidFile}; wait' & sleep 300"
+        )
+        result = await runCommand(reactor, script, timeoutSeconds=1, maxOutputBytes=1024)
+        self.assertTrue(result.timedOut)
+        self.assertTrue(await waitUntil(lambda: pidFile.exists() and pidFile.read_text()))
+        escaped = [int(pid) for pid in pidFile.read_text().split()]
+        self.assertEqual(len(escaped), 2)
+        self.assertTrue(await waitUntil(lambda: not any(alive(pid) for pid in escaped)))
+
+    async def test_timeoutHookIsPluggable(self) -> None:
+        """What a timeout ends is made by ``unitOf`` (a cgroup can take the tree's place)."""
+        signalled: list[tuple[int, int]] = []
+
+        class Recording:
+            def __init__(self, pgid: int) -> None:
+                self.pgid = pgid
+
+            def signal(self, signum: int) -> bool:
+                signalled.append((self.pgid, signum))
+                return signalGroup(self.pgid, signal.SIGKILL)
+
+            def alive(self) -> bool:
+                return False
+
+        result = await runCommand(
+            reactor, "sleep 300", timeoutSeconds=0.2, maxOutputBytes=64, unitOf=Recording
+        )
+        self.assertTrue(result.timedOut)
+        self.assertEqual([signum for _, signum in signalled], [signal.SIGTERM])
 
     async def test_agentStopEndsRunningCommands(self) -> None:
         agent = await startAgent(self)
@@ -228,14 +265,14 @@ class RunCommandTests(TestCase):
     async def test_childReapedBeforeTheSpawnReturns(self) -> None:
         # On a busy machine a command can end before Twisted registers it, which reaps it at
         # once and clears transport.pid: make that happen every time.
-        spawnOnly = processes._SessionProcess._trySpawnInsteadOfFork
+        spawnOnly = SpawningProcess._trySpawnInsteadOfFork
 
         def spawnAndWaitForExit(process: Any, *args: Any) -> bool:
             spawned = spawnOnly(process, *args)
             os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
             return spawned
 
-        self.patch(processes._SessionProcess, "_trySpawnInsteadOfFork", spawnAndWaitForExit)
+        self.patch(SpawningProcess, "_trySpawnInsteadOfFork", spawnAndWaitForExit)
         running: set[int] = set()
         result = await runCommand(
             reactor, "echo quick", timeoutSeconds=5, maxOutputBytes=64, running=running
@@ -251,7 +288,7 @@ class RunCommandTests(TestCase):
         self.patch(os, "fork", forbidden)
         plain = await runCommand(reactor, "echo plain", timeoutSeconds=5, maxOutputBytes=64)
         self.assertEqual(plain.stdout, "plain\n")
-        if processes._chdirProgram() is not None:
+        if processes.probeChdirProgram() is not None:
             directory = Path(self.mktemp()).absolute()
             directory.mkdir()
             inside = await runCommand(

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.capabilities.files import WORKSPACE_FILE_MAX_BYTES, WorkspaceFiles
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.workspace import TEMP_PREFIX, Workspace, processUmask
+from pyro_reactor.system.workspace import TEMP_PREFIX, Workspace, processUmask, walk
 from tests.helpers import RunningAgent, reactor, startAgent
 
 MiB = 1024 * 1024
@@ -376,18 +376,19 @@ class FilesOverTheWireTests(TestCase):
     # -- concurrency ---------------------------------------------------------------------------
 
     async def test_pingAnswersWhileAListingIsStuck(self) -> None:
+        """A listing stuck in a worker thread does not hold a ping back."""
         agent = await self.setUpAgent()
         release = threading.Event()
         self.addCleanup(release.set)
         entered: Deferred[None] = Deferred()
-        original = Workspace.children
+        original = walk.children
 
-        def slowChildren(workspace: Workspace, fd: int) -> Any:
+        def slowChildren(fd: int) -> Any:
             reactor.callFromThread(entered.callback, None)
             release.wait(10)
-            return original(workspace, fd)
+            return original(fd)
 
-        self.patch(Workspace, "children", slowChildren)
+        self.patch(walk, "children", slowChildren)
         answers: list[dict[str, Any]] = []
         listing = agent.call({"action": "list_workspace"}).addCallback(answers.append)
         await entered  # the listing is now under way in a worker thread
@@ -445,3 +446,49 @@ class ReadWithoutReadingTests(SynchronousTestCase):
             ActionError, WorkspaceFiles(Workspace(host)).readFile, "growing", maxBytes=5
         )
         self.assertEqual(str(error), "workspace file exceeds the maximum supported size of 5 bytes")
+
+
+class ListingLimitTests(SynchronousTestCase):
+    """``list_workspace`` stops at ``--max-list-entries`` with a clear error."""
+
+    def setUp(self) -> None:
+        self.host = Path(self.mktemp()).absolute()
+        (self.host / "a" / "b").mkdir(parents=True)
+        for name in ("one", "two", "a/three", "a/b/four"):
+            (self.host / name).write_text(name)
+
+    def test_atTheLimitIsAnswered(self) -> None:
+        """Exactly as many entries as the limit: answered whole, depth first in name order."""
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=6)
+        answer = files.listWorkspace("/workspace", recursive=True)
+        self.assertEqual(
+            [entry["path"] for entry in answer["entries"]],
+            [
+                "/workspace/a",
+                "/workspace/a/b",
+                "/workspace/a/b/four",
+                "/workspace/a/three",
+                "/workspace/one",
+                "/workspace/two",
+            ],
+        )
+
+    def test_overTheLimitIsRefused(self) -> None:
+        """One entry more than the limit: an error naming the option, no partial answer."""
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=5)
+        error = self.assertRaises(ActionError, files.listWorkspace, "/workspace", recursive=True)
+        self.assertEqual(
+            str(error),
+            "/workspace has more than 5 entries to list (the agent's --max-list-entries):"
+            " list a subdirectory, or not recursively",
+        )
+        # Not recursive: only the three top-level entries count.
+        flat = files.listWorkspace("/workspace", recursive=False)
+        self.assertEqual(len(flat["entries"]), 3)
+
+    def test_descriptorsAreClosedOnRefusal(self) -> None:
+        """A refused walk leaves no directory descriptor open."""
+        before = len(os.listdir("/proc/self/fd"))
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=2)
+        self.assertRaises(ActionError, files.listWorkspace, "/workspace", recursive=True)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)

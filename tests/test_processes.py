@@ -81,6 +81,8 @@ class SpawnInSessionTests(TestCase):
         self.assertEqual(ended.signal, signal.SIGTERM)
 
     async def test_workingDirectoryAndSession(self) -> None:
+        """A working directory is entered (env --chdir once probed) in a new group/session."""
+        processes.probeChdirProgram()
         directory = Path(self.mktemp()).absolute()
         directory.mkdir()
         script = 'echo "$PWD $(ps -o pgid= -p $$) $(ps -o sid= -p $$) $$"'
@@ -92,8 +94,9 @@ class SpawnInSessionTests(TestCase):
         self.assertEqual(int(sid), int(pid) if self.newSession else os.getsid(0))
 
     async def test_workingDirectoryThroughFork(self) -> None:
+        """Without env --chdir (or before the probe), the fork path does the same."""
         # Without coreutils' env --chdir, Twisted forks and the child calls setsid() itself.
-        self.patch(processes, "_chdirProgram", lambda: None)
+        self.patch(processes, "chdirProgram", lambda: None)
         await self.test_workingDirectoryAndSession()
 
     async def test_programNameWithEqualsSign(self) -> None:

@@ -17,7 +17,6 @@ socket can be created and bound here but nothing can connect to it. The tests th
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import socket
 import subprocess
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -205,26 +203,6 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(str(VSockAddress(3, 1024)), "vsock:cid=3:port=1024")
 
 
-class TwistedInternalsTests(SynchronousTestCase):
-    """The parts of ``twisted.internet.tcp`` that L{VSockPort} relies on still exist.
-
-    If this fails after a Twisted upgrade, revisit ``pyro_reactor/system/vsock.py`` before
-    widening the Twisted range in setup.cfg.
-    """
-
-    def test_portHooks(self) -> None:
-        self.assertTrue(hasattr(tcp.Port, "_preexistingSocket"))
-        self.assertTrue(callable(getattr(tcp.Port, "_buildAddr", None)))
-        self.assertTrue(issubclass(tcp.Port.transport, tcp.Server))
-        self.assertTrue(issubclass(VSockPort.transport, tcp.Server))
-
-    def test_serverSignature(self) -> None:
-        parameters = list(inspect.signature(tcp.Server.__init__).parameters)
-        self.assertEqual(
-            parameters, ["self", "sock", "protocol", "client", "server", "sessionno", "reactor"]
-        )
-
-
 @implementer(ILogObserver)
 class _Recorder:
     def __init__(self, namespace: str) -> None:
@@ -317,7 +295,7 @@ class AcceptTests(TestCase):
         tcpPort = real.getsockname()[1]
         port = VSockPort(tcpPort, factory, cid=VMADDR_CID_ANY, reactor=reactor, peers=peers)
         costume = _VSockCostume(real, (VMADDR_CID_ANY, tcpPort))
-        port._preexistingSocket = costume  # type: ignore[assignment]
+        port.adoptSocket(costume)
         port.startListening()
         self.addCleanup(port.stopListening)
         return port, tcpPort, costume

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.system._linux import openat2Function, probedOpenat2
 from pyro_reactor.system.workspace import (
     RESOLVE_BENEATH,
     RESOLVE_NO_SYMLINKS,
@@ -28,8 +29,6 @@ from pyro_reactor.system.workspace import (
     SymlinkInPath,
     Workspace,
     WorkspaceError,
-    _openat2Function,
-    _probedOpenat2,
     openat2Available,
     processUmask,
     resolveGuestPath,
@@ -102,7 +101,7 @@ class Openat2Tests(SynchronousTestCase):
     """The raw ``openat2`` call: the kernel itself keeps us beneath the directory."""
 
     def setUp(self) -> None:
-        function = _openat2Function()
+        function = openat2Function()
         if function is None:
             raise self.skipTest("openat2 is not available on this machine")
         self.openat2 = function
@@ -557,8 +556,8 @@ class ForcedOpenat2Tests(SynchronousTestCase):
             ctypes.set_errno(refusals[len(calls) - 1])
             return -1
 
-        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
-        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
+        self.assertIsNone(probedOpenat2(refusingSyscall, 437))
+        self.assertIsNone(probedOpenat2(refusingSyscall, 437))
         self.assertEqual(calls, [437, 437])
 
     def test_umaskUnchanged(self) -> None:

@@ -17,10 +17,7 @@ works anywhere, next to Twisted's own ``tcp:`` and ``unix:``. The server side's 
 parser is a different interface (``IStreamServerEndpointStringParser``); both live together.
 
 The AF_VSOCK transport reuses Twisted's TCP client (``tcp.BaseClient``) with the socket's family
-changed and no name resolution; it relies on ``BaseClient``'s ``_finishInit`` /
-``_requiresResolution`` / ``_setRealAddress`` hooks and on ``endpoints._WrappingFactory``, all
-present across the Twisted range setup.cfg allows (``tests/test_client_endpoints.py`` keeps a
-test on them).
+changed and no name resolution, through the hooks of ``pyro_reactor/client/_twisted.py``.
 """
 
 from __future__ import annotations
@@ -29,9 +26,9 @@ import re
 import socket
 from typing import Any
 
-from twisted.internet import base, error, tcp
+from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, _WrappingFactory
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -46,6 +43,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pyro_reactor.client._twisted import StreamClient, StreamConnector, connectWrapped
 from pyro_reactor.system.vsock import AF_VSOCK, VSockAddress, cidName
 
 _MAX_U32 = 0xFFFFFFFF
@@ -223,11 +221,10 @@ class FirecrackerVSockClientEndpoint:
 # -- AF_VSOCK --------------------------------------------------------------------------------
 
 
-class VSockClient(tcp.BaseClient):
+class VSockClient(StreamClient):
     """An outgoing ``AF_VSOCK`` stream: Twisted's TCP client with vsock addresses."""
 
     socketType = socket.SOCK_STREAM
-    _requiresResolution = False
 
     def __init__(self, cid: int, port: int, connector: VSockConnector, reactor: Any) -> None:
         self.connector = connector
@@ -244,7 +241,7 @@ class VSockClient(tcp.BaseClient):
         except OSError as se:
             err = error.ConnectBindError(se.args[0], se.args[1])
             whenDone = None
-        self._finishInit(whenDone, skt, err, reactor)
+        self.finishInit(whenDone, skt, err, reactor)
 
     def getHost(self) -> VSockAddress:
         cid, port = self.socket.getsockname()
@@ -255,7 +252,7 @@ class VSockClient(tcp.BaseClient):
         return VSockAddress(cid, port)
 
 
-class VSockConnector(base.BaseConnector):
+class VSockConnector(StreamConnector):
     """Drives one L{VSockClient} connection attempt (with the connect timeout)."""
 
     def __init__(
@@ -263,9 +260,9 @@ class VSockConnector(base.BaseConnector):
     ) -> None:
         self.cid = cid
         self.port = port
-        base.BaseConnector.__init__(self, factory, timeout, reactor)
+        StreamConnector.__init__(self, factory, timeout, reactor)
 
-    def _makeTransport(self) -> VSockClient:  # type: ignore[override]
+    def makeTransport(self) -> VSockClient:
         return VSockClient(self.cid, self.port, self, self.reactor)
 
     def getDestination(self) -> VSockAddress:
@@ -286,11 +283,10 @@ class VSockClientEndpoint:
         self.timeout = timeout
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        wrapping = _WrappingFactory(protocolFactory)
-        connector = VSockConnector(self.cid, self.port, wrapping, self.timeout, self.reactor)
-        connector.connect()
-        connected: Deferred[IProtocol] = wrapping._onConnection
-        return connected
+        def connect(wrapping: IProtocolFactory) -> None:
+            VSockConnector(self.cid, self.port, wrapping, self.timeout, self.reactor).connect()
+
+        return connectWrapped(protocolFactory, connect)
 
     def __repr__(self) -> str:
         return f"VSockClientEndpoint(cid={cidName(self.cid)}, port={self.port})"

@@ -80,13 +80,13 @@ def parseStart(
     name = normalizeServiceName(request.string("service_name", ""))
     command = request.string("command", "")
     cwdText = request.string("cwd", "/workspace")
+    if not isValidText(cwdText):
+        raise ActionError("cwd must be valid Unicode text")
     cwd = workspace.resolve(cwdText)
     if "\x00" in command:
         raise ActionError("command must not contain NUL bytes")
     if not isValidText(command):
         raise ActionError("command must be valid Unicode text")
-    if not isValidText(cwdText):
-        raise ActionError("cwd must be valid Unicode text")
     checkName(name)
     readiness = request.mapping("readiness")
     probe = None if readiness is None else parseReadiness(readiness, workspace)
