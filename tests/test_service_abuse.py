@@ -445,18 +445,22 @@ class OddInputTests(AbuseTestCase):
                 b'"ready_timeout_seconds":1' + b"0" * 400,
                 "ready_timeout_seconds is out of range (at most 9223372036854775807 in magnitude)",
             ),
+            (b'"ready_timeout_seconds":86401', "ready_timeout_seconds must be at most 86400"),
             (
                 b'"ready_timeout_seconds":"' + b"9" * 5000 + b'"',
                 "ready_timeout_seconds must be an integer",
             ),
             (b'"ready_timeout_seconds":NaN', "ready_timeout_seconds must be an integer"),
             (b'"ready_timeout_seconds":1e400', "ready_timeout_seconds must be an integer"),
-            (b'"ready_timeout_seconds":86401', "ready_timeout_seconds must be at most 86400"),
             (
                 b'"ready_interval_ms":1' + b"0" * 400,
                 "ready_interval_ms is out of range (at most 9223372036854775807 in magnitude)",
             ),
             (b'"ready_interval_ms":86400001', "ready_interval_ms must be at most 86400000"),
+            (
+                b'"ready_interval_ms":1' + b"0" * 5000,
+                "request is not valid JSON: a number has more than 4300 digits",
+            ),
             (b'"cwd":"/workspace/\\udcff"', "cwd must be valid Unicode text"),
             (
                 b'"readiness":{"type":"command","command":"\\ud800"}',

@@ -104,7 +104,9 @@ class FakeProbe:
     def _expired(self) -> None: ...
 
 
-class ServiceMachineTests(SynchronousTestCase):
+class MachineFixture(SynchronousTestCase):
+    """A service machine driven by a fake runner and probe on a Clock."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
@@ -159,9 +161,14 @@ class ServiceMachineTests(SynchronousTestCase):
     def assertNoTimers(self) -> None:
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+
+class ServiceMachineTests(MachineFixture):
+    """The service machine's lifecycle, from start to every end."""
+
     # -- starting ---------------------------------------------------------------------------
 
     def test_startSpawnsAndRecords(self) -> None:
+        """Starting records the spawned runner (pid, start time) and starts the probe."""
         service, _core = self.makeService()
         settled = service.whenSettled()
         self.launch(service)
@@ -176,6 +183,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertIsNone(record["ready_at"])
 
     def test_readyAnswersStart(self) -> None:
+        """The probe passing settles the start with the record, ready_at set."""
         service, _core = self.started()
         settled = service.whenSettled()
         self.clock.advance(2)
@@ -187,11 +195,13 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertEqual(self.process.signals, [])
 
     def test_withoutProbeReadyAtOnce(self) -> None:
+        """Without a readiness probe a started service is ready at once."""
         service, _core = self.started(withProbe=False)
         answer = self.successResultOf(service.whenSettled())
         self.assertEqual((answer["state"], answer["ready_at"]), ("running", 1000))
 
     def test_exitBeforeReadyIsReportedAtOnce(self) -> None:
+        """An exit before ready ends the service failed, stops the probe, keeps the code."""
         service, _core = self.started()
         settled = service.whenSettled()
         self.clock.advance(0.5)
@@ -206,6 +216,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertEqual(self.saved[-1]["state"], "failed")
 
     def test_readinessTimeoutStopsTheService(self) -> None:
+        """A readiness timeout sends SIGTERM; failed/readiness_timeout once the unit is gone."""
         service, core = self.started()
         settled = service.whenSettled()
         self.probe.onTimeout()
@@ -221,6 +232,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertNoTimers()
 
     def test_readinessTimeoutWithTermIgnored(self) -> None:
+        """A readiness timeout with SIGTERM ignored sends SIGKILL after the grace."""
         service, _core = self.started()
         settled = service.whenSettled()
         self.probe.onTimeout()
@@ -235,6 +247,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertNoTimers()
 
     def test_stopDuringReadiness(self) -> None:
+        """A stop while starting stops the probe; a late probe result is ignored."""
         service, _core = self.started()
         settled = service.whenSettled()
         service.stop()
@@ -252,6 +265,7 @@ class ServiceMachineTests(SynchronousTestCase):
     # -- running ----------------------------------------------------------------------------
 
     def test_exitAfterReady(self) -> None:
+        """A ready service's exit ends it exited with its code, without a signal."""
         _service, core = self.ready()
         self.clock.advance(10)
         self.process.onExit(5)
@@ -263,6 +277,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertEqual(self.process.signals, [])
 
     def test_stopObeyed(self) -> None:
+        """A stop obeyed: the unit's end answers stopped/sigterm, no timer left."""
         service, _core = self.ready()
         service.stop()
         ended = service.whenEnded()
@@ -291,6 +306,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertNoTimers()
 
     def test_stopIgnoredEndsWithKill(self) -> None:
+        """A stop ignored: SIGKILL exactly at the grace, then stopped/sigkill."""
         service, _core = self.ready()
         service.stop()
         ended = service.whenEnded()
@@ -315,6 +331,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertNoTimers()
 
     def test_stopTwiceWaitsForTheSameEnd(self) -> None:
+        """Repeated stops send no extra signal and all wait for the same end."""
         service, _core = self.ready()
         service.stop()
         first = service.whenEnded()
@@ -331,6 +348,8 @@ class ServiceMachineTests(SynchronousTestCase):
     # -- terminal states --------------------------------------------------------------------
 
     def test_lateEventsInTerminalStates(self) -> None:
+        """Every input in exited, stopped or failed is ignored: no signal, no save, no change."""
+
         def exitAlone(service: ServiceInput) -> None:
             self.process.onExit(1)
 
@@ -367,6 +386,7 @@ class ServiceMachineTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(service.whenEnded()), record)
 
     def test_stopOfAnEndedServiceAnswersItsRecord(self) -> None:
+        """A stop of an ended service answers its record unchanged."""
         service, _core = self.ready()
         self.process.onExit(0)
         service.stop()
@@ -376,8 +396,10 @@ class ServiceMachineTests(SynchronousTestCase):
     def test_stopBeforeStart(self) -> None:
         """A stop while the registry prepares ends the service; a late start is ignored."""
         service, _core = self.makeService()
+        self.assertTrue(service.canStart())
         service.stop()
         self.assertTrue(service.hasEnded())
+        self.assertFalse(service.canStart())
         late = FakeProcess(service._exited)
         service.start(late)
         self.assertEqual(late.signals, [])
@@ -387,6 +409,7 @@ class ServiceMachineTests(SynchronousTestCase):
     # -- the agent stopping, and the agent starting again -----------------------------------
 
     def test_detachLeavesTheProcessRunning(self) -> None:
+        """Detaching (the agent stopping) releases the process unsignalled and fails the waiters."""
         service, core = self.started()
         settled = service.whenSettled()
         service.detach()
@@ -399,6 +422,7 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertEqual(core.snapshot()["state"], "running")
 
     def test_detachWhileStopping(self) -> None:
+        """Detaching while stopping cancels the grace timer and the watch."""
         service, _core = self.ready()
         service.stop()
         service.detach()
@@ -441,10 +465,84 @@ class ServiceMachineTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(service.whenEnded())["exit_code"], 4)
 
 
+class QuestionTests(MachineFixture):
+    """Questions about the lifecycle are inputs, answered by the state the machine is in."""
+
+    def test_hasEndedPerState(self) -> None:
+        """hasEnded is false until a terminal state, and false once detached."""
+        service, _core = self.makeService()
+        self.assertFalse(service.hasEnded())
+        self.launch(service)
+        self.assertFalse(service.hasEnded())  # starting
+        self.probe.onReady()
+        self.assertFalse(service.hasEnded())  # running
+        service.stop()
+        self.assertFalse(service.hasEnded())  # stopping
+        self.clock.advance(STOP_GRACE)
+        self.assertFalse(service.hasEnded())  # killing
+        self.process.end(None)
+        self.assertTrue(service.hasEnded())
+        detached, _core = self.started()
+        detached.detach()
+        self.assertFalse(detached.hasEnded())
+
+    def test_canStartOnlyWhenIdle(self) -> None:
+        """Only an idle machine takes a runner: not once started, stopped or detached."""
+        service, _core = self.makeService()
+        self.assertTrue(service.canStart())
+        self.launch(service)
+        self.assertFalse(service.canStart())
+        idle, _core = self.makeService()
+        idle.detach()
+        self.assertFalse(idle.canStart())
+
+    def test_whenSettledWaitsInSettlingStatesOnly(self) -> None:
+        """Asked before the start, it waits; asked once running, it answers at once."""
+        service, _core = self.makeService()
+        early = service.whenSettled()
+        self.launch(service)
+        self.assertNoResult(early)
+        self.probe.onReady()
+        self.assertEqual(self.successResultOf(early)["state"], "running")
+        self.assertEqual(self.successResultOf(service.whenSettled())["state"], "running")
+        ended = service.whenEnded()
+        self.assertNoResult(ended)
+        self.process.onExit(7)
+        self.assertEqual(self.successResultOf(ended)["exit_code"], 7)
+
+    def test_answersWaitForTheRecordToBeWritten(self) -> None:
+        """An answer comes once the record it shows has been written (or tried)."""
+        pending: list[Deferred[None]] = []
+
+        def save(record: dict[str, Any]) -> Deferred[None]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        service, core = self.makeService(withProbe=False)
+        core.save = save
+        self.launch(service)
+        settled = service.whenSettled()
+        self.assertNoResult(settled)
+        for write in pending:
+            write.callback(None)
+        self.assertEqual(self.successResultOf(settled)["state"], "running")
+
+    def test_detachedRefusesQuestions(self) -> None:
+        """Once detached (the agent stopping), both questions fail with a clear error."""
+        service, _core = self.ready()
+        service.detach()
+        self.assertEqual(
+            str(self.failureResultOf(service.whenSettled(), ActionError).value),
+            "the agent is stopping",
+        )
+        self.failureResultOf(service.whenEnded(), ActionError)
+
+
 class RecordWriterTests(SynchronousTestCase):
     """The record is written off the reactor thread, in order, newest wins."""
 
     def test_newestRecordWinsAndNothingOverlaps(self) -> None:
+        """Writes never overlap; only the newest waiting record is written; no temporary left."""
         root = Path(self.mktemp())
         root.mkdir()
         files = ServiceFiles(root, "web")
@@ -497,6 +595,8 @@ class _ReapedAtOnceReactor(Clock):
 
 
 class InstantExitTests(SynchronousTestCase):
+    """A runner reaped inside the spawn itself."""
+
     def test_anExitDuringTheSpawnComesAfterReady(self) -> None:
         """A service without readiness that ends at once is ``exited``, not ``failed``."""
         base = Path(self.mktemp()).absolute()

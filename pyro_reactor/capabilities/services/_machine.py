@@ -15,8 +15,10 @@ answers ``whenConnected``: ``whenSettled`` (ready or ended) and ``whenEnded`` re
 ``succeed(record)`` in a state that has the answer, and otherwise a ``Deferred`` kept in the
 core's waiting lists (as ``ClientService`` keeps ``awaitingConnected``), fired by the
 transition that settles or ends the service; ``hasEnded`` tells the registry whether a new
-service may take the name. The machine is built in L{_makeServiceMachine}, with its states
-local; L{newService}, L{adoptedService} and L{endedService} create one in the right state.
+service may take the name, ``canStart`` whether a runner may still be spawned (a stop, or
+the agent stopping, may come while the registry prepares the files). The machine is built
+in L{_makeServiceMachine}, with its states local; L{newService}, L{adoptedService} and
+L{endedService} create one in the right state.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class ServiceInput(Protocol):
 
     def hasEnded(self) -> bool:
         "Whether the service has ended (a new one may take its name)."
+
+    def canStart(self) -> bool:
+        "Whether a runner may be spawned for this machine (it is still idle)."
 
     def _ready(self) -> None:
         "The readiness probe passed (or there is none)."
@@ -381,11 +386,16 @@ def _makeServiceMachine() -> ServiceMachines:
         state.upon(ServiceInput.whenSettled).loop()(settledOutput)
         state.upon(ServiceInput.whenEnded).loop()(endedOutput)
         state.upon(ServiceInput.hasEnded).loop().returns(hasEnded)
+    notIdle: list[Any] = [running, *terminal.values(), detached]
+    for state in notIdle:
+        state.upon(ServiceInput.canStart).loop().returns(False)
+    idle.upon(ServiceInput.canStart).loop().returns(True)
     withData: list[Any] = [starting, *ending]
     for state in withData:
         state.upon(ServiceInput.whenSettled, nodata=True).loop()(_awaitSettled)
         state.upon(ServiceInput.whenEnded, nodata=True).loop()(_awaitEnded)
         state.upon(ServiceInput.hasEnded, nodata=True).loop().returns(False)
+        state.upon(ServiceInput.canStart, nodata=True).loop().returns(False)
 
     # -- late or repeated events, explicitly ignored -------------------------------------
     late = (

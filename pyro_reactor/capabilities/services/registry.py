@@ -6,10 +6,11 @@ that no name can be started twice) and takes each service back: a live one is wa
 one that ended meanwhile becomes ``exited`` with the code from ``NAME.status``.
 
 A start is four steps (L{Services.start}): claim the name (a machine in ``idle``), sweep what
-an ended service of the same name left running (SIGKILL, waiting until it is gone), prepare
+an ended service of the same name left running (SIGKILL, waiting until it is gone; a start is
+refused if it is not gone after the stop grace), prepare
 the files and open the working directory (in a worker thread), then spawn the runner and hand
 it to the machine. A failed step gives the name back. Whether a name is free, and whether a
-start was overtaken by a stop, is asked of the machine (``hasEnded``).
+start was overtaken by a stop, is asked of the machine (``hasEnded``, ``canStart``).
 """
 
 from __future__ import annotations
@@ -237,12 +238,16 @@ class Services(Service):
         self.checkNameFree(spec.name)
         previous = self.handles.get(spec.name)
         handle = self._claim(spec)
-        swept: Deferred[None] = succeed(None)
+        swept: Deferred[bool] = succeed(True)
         leftovers = None if previous is None else previous.leftovers()
         if leftovers is not None:
-            swept = sweep(self.reactor, leftovers)
+            swept = sweep(self.reactor, leftovers, self.stopGrace)
 
-        def prepare(_: None) -> Deferred[WorkingDirectory]:
+        def prepare(gone: bool) -> Deferred[WorkingDirectory]:
+            if not gone:
+                raise ActionError(
+                    f"cannot start service {spec.name!r}: processes of its last run do not end"
+                )
             return self.context.inThread(self._prepare, handle.files, spec)
 
         def giveBack(failure: Failure) -> Failure:
@@ -320,7 +325,7 @@ class Services(Service):
         previous: ServiceHandle | None,
     ) -> Deferred[Record]:
         """Spawn the runner in the prepared directory, unless a stop came first."""
-        if handle.machine.hasEnded():
+        if not handle.machine.canStart():
             directory.close()  # stopped (or the agent stopped) while preparing
             return handle.machine.whenSettled()
         try:
@@ -379,7 +384,7 @@ class Services(Service):
         if handle.machine.hasEnded():
             leftovers = handle.leftovers()
             if leftovers is not None:
-                return sweep(self.reactor, leftovers).addCallback(
+                return sweep(self.reactor, leftovers, self.stopGrace).addCallback(
                     lambda _: handle.machine.whenEnded()
                 )
         handle.machine.stop()

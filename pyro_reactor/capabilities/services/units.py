@@ -491,12 +491,28 @@ class AdoptedProcess:
         self._unwatch()
 
 
-def sweep(reactor: Any, unit: UnitGroup) -> Deferred[None]:
-    """SIGKILL what is left of an ended unit; fires once nothing of it is left."""
-    done: Deferred[None] = Deferred()
+def sweep(reactor: Any, unit: UnitGroup, timeout: float) -> Deferred[bool]:
+    """SIGKILL what is left of an ended unit.
+
+    Fires with C{True} once nothing of it is left, or C{False} if something still is after
+    C{timeout} seconds (a process stuck in the kernel).
+    """
+    done: Deferred[bool] = Deferred()
     if unit.kill(_signal.SIGKILL):
         log.info("killed what was left of an ended service")
-    UnitWatch(reactor, unit, lambda: done.callback(None))
+
+    def gone() -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(True)
+
+    def stuck() -> None:
+        watch.stop()
+        done.callback(False)
+
+    timer = reactor.callLater(timeout, stuck)
+    watch = UnitWatch(reactor, unit, gone)
     return done
 
 
