@@ -14,6 +14,7 @@ from pyro_reactor.capabilities.base import Capability
 from pyro_reactor.capabilities.execute import ExecCapability
 from pyro_reactor.capabilities.files import FilesCapability
 from pyro_reactor.capabilities.ping import PingCapability
+from pyro_reactor.capabilities.ports import PortsCapability
 from pyro_reactor.capabilities.services import ServicesCapability
 from pyro_reactor.capabilities.shells import ShellsCapability
 from pyro_reactor.context import AgentContext
@@ -26,6 +27,7 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ArchivesCapability,
     ShellsCapability,
     ServicesCapability,
+    PortsCapability,
 )
 
 

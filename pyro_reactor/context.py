@@ -35,6 +35,8 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    relayHosts: str = "loopback"
+    maxWatches: int = 64
 
     @property
     def shellRoot(self) -> Path:

@@ -37,6 +37,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _relayHosts(text: str) -> str:
+    if text not in ("loopback", "any"):
+        raise ValueError(f"must be loopback or any, not {text}")
+    return text
+
+
 class _ReactorNeeded(Exception):
     """A parser wanted a reactor while its endpoint string was only being checked."""
 
@@ -116,6 +122,14 @@ class Options(usage.Options):
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "relay-hosts",
+            None,
+            "loopback",
+            "Guest addresses connect_tcp may reach: loopback (127.0.0.1, ::1, localhost) or any.",
+            _relayHosts,
+        ],
+        ["max-watches", None, 64, "Most watch_workspace streams at once.", _positive(int)],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +155,8 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            relayHosts=self["relay-hosts"],
+            maxWatches=self["max-watches"],
         )
 
 
