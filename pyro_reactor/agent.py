@@ -17,6 +17,7 @@ from pyro_reactor.capabilities.ping import PingCapability
 from pyro_reactor.capabilities.ports import PortsCapability
 from pyro_reactor.capabilities.services import ServicesCapability
 from pyro_reactor.capabilities.shells import ShellsCapability
+from pyro_reactor.capabilities.watch import WatchCapability
 from pyro_reactor.context import AgentContext
 from pyro_reactor.wire.dispatch import Dispatcher
 from pyro_reactor.wire.protocol import RequestFactory
@@ -28,6 +29,7 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ShellsCapability,
     ServicesCapability,
     PortsCapability,
+    WatchCapability,
 )
 
 
