@@ -1,10 +1,11 @@
 """The two protocols of a TCP relay and the transport-backed L{End} the relay machine acts on.
 
-Bytes go straight from one transport to the other. Backpressure is Twisted's own: each
-transport is registered as the (streaming) producer of the other, so when the bytes written
-to one side pile up past its write buffer (64 KiB by default), the other side stops being
-read until they drain. Neither direction ever holds more than that buffer plus one read in
-the agent, whatever the speed difference; a peer that stops reading stalls the other one.
+Bytes go straight from one transport to the other (to the socket at once when nothing is
+queued for it, see L{sendNow}). Backpressure is Twisted's own: each transport is registered as
+the (streaming) producer of the other, so when the bytes written to one side pile up past its
+buffer (L{RELAY_BUFFER}, 256 KiB), the other side stops being read until they drain. Neither
+direction ever holds more than that buffer plus one read (512 KiB) in the agent, whatever the
+speed difference; a peer that stops reading stalls the other one.
 
 Half-close goes both ways: both protocols provide ``IHalfCloseableProtocol``, an EOF from one
 side becomes a ``shutdown(SHUT_WR)`` on the other (after what is buffered for it), and the relay
@@ -25,8 +26,24 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.ports._machine import End, RelayCore, RelayInputs, RelayMachine
+from pyro_reactor.capabilities.ports._writethrough import sendNow
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+RELAY_BUFFER = 256 * 1024
+"""Bytes read at a time from each side, and written bytes that may pile up for a side before
+the other side stops being read: each direction holds at most about twice this."""
+
+
+def _tune(transport: Any) -> None:
+    # FileDescriptor.bufferSize is both the read size and the producer-pausing threshold.
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = RELAY_BUFFER
+    # Relayed bytes go out as they come: Nagle would hold small answers back.
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not TCP (a vsock or UNIX host connection)
 
 
 class TransportEnd:
@@ -97,6 +114,7 @@ class GuestSide(Protocol):
         self.early = b""
 
     def connectionMade(self) -> None:
+        _tune(self.transport)
         self.relay.machine.guestConnected(TransportEnd(self.transport))
 
     def dataReceived(self, data: bytes) -> None:
@@ -105,7 +123,7 @@ class GuestSide(Protocol):
             # paused meanwhile): kept, and written first.
             self.early += data
             return
-        self.peer.write(data)
+        sendNow(self.peer, data)
 
     def attach(self, peer: Any) -> None:
         self.peer = peer
@@ -131,13 +149,12 @@ class HostSide(Protocol):
         self.relay = relay
 
     def connectionMade(self) -> None:
+        _tune(self.transport)
         self.relay.guest.attach(self.transport)
         self.relay.machine.hostAttached(TransportEnd(self.transport))
 
     def dataReceived(self, data: bytes) -> None:
-        transport = self.relay.guest.transport
-        assert transport is not None
-        transport.write(data)
+        sendNow(self.relay.guest.transport, data)
 
     def readConnectionLost(self) -> None:
         self.relay.machine.hostEOF()
