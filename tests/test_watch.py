@@ -279,7 +279,7 @@ class TreeTests(SynchronousTestCase):
         self.lines: list[dict[str, Any]] = []
         self.gone: list[bool] = []
         self.clock = Clock()
-        self.fd = _inotify.RawINotify(lambda events, drained: None, reactor=Clock())
+        self.fd = _inotify.openINotify(lambda events, drained: None, reactor=Clock())
         self.addCleanup(lambda: os.close(self.fd.fileno()))
         self.tree = WatchTree(
             workspace=Workspace(self.root),

@@ -10,7 +10,6 @@ guest's listening sockets (L{pyro_reactor.capabilities.ports.listing}).
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from typing import Any
 
@@ -21,7 +20,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from pyro_reactor.capabilities.ports.listing import listPorts
 from pyro_reactor.capabilities.ports.relay import Relay
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
@@ -64,12 +62,16 @@ class PortsCapability:
         ]
 
     def listPorts(self, request: Request) -> Deferred[dict[str, Any]]:
+        from pyro_reactor.capabilities.ports.listing import listPorts  # noqa: PLC0415
+
         return self.context.inThread(listPorts)
 
     def _endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
         reactor = self.context.reactor
         if host == "localhost":
             return TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=timeout)
+        import ipaddress  # noqa: PLC0415 (only a relay needs it)
+
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.capabilities.watch._inotify import RawEvent, RawINotify
+from pyro_reactor.capabilities.watch._inotify import RawEvent, openINotify
 from pyro_reactor.capabilities.watch._machine import WatchCore, WatchInputs, WatchMachine
 from pyro_reactor.capabilities.watch.tree import Event, WatchTree
 from pyro_reactor.context import AgentContext
@@ -118,7 +118,7 @@ class WatchCapability:
             tree.handle(events, drained)
 
         try:
-            inotify = RawINotify(onEvents, reactor=self.context.reactor)
+            inotify = openINotify(onEvents, reactor=self.context.reactor)
         except Exception as error:
             raise ActionError(f"cannot watch {path.text}: no inotify instance: {error}") from None
         self.active += 1

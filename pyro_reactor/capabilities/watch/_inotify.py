@@ -1,14 +1,14 @@
 """One inotify instance on the reactor, with the raw events Twisted's callbacks leave out.
 
-L{RawINotify} is a L{twisted.internet.inotify.INotify}: Twisted creates the descriptor
+L{openINotify} makes a L{twisted.internet.inotify.INotify}: Twisted creates the descriptor
 (non-blocking, close-on-exec), reads it on the reactor when it is readable (no thread, no
 polling) and closes it with ``loseConnection``. Two things of Twisted's ``watch`` API do not fit
 a workspace watch, so they are done here instead:
 
 - its callbacks get neither the rename cookie (needed to pair ``IN_MOVED_FROM`` with
   ``IN_MOVED_TO``) nor ``IN_Q_OVERFLOW``, and its ``IN_DELETE_SELF`` handling closes the whole
-  descriptor when any watched subdirectory is deleted: L{RawINotify.doRead} parses the events
-  itself and hands each batch, cookies included, to C{onEvents};
+  descriptor when any watched subdirectory is deleted: its ``doRead`` is replaced by one that
+  parses the events itself and hands each batch, cookies included, to C{onEvents};
 - its ``add`` loses ``errno``, so the kernel's watch limit (``ENOSPC``) cannot be told from a
   directory that vanished: L{addWatch} calls ``inotify_add_watch`` through ctypes with
   ``use_errno``.
@@ -29,21 +29,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import inotify as _twisted_inotify
-
-IN_MODIFY = _twisted_inotify.IN_MODIFY
-IN_CLOSE_WRITE = _twisted_inotify.IN_CLOSE_WRITE
-IN_MOVED_FROM = _twisted_inotify.IN_MOVED_FROM
-IN_MOVED_TO = _twisted_inotify.IN_MOVED_TO
-IN_CREATE = _twisted_inotify.IN_CREATE
-IN_DELETE = _twisted_inotify.IN_DELETE
-IN_DELETE_SELF = _twisted_inotify.IN_DELETE_SELF
-IN_MOVE_SELF = _twisted_inotify.IN_MOVE_SELF
-IN_UNMOUNT = _twisted_inotify.IN_UNMOUNT
-IN_Q_OVERFLOW = _twisted_inotify.IN_Q_OVERFLOW
-IN_IGNORED = _twisted_inotify.IN_IGNORED
-IN_ONLYDIR = _twisted_inotify.IN_ONLYDIR
-IN_ISDIR = _twisted_inotify.IN_ISDIR
+# The kernel's inotify(7) ABI (the same numbers as twisted.internet.inotify's, which is only
+# imported when a watch starts: loading it looks libc up, a cost every agent start would pay).
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
 IN_EXCL_UNLINK = 0x04000000
 
 WATCH_MASK = (
@@ -133,29 +133,37 @@ def parseEvents(buffer: bytes) -> tuple[list[RawEvent], bytes]:
     return events, buffer[offset:]
 
 
-class RawINotify(_twisted_inotify.INotify):
-    """An inotify descriptor read by the reactor; each batch of events goes to C{onEvents}.
+EventsCallback = Callable[[list[RawEvent], bool], None]
 
-    C{onEvents(events, drained)}: ``drained`` is true when the read was short, i.e. the kernel's
-    queue held no more at that moment.
-    """
+_RawINotify: Any = None
 
-    def __init__(
-        self, onEvents: Callable[[list[RawEvent], bool], None], reactor: Any = None
-    ) -> None:
-        super().__init__(reactor=reactor)
-        self.onEvents = onEvents
-        self._rest = b""
 
-    def doRead(self) -> object:
-        try:
-            data = os.read(self.fileno(), READ_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError as error:
-            return error  # the reactor's way to say the descriptor is lost
-        if not data:
-            return None
-        events, self._rest = parseEvents(self._rest + data)
-        self.onEvents(events, len(data) <= READ_SIZE - _MAX_EVENT)
-        return None
+def openINotify(onEvents: EventsCallback, reactor: Any = None) -> Any:
+    """A new L{twisted.internet.inotify.INotify} whose batches of raw events (cookies
+    included) go to ``onEvents(events, drained)``: ``drained`` is true when the read was short,
+    i.e. the kernel's queue held no more at that moment."""
+    global _RawINotify  # defined once, on first use
+    if _RawINotify is None:
+        from twisted.internet import inotify  # noqa: PLC0415 (on first use, see above)
+
+        class RawINotify(inotify.INotify):
+            def __init__(self, onEvents: EventsCallback, reactor: Any = None) -> None:
+                super().__init__(reactor=reactor)
+                self.onEvents = onEvents
+                self._rest = b""
+
+            def doRead(self) -> object:
+                try:
+                    data = os.read(self.fileno(), READ_SIZE)
+                except BlockingIOError:
+                    return None
+                except OSError as error:
+                    return error  # the reactor's way to say the descriptor is lost
+                if not data:
+                    return None
+                events, self._rest = parseEvents(self._rest + data)
+                self.onEvents(events, len(data) <= READ_SIZE - _MAX_EVENT)
+                return None
+
+        _RawINotify = RawINotify
+    return _RawINotify(onEvents, reactor)
