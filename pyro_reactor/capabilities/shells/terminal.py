@@ -28,14 +28,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IConsumer, IProcessTransport, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.shells.scope import UNIT_VARIABLE, ProcessScope, TreeScope
-from pyro_reactor.system.processes import signalGroup
+from pyro_reactor.system.processes import exitCodeOf, signalGroup
 from pyro_reactor.system.workspace import WorkingDirectory
 
 if TYPE_CHECKING:
@@ -83,16 +82,6 @@ def shellEnvironment(
 def setWindowSize(fd: int, cols: int, rows: int) -> None:
     """Set a terminal's size (on the master, the foreground group also gets SIGWINCH)."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def exitCodeOf(reason: Failure) -> int:
-    """The exit status as ``subprocess`` reports it: negative signal number if killed."""
-    value = reason.value
-    if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            return -int(value.signal)
-        return int(value.exitCode or 0)
-    return 0
 
 
 class Terminal(Protocol):
@@ -321,7 +310,6 @@ __all__ = [
     "PTYTerminal",
     "ShellProcess",
     "Terminal",
-    "exitCodeOf",
     "setWindowSize",
     "shellArgv",
     "shellEnvironment",
