@@ -26,6 +26,7 @@ from pyro_reactor.capabilities.shells import (
 from pyro_reactor.capabilities.shells.redact import MASK
 from pyro_reactor.capabilities.shells.terminal import InputQueue
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import BudgetExceeded, MemoryBudget
 
 
 class FakeTerminal:
@@ -581,3 +582,40 @@ class InputQueueTests(SynchronousTestCase):
         held = consumer.held
         consumer.drain()
         self.assertEqual(consumer.written, held)
+
+
+class BudgetTests(SynchronousTestCase):
+    """Queued input and output windows draw from the agent's one memory budget."""
+
+    def test_queuedInputIsHeldFromTheBudget(self) -> None:
+        """Queued input holds its bytes from the budget; a write that does not fit is refused
+        whole, and draining or dropping gives the bytes back."""
+        budget = MemoryBudget(300_000)
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer, budget.reserve(0, "input queued for shell 's'"))  # type: ignore[arg-type]
+        queue.write(b"x" * 250_000)
+        self.assertEqual(budget.used, queue.queued)
+        error = self.assertRaises(BudgetExceeded, queue.write, b"y" * 200_000)
+        self.assertIn("input queued for shell 's'", str(error))
+        self.assertEqual(budget.used, queue.queued)
+        consumer.drain()
+        self.assertEqual(budget.used, queue.queued)
+        queue.drop()
+        self.assertEqual(budget.used, 0)
+
+    def test_windowShrinksToWhatTheBudgetHolds(self) -> None:
+        """A window whose budget is short holds less (the log has the rest); closing the
+        output gives its bytes back."""
+        budget = MemoryBudget(20_000)
+        root = Path(self.mktemp())
+        root.mkdir()
+        output = ShellOutput(
+            root / "b.log", [], 1 << 20, Clock(), 1 << 30, budget.reserve(0, "the output")
+        )
+        for _ in range(100):
+            output.feed(b"z" * 1000)
+        self.assertLessEqual(output.window.bytes, 20_000)
+        self.assertEqual(budget.used, output.window.bytes)
+        self.assertGreater(output.windowStart, 0)
+        output.closeLog()
+        self.assertEqual(budget.used, 0)

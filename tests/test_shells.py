@@ -357,6 +357,18 @@ class ShellTests(ShellTestCase):
         log = (self.agent.stateDir / "pyro-shells" / "s.log").read_bytes()
         self.assertNotIn(b"trapped", log)
 
+    async def test_shellMemoryGoesBackToTheBudgetWhenClosed(self) -> None:
+        """A shell's window draws from the agent's memory budget while open; closing it
+        gives every byte back."""
+        budget = self.agent.context.budget
+        before = budget.used
+        await self.openShell()
+        await self.write("echo budget-$((6*7))")
+        await self.readUntil("budget-42\r\n")
+        self.assertGreater(budget.used, before)
+        await self.agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(await until(lambda: budget.used == before), (budget.used, before))
+
     async def test_stoppingTheAgentClosesShells(self) -> None:
         """Stopping the agent closes every shell and its processes."""
         await self.openShell("a")

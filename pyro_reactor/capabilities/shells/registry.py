@@ -205,6 +205,7 @@ class Shells(Service):
                 self.windowBytes,
                 reactor,
                 self.config.logBytes,
+                self.context.budget.reserve(0, f"the output of shell {spec.shellId!r}"),
             )
         except OSError as error:
             protocol.releaseDirectory()
@@ -221,6 +222,7 @@ class Shells(Service):
                 directory.path,
                 spec.cols,
                 spec.rows,
+                self.context.budget.reserve(0, f"input queued for shell {spec.shellId!r}"),
             )
         except OSError as error:
             protocol.releaseDirectory()

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from pyro_reactor.capabilities.shells.scope import UNIT_VARIABLE, ProcessScope, TreeScope
 from pyro_reactor.system.processes import exitCodeOf, signalGroup
 from pyro_reactor.system.workspace import WorkingDirectory
+from pyro_reactor.wire.budget import Reservation
 
 if TYPE_CHECKING:
     from pyro_reactor.capabilities.shells._machine import ShellInput
@@ -115,13 +116,15 @@ class InputQueue:
     """Input for the shell, handed to the transport a piece at a time while it is not paused.
 
     The transport pauses us as soon as it holds more than its buffer size, so it holds at most
-    about two pieces; L{queued} counts the rest.
+    about two pieces; L{queued} counts the rest, which is also held from the agent's memory
+    budget (``reservation``): a write that does not fit is refused.
     """
 
     piece = 64 * 1024
 
-    def __init__(self, transport: IConsumer) -> None:
+    def __init__(self, transport: IConsumer, reservation: Reservation | None = None) -> None:
         self._transport = transport
+        self._reservation = reservation
         self._pending: deque[bytes] = deque()
         self._offset = 0
         self.queued = 0
@@ -129,10 +132,14 @@ class InputQueue:
         transport.registerProducer(self, True)
 
     def write(self, data: bytes) -> None:
-        if data:
-            self._pending.append(data)
-            self.queued += len(data)
-            self._flush()
+        """Queue ``data`` (raises L{BudgetExceeded}, queuing nothing, past the budget)."""
+        if not data:
+            return
+        if self._reservation is not None:
+            self._reservation.grow(len(data))
+        self._pending.append(data)
+        self.queued += len(data)
+        self._flush()
 
     def _flush(self) -> None:
         while self._pending and not self._paused:
@@ -145,6 +152,8 @@ class InputQueue:
             self.queued -= len(chunk)
             # May call pauseProducing() before it returns.
             self._transport.write(chunk)
+        if self._reservation is not None:
+            self._reservation.resize(self.queued)
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -162,20 +171,27 @@ class InputQueue:
         self._offset = 0
         self.queued = 0
         self._paused = True
+        if self._reservation is not None:
+            self._reservation.release()
 
 
 class PTYTerminal:
     """The real L{Terminal}: a Twisted PTY process transport, and the shell's processes."""
 
     def __init__(
-        self, transport: IProcessTransport, pid: int, fd: int, scope: ProcessScope
+        self,
+        transport: IProcessTransport,
+        pid: int,
+        fd: int,
+        scope: ProcessScope,
+        reservation: Reservation | None = None,
     ) -> None:
         self.transport = transport
         self.pid = pid
         self.fd = fd
         self.scope = scope
         self.consumer = IConsumer(transport)
-        self.input = InputQueue(self.consumer)
+        self.input = InputQueue(self.consumer, reservation)
 
     @classmethod
     def spawn(  # noqa: PLR0917 - mirrors spawnProcess
@@ -187,11 +203,13 @@ class PTYTerminal:
         cwd: str,
         cols: int,
         rows: int,
+        reservation: Reservation | None = None,
     ) -> PTYTerminal:
         """Open a PTY pair, size it, and start ``argv`` on it as a new session's leader.
 
         ``cwd`` is a L{WorkingDirectory}'s path, which Twisted's forked child ``chdir``s to.
-        ``env`` must hold L{UNIT_VARIABLE}: it marks the shell's processes.
+        ``env`` must hold L{UNIT_VARIABLE}: it marks the shell's processes. ``reservation``
+        holds the queued input's bytes from the agent's memory budget.
         """
         master, slave = os.openpty()
         try:
@@ -210,7 +228,8 @@ class PTYTerminal:
             os.close(slave)
             raise
         assert transport.pid is not None
-        return cls(transport, transport.pid, master, TreeScope(transport.pid, env[UNIT_VARIABLE]))
+        scope = TreeScope(transport.pid, env[UNIT_VARIABLE])
+        return cls(transport, transport.pid, master, scope, reservation)
 
     @property
     def queued(self) -> int:
