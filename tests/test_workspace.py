@@ -390,8 +390,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     def test_replaceFailureLeavesOldContent(self) -> None:
         """A write that fails part way leaves the old contents in place and no temporary file,
         with an error naming the path."""
-        def failing(fd: int) -> None:
 
+        def failing(fd: int) -> None:
             os.write(fd, b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
 
