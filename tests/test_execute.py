@@ -62,8 +62,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertFalse(marker.exists())
 
     async def test_loginShell(self) -> None:
-        # sh -lc: a login shell, which reads $HOME/.profile.
         """Commands run in a login shell, so the `.profile` in the given HOME is read first."""
+        # sh -lc: a login shell, which reads $HOME/.profile.
         agent = await startAgent(self)
         home = agent.workspace / "home"
         home.mkdir()
@@ -294,10 +294,10 @@ class RunCommandTests(TestCase):
         self.assertFalse(result.timedOut)
 
     async def test_childReapedBeforeTheSpawnReturns(self) -> None:
-        # On a busy machine a command can end before Twisted registers it, which reaps it at
-        # once and clears transport.pid: make that happen every time.
         """A command that exits before the spawn call returns still gives its output and exit
         code, and is not left counted as running."""
+        # On a busy machine a command can end before Twisted registers it, which reaps it at
+        # once and clears transport.pid: make that happen every time.
         spawnOnly = SpawningProcess._trySpawnInsteadOfFork
 
         def spawnAndWaitForExit(process: Any, *args: Any) -> bool:
@@ -314,9 +314,9 @@ class RunCommandTests(TestCase):
         self.assertEqual(running, set())
 
     async def test_agentIsNeverForked(self) -> None:
-        # posix_spawn only: forking the agent (Twisted's other way) costs 4-6 ms per command.
         """Commands are started with posix_spawn and the agent process is never forked, also when
         a working directory is given."""
+        # posix_spawn only: forking the agent (Twisted's other way) costs 4-6 ms per command.
 
         def forbidden() -> int:
             raise AssertionError("the agent forked")

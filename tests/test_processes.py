@@ -102,9 +102,9 @@ class SpawnInSessionTests(TestCase):
         await self.test_workingDirectoryAndSession()
 
     async def test_programNameWithEqualsSign(self) -> None:
-        # env --chdir would take "a=b/prog" for a variable: such a program goes the fork way.
         """A program whose path contains `=` still runs in the given working directory as the
         leader of its own group."""
+        # env --chdir would take "a=b/prog" for a variable: such a program goes the fork way.
         directory = Path(self.mktemp()).absolute()
         (directory / "a=b").mkdir(parents=True)
         program = directory / "a=b" / "prog"
@@ -142,9 +142,9 @@ class SpawnInSessionTests(TestCase):
         self.assertTrue(await waitUntil(lambda: not groupAlive(pgid)))
 
     async def test_terminateGroupKillsWhatIgnoresSigterm(self) -> None:
-        # "trap '' TERM" makes the shell and its sleep ignore SIGTERM: only SIGKILL ends them.
         """Terminating a group that ignores SIGTERM sends SIGKILL once the grace period passes,
         and a group already gone needs no terminating."""
+        # "trap '' TERM" makes the shell and its sleep ignore SIGTERM: only SIGKILL ends them.
         clock = Clock()
         transport, recorder = self._spawn(["/bin/sh", "-c", "trap '' TERM; sleep 30; :"])
         await deferLater(reactor, 0.2)
@@ -227,9 +227,9 @@ class FallbackTests(TestCase):
 
 class SignalGroupTests(SynchronousTestCase):
     def test_refusesTheAgentsOwnGroup(self) -> None:
-        # If this were sent, the test run itself would stop.
         """Signals are never sent to the agent's own group, to init, or to a zero, negative or
         missing group id."""
+        # If this were sent, the test run itself would stop.
         self.assertFalse(signalGroup(os.getpgrp(), signal.SIGSTOP))
         self.assertFalse(signalGroup(0, signal.SIGSTOP))
         self.assertFalse(signalGroup(1, 0))
