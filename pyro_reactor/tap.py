@@ -40,6 +40,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _relayHosts(text: str) -> str:
+    if text not in ("loopback", "any"):
+        raise ValueError(f"must be loopback or any, not {text}")
+    return text
+
+
 class _ReactorNeeded(Exception):
     """A parser wanted a reactor while its endpoint string was only being checked."""
 
@@ -115,7 +121,22 @@ class Options(usage.Options):
             "shell-buffer-chars",
             None,
             8 * 1024 * 1024,
-            "Characters of shell output kept in memory per shell (the rest is read from its log).",
+            "Bytes of JSON-encoded output a read_shell answer carries at most; also caps the"
+            " output a shell keeps in memory (the rest is read from its log).",
+            _positive(int),
+        ],
+        [
+            "max-shells",
+            None,
+            64,
+            "Shells that may be open at once (open_shell is refused beyond).",
+            _positive(int),
+        ],
+        [
+            "log-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes per shell or service log file before it is rotated once (to NAME.1).",
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
@@ -133,6 +154,42 @@ class Options(usage.Options):
             "Most members an uploaded archive may have (more is refused before writing).",
             _positive(int),
         ],
+        [
+            "answer-timeout",
+            None,
+            60.0,
+            "Seconds a client may accept no bytes of its answer before it is dropped.",
+            _positive(float),
+        ],
+        [
+            "memory-budget",
+            None,
+            256 * 1024 * 1024,
+            "Bytes of requests in flight and answers being written the agent holds at most.",
+            _positive(int),
+        ],
+        [
+            "max-connections",
+            None,
+            256,
+            "Connections served at once; beyond, one second for the line and only ping answered.",
+            _positive(int),
+        ],
+        [
+            "min-upload-rate",
+            None,
+            64 * 1024,
+            "Bytes a second an upload body must average (after --request-timeout for the line).",
+            _positive(int),
+        ],
+        [
+            "relay-hosts",
+            None,
+            "loopback",
+            "Guest addresses connect_tcp may reach: loopback (127.0.0.1, ::1, localhost) or any.",
+            _relayHosts,
+        ],
+        ["max-watches", None, 64, "Most watch_workspace streams at once.", _positive(int)],
     ]
 
     def __init__(self) -> None:
@@ -160,6 +217,14 @@ class Options(usage.Options):
             shellBufferChars=self["shell-buffer-chars"],
             maxListEntries=self["max-list-entries"],
             maxArchiveMembers=self["max-archive-members"],
+            maxShells=self["max-shells"],
+            logBytes=self["log-bytes"],
+            answerTimeout=self["answer-timeout"],
+            memoryBudget=self["memory-budget"],
+            maxConnections=self["max-connections"],
+            minUploadRate=self["min-upload-rate"],
+            relayHosts=self["relay-hosts"],
+            maxWatches=self["max-watches"],
         )
 
 

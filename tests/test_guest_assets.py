@@ -149,6 +149,7 @@ class InitScriptTests(SynchronousTestCase):
             self.assertIn(limit, (65536, hard))
 
     def test_unknownCommand(self) -> None:
+        """The init script refuses an unknown command with exit status 2 and its usage."""
         result = self.script("bounce")
         self.assertEqual(result.returncode, 2)
         self.assertIn("usage:", result.stderr)
@@ -158,6 +159,8 @@ class FollowerTests(SynchronousTestCase):
     """The runner reads serial-port files as QEMU writes them: whole lines only."""
 
     def test_linesAcrossWrites(self) -> None:
+        """The serial-port follower yields whole lines only, joining lines split across writes
+        and replacing invalid bytes."""
         path = Path(self.mktemp())
         follower = Follower(path)
         self.assertEqual(list(follower.lines()), [])

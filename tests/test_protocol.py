@@ -21,6 +21,14 @@ from pyro_reactor.wire.protocol import RequestProtocol
 from pyro_reactor.wire.request import Request
 
 
+def drain(transport: StringTransport) -> None:
+    """Let a producer registered on an in-memory transport write all it has."""
+    producer = transport.producer
+    while producer is not None:
+        producer.resumeProducing()
+        producer = transport.producer
+
+
 class Recorder:
     """Handlers that record what they were given."""
 
@@ -194,10 +202,7 @@ class ProtocolTests(SynchronousTestCase):
         """An export writes its header line, then the file's bytes, then removes the file."""
         self.protocol.dataReceived(b'{"action": "export"}\n')
         # StringTransport consumes what a producer offers only when asked.
-        producer = self.transport.producer
-        while producer is not None:
-            producer.resumeProducing()
-            producer = self.transport.producer
+        drain(self.transport)
         header, _, body = self.transport.value().partition(b"\n")
         self.assertEqual(json.loads(header), {"archive_size": 9000})
         self.assertEqual(body, b"tar-bytes" * 1000)
@@ -324,6 +329,7 @@ class LargeAnswerTests(SynchronousTestCase):
             if pending:
                 self.assertEqual(transport.value(), b"")
                 pending.pop().callback(None)
+            drain(transport)
             self.assertEqual(json.loads(transport.value()), expected)
             self.assertTrue(transport.disconnecting)
         self.assertEqual(calls, [{"stdout": big}])

@@ -33,7 +33,7 @@ from twisted.logger import LogEvent, eventAsJSON, formatEvent
 from twisted.trial.unittest import TestCase
 
 from pyro_reactor.capabilities.archives import exchange
-from pyro_reactor.capabilities.redact import MASK
+from pyro_reactor.capabilities.shells.redact import MASK
 from tests.archive_helpers import (
     Member,
     dirMember,

@@ -32,7 +32,7 @@ from pyro_reactor.system.workspace import (
     processUmask,
     walkTree,
 )
-from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.dispatch import Action, EncodedAnswer
 from pyro_reactor.wire.request import Request
 
 WORKSPACE_FILE_MAX_BYTES = 1024 * 1024
@@ -226,6 +226,7 @@ class FilesCapability:
     def __init__(self, context: AgentContext) -> None:
         processUmask()  # read once now, before worker threads start creating files
         self._inThread = context.inThread
+        self._answerInThread = context.answerInThread
         self._files = WorkspaceFiles(context.workspace, context.config.maxListEntries)
         self.actions = [
             Action("list_workspace", self._listWorkspace),
@@ -239,14 +240,14 @@ class FilesCapability:
         recursive = request.boolean("recursive", False)
         return self._inThread(self._files.listWorkspace, path, recursive=recursive)
 
-    def _readWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
+    def _readWorkspaceFile(self, request: Request) -> Deferred[EncodedAnswer]:
         path = request.string("path", "/workspace")
         maxBytes = request.integer("max_bytes", WORKSPACE_FILE_MAX_BYTES)
-        return self._inThread(self._files.readFile, path, maxBytes=maxBytes)
+        return self._answerInThread(self._files.readFile, path, maxBytes=maxBytes)
 
     def _writeWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
-        text = request.string("text", "")
+        text = request.string("text", "", codecMessage=True)
         return self._inThread(self._files.writeFile, path, text=text)
 
     def _deleteWorkspacePath(self, request: Request) -> Deferred[dict[str, Any]]:
