@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.system import processes
+from pyro_reactor.system import processes, procfs
 from pyro_reactor.system.processes import (
     groupAlive,
     sessionArgv,
@@ -298,7 +298,7 @@ class ProcStatTests(SynchronousTestCase):
 
     def test_descendantsWithoutProcChildren(self) -> None:
         """Where the kernel has no ``task/*/children``, one scan of ``/proc`` finds them."""
-        self.patch(processes, "childrenOf", lambda pid, procRoot=None: None)
+        self.patch(procfs, "childrenOf", lambda pid, procRoot=None: None)
         child = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], start_new_session=True)
         self.addCleanup(child.wait)
         self.addCleanup(os.killpg, child.pid, signal.SIGKILL)
