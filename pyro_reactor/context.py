@@ -47,6 +47,8 @@ class AgentConfig:
     memoryBudget: int = 256 * MiB
     maxConnections: int = 256
     minUploadRate: int = 64 * 1024
+    relayHosts: str = "loopback"
+    maxWatches: int = 64
 
     @property
     def shellRoot(self) -> Path:

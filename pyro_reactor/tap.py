@@ -40,6 +40,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _relayHosts(text: str) -> str:
+    if text not in ("loopback", "any"):
+        raise ValueError(f"must be loopback or any, not {text}")
+    return text
+
+
 class _ReactorNeeded(Exception):
     """A parser wanted a reactor while its endpoint string was only being checked."""
 
@@ -176,6 +182,14 @@ class Options(usage.Options):
             "Bytes a second an upload body must average (after --request-timeout for the line).",
             _positive(int),
         ],
+        [
+            "relay-hosts",
+            None,
+            "loopback",
+            "Guest addresses connect_tcp may reach: loopback (127.0.0.1, ::1, localhost) or any.",
+            _relayHosts,
+        ],
+        ["max-watches", None, 64, "Most watch_workspace streams at once.", _positive(int)],
     ]
 
     def __init__(self) -> None:
@@ -209,6 +223,8 @@ class Options(usage.Options):
             memoryBudget=self["memory-budget"],
             maxConnections=self["max-connections"],
             minUploadRate=self["min-upload-rate"],
+            relayHosts=self["relay-hosts"],
+            maxWatches=self["max-watches"],
         )
 
 

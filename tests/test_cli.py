@@ -459,8 +459,8 @@ def deferLater(seconds: float) -> Deferred[None]:
 
 class InterruptTests(TestCase):
     async def test_interruptedDownloadLeavesNoFiles(self) -> None:
-        # A peer that sends an export header and a few bytes, then nothing more.
         """A download interrupted mid-export leaves no partial files behind."""
+        # A peer that sends an export header and a few bytes, then nothing more.
         header = {"workspace_path": "/workspace/x", "artifact_type": "file", "archive_size": 10**6}
         port = await startScriptedServer(
             self, json.dumps(header).encode() + b"\n" + b"\0" * 1000, close=False

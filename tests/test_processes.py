@@ -233,3 +233,73 @@ class SignalGroupTests(SynchronousTestCase):
             child.kill()
             child.wait()
         self.assertFalse(groupAlive(child.pid))
+
+
+class ProcStatTests(SynchronousTestCase):
+    """The one ``/proc/<pid>/stat`` parser, and the walks built on it."""
+
+    def test_parsesAWeirdCommandName(self) -> None:
+        """A command name holding spaces and parentheses does not shift the fields."""
+        raw = b"42 (a) b (c) S 1 40 39 0 -1 4194560 " + b"0 " * 12 + b"12345 0 0\n"
+        info = processes.parseProcStat(42, raw)
+        assert info is not None
+        self.assertEqual(
+            (info.state, info.ppid, info.pgid, info.session, info.startTicks),
+            ("S", 1, 40, 39, 12345),
+        )
+        self.assertFalse(info.zombie)
+        self.assertIsNone(processes.parseProcStat(42, b"42 (short) S 1"))
+
+    def test_readsItself(self) -> None:
+        """The agent's own entry: its pid, group and session as the os module says."""
+        info = processes.readProcStat(os.getpid())
+        assert info is not None
+        self.assertEqual(
+            (info.ppid, info.pgid, info.session), (os.getppid(), os.getpgrp(), os.getsid(0))
+        )
+        self.assertIsNone(processes.readProcStat(2**22 + 1))
+
+    def test_descendantsIncludeThoseThatLeftTheGroup(self) -> None:
+        """A ``setsid`` grandchild is found as a descendant though not in the group."""
+        child = subprocess.Popen(
+            ["/bin/sh", "-c", "setsid sleep 30 & echo $!; wait"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        self.addCleanup(os.kill, grandchild, signal.SIGKILL)
+        found = {info.pid for info in processes.descendantsOf([child.pid])}
+        self.assertIn(grandchild, found)
+
+    def test_descendantsWithoutProcChildren(self) -> None:
+        """Where the kernel has no ``task/*/children``, one scan of ``/proc`` finds them."""
+        self.patch(processes, "childrenOf", lambda pid, procRoot=None: None)
+        child = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], start_new_session=True)
+        self.addCleanup(child.wait)
+        self.addCleanup(os.killpg, child.pid, signal.SIGKILL)
+        deadline = 100
+        found: set[int] = set()
+        while not found and deadline:
+            found = {info.pid for info in processes.descendantsOf([child.pid])}
+            deadline -= 1
+            if not found:
+                import time
+
+                time.sleep(0.05)
+        self.assertEqual(len(found), 1)
+
+    def test_exitCodePrecedence(self) -> None:
+        """Exit status first, else minus the signal, ``ProcessDone`` 0, anything else -1."""
+        from twisted.internet.error import ProcessDone
+
+        exitCodeOf, processEndOf = processes.exitCodeOf, processes.processEndOf
+        self.assertEqual(exitCodeOf(Failure(ProcessDone(0))), 0)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=3))), 3)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(signal=9))), -9)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=2, signal=9))), 2)
+        self.assertEqual(exitCodeOf(Failure(ValueError())), -1)
+        self.assertEqual(processEndOf(Failure(ProcessTerminated(signal=15))).exitCode, None)
+        self.assertEqual(processEndOf(Failure(ProcessTerminated(signal=15))).signal, 15)

@@ -504,16 +504,16 @@ class OddInputTests(AbuseTestCase):
             ),
             (b'"ready_timeout_seconds":NaN', "ready_timeout_seconds must be an integer"),
             (b'"ready_timeout_seconds":1e400', "ready_timeout_seconds must be an integer"),
+            (
+                b'"ready_interval_ms":1' + b"0" * 400,
+                "ready_interval_ms is out of range (at most 9223372036854775807 in magnitude)",
+            ),
             (b'"ready_interval_ms":86400001', "ready_interval_ms must be at most 86400000"),
             (
                 b'"ready_interval_ms":1' + b"0" * 5000,
                 "request is not valid JSON: a number has more than 4300 digits",
             ),
-            (
-                b'"cwd":"/workspace/\\udcff"',
-                "'utf-8' codec can't encode character '\\udcff' in position 11: "
-                "surrogates not allowed",
-            ),
+            (b'"cwd":"/workspace/\\udcff"', "cwd must be valid Unicode text"),
             (
                 b'"readiness":{"type":"command","command":"\\ud800"}',
                 "readiness command must be valid Unicode text",
@@ -528,12 +528,12 @@ class OddInputTests(AbuseTestCase):
         await self.assertRefused(
             agent,
             b'{"action":"start_service","service_name":"odd","command":"echo \\ud800"}\n',
-            "'utf-8' codec can't encode character '\\ud800' in position 5: surrogates not allowed",
+            "command must be valid Unicode text",
         )
         await self.assertRefused(
             agent,
             b'{"action":"start_service","service_name":"\\ud800","command":"true"}\n',
-            "'utf-8' codec can't encode character '\\ud800' in position 0: surrogates not allowed",
+            "service_name must be valid Unicode text",
         )
         # The name was never taken: it starts and stops normally afterwards.
         started = await agent.call(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from pyro_reactor.capabilities.shells import (
     ShellRecord,
 )
 from pyro_reactor.capabilities.shells.redact import MASK
+from pyro_reactor.capabilities.shells.terminal import InputQueue
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import BudgetExceeded, MemoryBudget
 
 
 class FakeTerminal:
@@ -437,6 +441,28 @@ class OutputTests(SynchronousTestCase):
         got = self.successResultOf(output.read(middle, middle + 100, syncThread, 1 << 20))  # type: ignore[arg-type]
         self.assertEqual(got, text[middle : middle + 100])
 
+    def test_logFollowsTheStreamAgainAfterAFailedWrite(self) -> None:
+        """A write failing (full disk) breaks the log; the next append starts it afresh at
+        its position, older log output is dropped, and reads line up with the stream."""
+        output = self.makeOutput([], 10)
+        output.feed(b"a" * 100)
+        realWrite = os.write
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "write", full)
+        output.feed(b"b" * 100)
+        self.assertTrue(output.log.broken)
+        error = self.assertRaises(ActionError, output.read, 0, 50, syncThread, 1 << 20)
+        self.assertIn("could not be written", str(error))
+        self.patch(os, "write", realWrite)
+        output.feed(b"c" * 100)
+        self.assertFalse(output.log.broken)
+        self.assertEqual(output.first, 200)
+        self.assertEqual((self.root / "o.log").read_text(), "c" * 100)
+        self.assertEqual(self.readAll(output, 200), "c" * 100)
+
     def test_logHoldsOnlyRedactedText(self) -> None:
         """The log on disk holds the redacted stream, never the secret."""
         output = self.makeOutput(["hunter2"], 100)
@@ -501,3 +527,95 @@ class OutputTests(SynchronousTestCase):
         self.assertEqual((output.length, woken), (0, []))
         output.feed(b"er2")
         self.assertEqual((output.length, woken), (len(MASK), [None]))
+
+
+class FakeConsumer:
+    """A transport that pauses its producer past ``bufferSize`` held bytes, as Twisted's
+    file descriptors do, and drains on demand."""
+
+    bufferSize = 64 * 1024
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.written = 0
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.held += len(data)
+        if self.held > self.bufferSize and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.written += self.held
+        self.held = 0
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+class InputQueueTests(SynchronousTestCase):
+    def test_transportHoldsLittleAndTheQueueCountsTheRest(self) -> None:
+        """Input goes to the transport a piece at a time until it pauses us; the rest is
+        queued and counted, and flows on as the transport drains."""
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer)  # type: ignore[arg-type]
+        queue.write(b"x" * 1_000_000)
+        self.assertLessEqual(consumer.held, 2 * InputQueue.piece)
+        self.assertEqual(queue.queued + consumer.held, 1_000_000)
+        while queue.queued:
+            consumer.drain()
+        consumer.drain()
+        self.assertEqual(consumer.written, 1_000_000)
+
+    def test_dropForgetsWhatIsQueued(self) -> None:
+        """Closing the terminal drops queued input and stops producing."""
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer)  # type: ignore[arg-type]
+        queue.write(b"x" * 500_000)
+        queue.drop()
+        self.assertEqual(queue.queued, 0)
+        held = consumer.held
+        consumer.drain()
+        self.assertEqual(consumer.written, held)
+
+
+class BudgetTests(SynchronousTestCase):
+    """Queued input and output windows draw from the agent's one memory budget."""
+
+    def test_queuedInputIsHeldFromTheBudget(self) -> None:
+        """Queued input holds its bytes from the budget; a write that does not fit is refused
+        whole, and draining or dropping gives the bytes back."""
+        budget = MemoryBudget(300_000)
+        consumer = FakeConsumer()
+        queue = InputQueue(consumer, budget.reserve(0, "input queued for shell 's'"))  # type: ignore[arg-type]
+        queue.write(b"x" * 250_000)
+        self.assertEqual(budget.used, queue.queued)
+        error = self.assertRaises(BudgetExceeded, queue.write, b"y" * 200_000)
+        self.assertIn("input queued for shell 's'", str(error))
+        self.assertEqual(budget.used, queue.queued)
+        consumer.drain()
+        self.assertEqual(budget.used, queue.queued)
+        queue.drop()
+        self.assertEqual(budget.used, 0)
+
+    def test_windowShrinksToWhatTheBudgetHolds(self) -> None:
+        """A window whose budget is short holds less (the log has the rest); closing the
+        output gives its bytes back."""
+        budget = MemoryBudget(20_000)
+        root = Path(self.mktemp())
+        root.mkdir()
+        output = ShellOutput(
+            root / "b.log", [], 1 << 20, Clock(), 1 << 30, budget.reserve(0, "the output")
+        )
+        for _ in range(100):
+            output.feed(b"z" * 1000)
+        self.assertLessEqual(output.window.bytes, 20_000)
+        self.assertEqual(budget.used, output.window.bytes)
+        self.assertGreater(output.windowStart, 0)
+        output.closeLog()
+        self.assertEqual(budget.used, 0)

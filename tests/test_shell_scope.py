@@ -13,7 +13,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from pyro_reactor.capabilities.shells.scope import (
     UNIT_VARIABLE,
     TreeScope,
-    children,
     descendants,
     marked,
     sessionMembers,
@@ -54,7 +53,7 @@ class TreeScopeTests(SynchronousTestCase):
         token = f"test-{secrets.token_hex(4)}"
         process = self.spawn("sleep 300 & setsid sh -c 'sleep 301' & sleep 302; wait", token)
         self.assertTrue(waitFor(lambda: len(marked(token)) >= 4), marked(token))
-        self.assertTrue(set(children(process.pid)) <= set(descendants([process.pid])))
+        self.assertGreaterEqual(len(descendants([process.pid])), 3)
         self.assertIn(process.pid, sessionMembers(process.pid))
         found = set(marked(token))
         scope = TreeScope(process.pid, token)

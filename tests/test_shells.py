@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -138,6 +139,10 @@ class ShellTests(ShellTestCase):
         record = json.loads((self.agent.stateDir / "pyro-shells" / "s.json").read_text())
         self.assertEqual(record["state"], "running")
         self.assertEqual(record["shell_id"], "s")
+        root = self.agent.stateDir / "pyro-shells"
+        paths = (root, root / "s.json", root / "s.log")
+        modes = {path.name: path.stat().st_mode & 0o777 for path in paths}
+        self.assertEqual(modes, {"pyro-shells": 0o700, "s.json": 0o600, "s.log": 0o600})
 
     async def test_cursorMaxCharsAndTruncated(self) -> None:
         """Cursors, max_chars and truncated behave as the reference's."""
@@ -352,6 +357,18 @@ class ShellTests(ShellTestCase):
         log = (self.agent.stateDir / "pyro-shells" / "s.log").read_bytes()
         self.assertNotIn(b"trapped", log)
 
+    async def test_shellMemoryGoesBackToTheBudgetWhenClosed(self) -> None:
+        """A shell's window draws from the agent's memory budget while open; closing it
+        gives every byte back."""
+        budget = self.agent.context.budget
+        before = budget.used
+        await self.openShell()
+        await self.write("echo budget-$((6*7))")
+        await self.readUntil("budget-42\r\n")
+        self.assertGreater(budget.used, before)
+        await self.agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(await until(lambda: budget.used == before), (budget.used, before))
+
     async def test_stoppingTheAgentClosesShells(self) -> None:
         """Stopping the agent closes every shell and its processes."""
         await self.openShell("a")
@@ -445,7 +462,12 @@ class LimitTests(ShellTestCase):
     async def test_queuedInputIsBounded(self) -> None:
         """Input into a shell that does not read is refused past the bound, not held."""
         await self.openShell()
+        pid = self.shells().session("s").pid
         await self.write("sleep 1000")
+        # Once sleep runs in the foreground, nobody reads the terminal.
+        self.assertTrue(
+            await until(lambda: any(_command(m) == "sleep" for m in sessionMembers(pid)))
+        )
         chunk = "z" * (3 * 1024 * 1024)
         first = await self.agent.call(
             {"action": "write_shell", "shell_id": "s", "input": chunk, "append_newline": False}
@@ -460,7 +482,7 @@ class LimitTests(ShellTestCase):
 
     async def test_closeEndsWhatTheShellStarted(self) -> None:
         """nohup, disown, trap '' HUP and setsid jobs do not outlive close_shell."""
-        tag = str(4000 + os.getpid() % 1000)
+        tag = str(random.randrange(10_000, 100_000))
         await self.openShell()
         self.addCleanup(_killSleepers, tag)
         await self.write(
@@ -525,6 +547,46 @@ class LimitTests(ShellTestCase):
         self.failureResultOf(reading, CancelledError)
         self.assertEqual(len(output.waiters), 0)
         self.assertFalse(timer.active())
+
+    async def test_openCancelledBeforeItStartsStartsNothing(self) -> None:
+        """An open_shell whose client left before the shell started (its answer cancelled)
+        starts no shell and frees the id."""
+        handlers = ShellActions(self.shells())
+        opening = handlers.openShell(Request({"action": "open_shell", "shell_id": "gone"}))
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        self.assertTrue(await until(lambda: not self.shells().reserved))
+        self.assertEqual(await self.agent.call({"action": "list_shells"}), {"shells": []})
+        self.assertFalse((self.agent.stateDir / "pyro-shells" / "gone.json").exists())
+        await self.openShell("gone")
+
+
+class LogCapTests(ShellTestCase):
+    """``--log-bytes`` caps each shell log file; it is rotated once."""
+
+    agentOptions = {"logBytes": 64 * 1024, "shellBufferChars": 65536}
+
+    async def test_logIsCappedRotatedAndTheTailReadable(self) -> None:
+        """400 KB of output leave at most two 64 KiB files; a read from 0 starts at the
+        first character kept, and the stream reads on to the end from there."""
+        await self.openShell()
+        await self.write(f"yes 0123456789 | head -c 400000; printf '{octal('DONE')}\\n'")
+        output = self.shells().session("s").output
+        # Not followed with reads: a reader falling behind the rotation would see a jump.
+        self.assertTrue(
+            await until(
+                lambda: "DONE\r\n" in output.window.slice(output.windowStart, output.length), 60
+            )
+        )
+        root = self.agent.stateDir / "pyro-shells"
+        self.assertLessEqual((root / "s.log").stat().st_size, 64 * 1024)
+        self.assertLessEqual((root / "s.log.1").stat().st_size, 64 * 1024)
+        first = await self.agent.call(
+            {"action": "read_shell", "shell_id": "s", "cursor": 0, "max_chars": 100}
+        )
+        self.assertGreater(first["cursor"], 0)
+        self.assertEqual(len(first["output"]), 100)
+        self.assertIn(first["output"], "0123456789\r\n" * 20)
 
 
 def _killSleepers(tag: str) -> None:

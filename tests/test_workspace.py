@@ -32,6 +32,7 @@ from pyro_reactor.system.workspace import (
     openat2Available,
     processUmask,
     resolveGuestPath,
+    walkTree,
 )
 
 ROOT = Path("/srv/ws")
@@ -564,3 +565,58 @@ class ForcedOpenat2Tests(SynchronousTestCase):
         before = os.umask(0o027)
         os.umask(before)
         self.assertEqual(processUmask(), before)
+
+
+class WalkTreeTests(SynchronousTestCase):
+    """The one descriptor walker (listings and exports)."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        (self.root / "b" / "c").mkdir(parents=True)
+        (self.root / "a").write_text("a")
+        (self.root / "b" / "c" / "d").write_text("d")
+        (self.root / "b" / "link").symlink_to("c")
+        self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.fd)
+
+    def test_depthFirstInNameOrder(self) -> None:
+        """Directories before their content, each level sorted, links described not followed."""
+        found = [(entry.path, entry.child.linkTarget) for entry in walkTree(self.fd, "top")]
+        self.assertEqual(
+            found,
+            [
+                ("top/a", None),
+                ("top/b", None),
+                ("top/b/c", None),
+                ("top/b/c/d", None),
+                ("top/b/link", "c"),
+            ],
+        )
+        flat = [entry.path for entry in walkTree(self.fd, recursive=False)]
+        self.assertEqual(flat, ["a", "b"])
+
+    def test_closesWhatItOpened(self) -> None:
+        """Stopping a walk early closes its descriptors; the top one stays the caller's."""
+        before = len(os.listdir("/proc/self/fd"))
+        walker = walkTree(self.fd)
+        next(walker), next(walker), next(walker)
+        self.assertGreater(len(os.listdir("/proc/self/fd")), before)
+        walker.close()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        os.fstat(self.fd)
+
+    def test_deepTreeWithoutRecursion(self) -> None:
+        """A tree deeper than Python's recursion limit is walked."""
+        import sys
+
+        depth = sys.getrecursionlimit() + 50
+        current = self.fd
+        opened = []
+        for _ in range(depth):
+            os.mkdir("deep", dir_fd=current)
+            current = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=current)
+            opened.append(current)
+        for fd in opened:
+            os.close(fd)
+        count = sum(1 for entry in walkTree(self.fd) if entry.name == "deep")
+        self.assertEqual(count, depth)

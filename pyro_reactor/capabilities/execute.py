@@ -50,7 +50,6 @@ from pyro_reactor.system.processes import (
     ProcessTree,
     exitCodeOf,
     probeChdirProgram,
-    signalGroup,
     spawnInGroup,
 )
 from pyro_reactor.wire.dispatch import Action
@@ -351,8 +350,9 @@ def runCommand(
 class RunningCommands(Service):
     """The process groups of the exec commands in flight; ended when the agent stops.
 
-    On stop, each group still there gets SIGTERM, and SIGKILL L{KILL_GRACE} seconds later; the
-    stop waits for that, so nothing started by an exec outlives the agent (under systemd the
+    On stop, each group still there (and every descendant of its shell, as on a timeout) gets
+    SIGTERM, and SIGKILL L{KILL_GRACE} seconds later; the stop waits for that, so nothing
+    started by an exec outlives the agent (under systemd the
     unit's cgroup would be killed anyway; under a plain init it would not).
     """
 
@@ -364,14 +364,17 @@ class RunningCommands(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        signalled = [pgid for pgid in sorted(self.groups) if signalGroup(pgid, signal.SIGTERM)]
+        # Each shell is still running (its group is discarded when it ends), so its pid still
+        # names it: the trees are taken now, descendants that left the group included.
+        trees = [ProcessTree(pgid) for pgid in sorted(self.groups)]
+        signalled = [tree for tree in trees if tree.signal(signal.SIGTERM)]
         if not signalled:
             return None
         log.info("agent stopping: ending {count} running commands", count=len(signalled))
 
         def kill() -> None:
-            for pgid in signalled:
-                signalGroup(pgid, signal.SIGKILL)
+            for tree in signalled:
+                tree.signal(signal.SIGKILL)
 
         return deferLater(self.clock, KILL_GRACE, kill)
 

@@ -247,7 +247,7 @@ class FilesCapability:
 
     def _writeWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
-        text = request.string("text", "")
+        text = request.string("text", "", codecMessage=True)
         return self._inThread(self._files.writeFile, path, text=text)
 
     def _deleteWorkspacePath(self, request: Request) -> Deferred[dict[str, Any]]:

@@ -32,6 +32,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
     IReactorCore,
@@ -65,8 +66,13 @@ class VSockConnectError(error.ConnectError):
 # -- Firecracker hybrid vsock ------------------------------------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class _HandshakeProtocol(Protocol):
-    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol."""
+    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol.
+
+    A half-close reaches the real protocol when it takes half-closes (a relayed guest TCP
+    connection does); otherwise the connection is closed, as it would be without us.
+    """
 
     def __init__(self, endpoint: FirecrackerVSockClientEndpoint, factory: IProtocolFactory) -> None:
         self.endpoint = endpoint
@@ -122,6 +128,18 @@ class _HandshakeProtocol(Protocol):
                     f" port {self.endpoint.port}?)"
                 )
             )
+
+    def readConnectionLost(self) -> None:
+        wrapped = self.wrapped
+        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+            wrapped.readConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        wrapped = self.wrapped
+        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+            wrapped.writeConnectionLost()
 
     def _refused(self, said: str) -> None:
         self._abandon(

@@ -304,7 +304,7 @@ def parseProcStat(pid: int, raw: bytes) -> ProcStat | None:
 def readProcStat(pid: int, procRoot: Path = Path("/proc")) -> ProcStat | None:
     """The L{ProcStat} of C{pid}, or ``None`` if it is gone (or ``/proc`` is missing)."""
     try:
-        with open(procRoot / str(pid) / "stat", "rb") as handle:
+        with open(f"{procRoot}/{pid}/stat", "rb") as handle:
             raw = handle.read()
     except OSError:
         return None

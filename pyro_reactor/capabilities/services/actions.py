@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred
 from pyro_reactor.capabilities.execute import commandEnvironment
 from pyro_reactor.capabilities.services.readiness import (
     ReadinessSpec,
-    isValidText,
     parseReadiness,
 )
 from pyro_reactor.capabilities.services.registry import Services, normalizeServiceName
@@ -80,13 +79,9 @@ def parseStart(
     name = normalizeServiceName(request.string("service_name", ""))
     command = request.string("command", "")
     cwdText = request.string("cwd", "/workspace")
-    if not isValidText(cwdText):
-        raise ActionError("cwd must be valid Unicode text")
     cwd = workspace.resolve(cwdText)
     if "\x00" in command:
         raise ActionError("command must not contain NUL bytes")
-    if not isValidText(command):
-        raise ActionError("command must be valid Unicode text")
     checkName(name)
     readiness = request.mapping("readiness")
     probe = None if readiness is None else parseReadiness(readiness, workspace)

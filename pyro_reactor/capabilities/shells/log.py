@@ -57,11 +57,10 @@ def readSegments(pieces: list[tuple[int, int, int, int]], limit: int) -> str:
         parts: list[str] = []
         budget = limit
         for fd, byteOffset, skipChars, count in pieces:
-            text = _readText(fd, byteOffset, skipChars, count)
-            kept = fitEncoded(text, budget)
-            parts.append(kept.text)
-            budget -= kept.size
-            if len(kept.text) < count:
+            text, used, complete = _readText(fd, byteOffset, skipChars, count, budget)
+            parts.append(text)
+            budget -= used
+            if not complete:
                 break
         return "".join(parts)
     finally:
@@ -69,10 +68,15 @@ def readSegments(pieces: list[tuple[int, int, int, int]], limit: int) -> str:
             os.close(piece[0])
 
 
-def _readText(fd: int, byteOffset: int, skipChars: int, count: int) -> str:
+def _readText(
+    fd: int, byteOffset: int, skipChars: int, count: int, budget: int
+) -> tuple[str, int, bool]:
+    """Up to ``count`` characters from ``byteOffset`` after skipping ``skipChars``, as long as
+    they fit ``budget`` encoded bytes: the text, its encoded size, and whether all ``count``
+    characters (or the file's end) fit. Never decodes more than a block past the budget."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pieces: list[str] = []
-    have = 0
+    have = used = 0
     offset = byteOffset
     while have < count:
         data = os.pread(fd, _READ_BLOCK, offset)
@@ -87,9 +91,13 @@ def _readText(fd: int, byteOffset: int, skipChars: int, count: int) -> str:
             text = text[skipChars:]
             skipChars = 0
         text = text[: count - have]
-        pieces.append(text)
-        have += len(text)
-    return "".join(pieces)
+        kept = fitEncoded(text, budget - used)
+        pieces.append(kept.text)
+        have += len(kept.text)
+        used += kept.size
+        if len(kept.text) < len(text):
+            return "".join(pieces), used, False
+    return "".join(pieces), used, True
 
 
 class ShellLog:
@@ -118,26 +126,33 @@ class ShellLog:
 
     @property
     def end(self) -> int:
-        """The stream's characters up to here are in the log."""
+        """The stream's characters up to here are in the log (from L{first})."""
         current = self._current
-        return 0 if current is None else current.start + current.chars
+        return 0 if current is None or self.broken else current.start + current.chars
 
     @property
     def first(self) -> int:
         """The first character still in the log."""
         segment = self._old or self._current
-        return 0 if segment is None else segment.start
+        return 0 if segment is None or self.broken else segment.start
 
-    def append(self, text: str) -> None:
-        """Add ``text`` (the next characters of the stream) to the log."""
-        current = self._current
-        if current is None or self.broken or self.closed or not text:
+    def append(self, text: str, position: int) -> None:
+        """Add ``text``, the stream's characters from ``position`` on, to the log.
+
+        After a failed append (a full disk), each later append first tries to start the log
+        afresh at its ``position``: what was logged before is dropped (it no longer lines up
+        with the stream) and the log follows the stream again once there is room.
+        """
+        if self.closed or not text:
             return
+        if self.broken and not self._restart(position):
+            return
+        current = self._current
+        assert current is not None
         data = text.encode("utf-8")
         try:
             if current.size and current.size + len(data) > self.maxBytes:
                 current = self._rotate(current)
-            position = current.start + current.chars
             if not current.checkpoints or position - current.checkpoints[-1][0] >= CHECKPOINT_CHARS:
                 current.checkpoints.append((position, current.size))
             view = memoryview(data)
@@ -145,7 +160,7 @@ class ShellLog:
                 written = os.write(current.fd, view)
                 view = view[written:]
         except OSError as error:
-            # Keep the shell going; what falls out of the memory window from now on is lost.
+            # Keep the shell going; what falls out of the memory window meanwhile is lost.
             self.broken = True
             log.error(
                 "cannot append to shell log {path}: {error}",
@@ -155,6 +170,32 @@ class ShellLog:
             return
         current.size += len(data)
         current.chars += len(text)
+
+    def _restart(self, position: int) -> bool:
+        self._closeSegments()
+        for stale in (self.oldPath, self.path):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+        except OSError:
+            return False
+        self._current = LogSegment(fd, position)
+        self.broken = False
+        log.info(
+            "shell log {path} restarted at character {position}",
+            path=str(self.path),
+            position=position,
+        )
+        return True
+
+    def _closeSegments(self) -> None:
+        for segment in (self._old, self._current):
+            if segment is not None:
+                os.close(segment.fd)
+        self._old = self._current = None
 
     def _rotate(self, current: LogSegment) -> LogSegment:
         os.replace(self.path, self.oldPath)
@@ -177,16 +218,18 @@ class ShellLog:
             if low >= high:
                 continue
             byteOffset, skip = segment.locate(low)
-            pieces.append((os.dup(segment.fd), byteOffset, skip, high - low))
+            try:
+                pieces.append((os.dup(segment.fd), byteOffset, skip, high - low))
+            except OSError:
+                for piece in pieces:
+                    os.close(piece[0])
+                raise
         return pieces
 
     def close(self) -> None:
         """Close the files (their content stays until the id is reused)."""
         self.closed = True
-        for segment in (self._old, self._current):
-            if segment is not None:
-                os.close(segment.fd)
-        self._old = self._current = None
+        self._closeSegments()
 
 
 __all__ = ["CHECKPOINT_CHARS", "LogSegment", "ShellLog", "readSegments"]

@@ -25,6 +25,7 @@ from pyro_reactor.capabilities.shells.encoding import fitEncoded
 from pyro_reactor.capabilities.shells.log import ShellLog, readSegments
 from pyro_reactor.capabilities.shells.redact import StreamRedactor
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import BudgetExceeded, Reservation
 
 DEFAULT_LOG_BYTES = 64 * 1024 * 1024
 """``--log-bytes``'s default: the size at which a shell log is rotated."""
@@ -33,10 +34,15 @@ DEFAULT_LOG_BYTES = 64 * 1024 * 1024
 class OutputWindow:
     """The most recent characters of a stream, at most ``maxBytes`` of memory (whole chunks
     are let go from the oldest on; ``sys.getsizeof`` counts what a chunk really holds, one to
-    four bytes a character)."""
+    four bytes a character).
 
-    def __init__(self, maxBytes: int) -> None:
+    With a ``reservation``, the bytes held are also drawn from the agent's memory budget; when
+    the budget is short, the window holds less (older output is read from the log anyway).
+    """
+
+    def __init__(self, maxBytes: int, reservation: Reservation | None = None) -> None:
         self.maxBytes = max(maxBytes, 0)
+        self._reservation = reservation
         self.length = 0
         self.start = 0
         """The first character still held."""
@@ -53,11 +59,24 @@ class OutputWindow:
         self._sizes.append(size)
         self.length += len(text)
         self.bytes += size
-        self._trim()
+        self._trim(self.maxBytes)
+        reservation = self._reservation
+        if reservation is not None:
+            try:
+                reservation.resize(self.bytes)
+            except BudgetExceeded:
+                self._trim(reservation.size + reservation.budget.available)
+                reservation.resize(self.bytes)
 
-    def _trim(self) -> None:
+    def release(self) -> None:
+        """The shell is closed: give the budget back (the text goes with the session)."""
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
+    def _trim(self, limit: int) -> None:
         chunks, sizes = self._chunks, self._sizes
-        while self._head < len(chunks) and self.bytes > self.maxBytes:
+        while self._head < len(chunks) and self.bytes > limit:
             chunks[self._head] = ""
             self.bytes -= sizes[self._head]
             self._head += 1
@@ -132,18 +151,19 @@ class ShellOutput:
     is there; the last ``windowBytes`` of it (at most) are also in memory.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917
         self,
         logPath: Path,
         secrets: Iterable[str],
         windowBytes: int,
         clock: IReactorTime,
         logBytes: int = DEFAULT_LOG_BYTES,
+        reservation: Reservation | None = None,
     ) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._redactor = StreamRedactor(secrets)
         self.log = ShellLog(logPath, logBytes)
-        self.window = OutputWindow(windowBytes)
+        self.window = OutputWindow(windowBytes, reservation)
         self.waiters = OutputWaiters(clock)
         self.ended = False
 
@@ -181,13 +201,15 @@ class ShellOutput:
         self.waiters.wake()
 
     def closeLog(self) -> None:
+        """The shell is closed: close the log, give the window's budget back."""
         if not self.log.closed:
             self.log.close()
+        self.window.release()
 
     def _append(self, text: str) -> None:
         if not text:
             return
-        self.log.append(text)
+        self.log.append(text, self.window.length)
         self.window.append(text)
         self.waiters.wake()
 
@@ -198,12 +220,18 @@ class ShellOutput:
         bytes once JSON-encoded: from memory if there, else from the log in a thread."""
         if start >= self.window.start:
             return fitEncoded(self.window.slice(start, stop), limit).text
-        if stop > self.log.end or start < self.log.first:
+        if start < self.log.first or min(stop, self.window.start) > self.log.end:
             raise ActionError(
                 f"shell output before character {self.window.start} is no longer available:"
                 " the shell log could not be written"
             )
-        return inThread(readSegments, self.log.plan(start, stop), limit)
+        # What the log holds, up to the window at most (the rest comes with the next read).
+        stop = min(stop, self.log.end)
+        try:
+            plan = self.log.plan(start, stop)
+        except OSError as error:
+            raise ActionError(f"cannot read the shell log: {error.strerror or error}") from None
+        return inThread(readSegments, plan, limit)
 
     def waitBeyond(self, cursor: int, seconds: float) -> Deferred[None]:
         """Fires once the stream is longer than ``cursor``, it has ended, or ``seconds``

@@ -52,13 +52,25 @@ class ShellRecord:
         }
 
     def save(self) -> None:
-        """Replace ``<id>.json`` atomically (a few hundred bytes: written in place, not in a
-        thread)."""
+        """Replace ``<id>.json`` atomically, mode 0600 (a few hundred bytes: written in place,
+        not in a thread); on failure the temporary file is removed and the error logged."""
         if self.path is None:
             return
         temporary = self.path.with_name(f".{self.path.name}.tmp")
+        data = json.dumps(self.summary(), indent=2).encode("utf-8")
         try:
-            temporary.write_text(json.dumps(self.summary(), indent=2), encoding="utf-8")
+            fd = os.open(
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(temporary, self.path)
         except OSError as error:
             log.error(

@@ -61,9 +61,6 @@ def _couldGrow(atoms: _Atoms, text: str) -> bool:
 
     A small NFA: a state is (atom index, ``\\r`` already taken inside the current break).
     """
-    if _BREAK not in atoms:
-        literal = "".join(atoms)  # type: ignore[arg-type]  # no break: characters only
-        return len(literal) > len(text) and literal.startswith(text)
     states = {(0, 0)}
     end = len(atoms)
     for char in text:
@@ -118,12 +115,15 @@ class StreamRedactor:
         self._pattern = _secretsPattern(self._secrets)
         self._mask = mask
         self._longest = _maxLength(self._secrets[0]) if self._secrets else 0
-        self._byFirst: dict[str, list[_Atoms]] = {}
+        # Per possible first character: the secrets starting with it, as plain text when they
+        # hold no line break (a prefix test is then a string comparison), else as atoms.
+        self._byFirst: dict[str, list[str | _Atoms]] = {}
         for atoms in self._secrets:
             if _maxLength(atoms) > 1:
                 first = atoms[0]
+                plain = None if _BREAK in atoms else "".join(atoms)  # type: ignore[arg-type]
                 for char in _BREAK_FIRST if first is _BREAK else (first,):
-                    self._byFirst.setdefault(char, []).append(atoms)
+                    self._byFirst.setdefault(char, []).append(atoms if plain is None else plain)
         self._pending = ""
 
     @property
@@ -174,8 +174,11 @@ class StreamRedactor:
             if candidates is None:
                 continue
             rest = buffer[index:]
-            for atoms in candidates:
-                if _couldGrow(atoms, rest):
+            for secret in candidates:
+                if isinstance(secret, str):
+                    if len(secret) > len(rest) and secret.startswith(rest):
+                        return index
+                elif _couldGrow(secret, rest):
                     return index
         return size
 

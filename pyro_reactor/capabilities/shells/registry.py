@@ -103,6 +103,11 @@ class Shells(Service):
         self._reserved: set[str] = set()
 
     @property
+    def reserved(self) -> frozenset[str]:
+        """Ids being opened: their working directory is being checked, no machine exists yet."""
+        return frozenset(self._reserved)
+
+    @property
     def windowBytes(self) -> int:
         share = max(WINDOWS_BYTES // self.maxShells, MIN_WINDOW_BYTES)
         return min(self.config.shellBufferChars, share)
@@ -144,28 +149,43 @@ class Shells(Service):
             )
 
     def open(self, spec: ShellSpec) -> Deferred[ShellSession]:
-        """Start the shell ``spec`` describes (checked already, see L{checkNew})."""
+        """Start the shell ``spec`` describes (checked already, see L{checkNew}).
+
+        Cancelling the result (the client went away) before the shell has started means it
+        is not started: the working directory, once checked, is let go.
+        """
         self.checkNew(spec.shellId)
         self._reserved.add(spec.shellId)
+        answer: Deferred[ShellSession] = Deferred()
         checked: Deferred[WorkingDirectory] = self.context.inThread(
             self.workspace.openWorkingDirectory, spec.cwd
         )
 
-        def start(directory: WorkingDirectory) -> ShellSession:
+        def start(directory: WorkingDirectory) -> None:
             self._reserved.discard(spec.shellId)
+            if answer.called:
+                directory.close()
+                return
             if not self.running:
                 directory.close()
-                raise ActionError("the agent is stopping")
-            session = self._start(spec, directory)
+                answer.errback(Failure(ActionError("the agent is stopping")))
+                return
+            try:
+                session = self._start(spec, directory)
+            except BaseException:
+                answer.errback(Failure())
+                return
             self._shells[spec.shellId] = session
             session.shell.whenClosed().addCallback(lambda _: self._forget(spec.shellId, session))
-            return session
+            answer.callback(session)
 
-        def failed(failure: Failure) -> Failure:
+        def failed(failure: Failure) -> None:
             self._reserved.discard(spec.shellId)
-            return failure
+            if not answer.called:
+                answer.errback(failure)
 
-        return checked.addCallbacks(start, failed)
+        checked.addCallbacks(start, failed)
+        return answer
 
     def _forget(self, shellId: str, session: ShellSession) -> None:
         if self._shells.get(shellId) is session:
@@ -177,13 +197,15 @@ class Shells(Service):
         root = self.config.shellRoot
         reactor = self.context.reactor
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            root.chmod(0o700)
             output = ShellOutput(
                 logPath(root, spec.shellId),
                 spec.secrets,
                 self.windowBytes,
                 reactor,
                 self.config.logBytes,
+                self.context.budget.reserve(0, f"the output of shell {spec.shellId!r}"),
             )
         except OSError as error:
             protocol.releaseDirectory()
@@ -200,6 +222,7 @@ class Shells(Service):
                 directory.path,
                 spec.cols,
                 spec.rows,
+                self.context.budget.reserve(0, f"input queued for shell {spec.shellId!r}"),
             )
         except OSError as error:
             protocol.releaseDirectory()

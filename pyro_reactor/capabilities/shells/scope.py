@@ -27,6 +27,8 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
+from pyro_reactor.system.processes import allProcesses, descendantsOf, readProcStat
+
 log = Logger(namespace="pyro_reactor.capabilities.shells")
 
 UNIT_VARIABLE = "PYRO_UNIT"
@@ -48,68 +50,24 @@ class ProcessScope(Protocol):
         "Whether the shell is not reaped yet (so its pid and group id are still its own)."
 
 
-def _statFields(pid: int, procRoot: Path) -> list[bytes] | None:
-    """The fields of ``/proc/PID/stat`` after ``comm``: state, ppid, pgrp, session, ..."""
-    try:
-        stat = (procRoot / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
-    return stat[stat.rfind(b")") + 2 :].split()
-
-
-def _alive(fields: list[bytes] | None) -> bool:
-    return fields is not None and fields[0] not in (b"Z", b"X")
-
-
 def _pids(procRoot: Path) -> list[int]:
     try:
-        return [int(entry.name) for entry in procRoot.iterdir() if entry.name.isdigit()]
+        return [int(entry) for entry in os.listdir(procRoot) if entry.isdigit()]
     except OSError:
         return []
 
 
 def sessionMembers(sessionId: int, procRoot: Path = _PROC) -> list[int]:
     """The live processes (zombies left out) of the session ``sessionId``, from ``/proc``."""
-    members = []
-    for pid in _pids(procRoot):
-        fields = _statFields(pid, procRoot)
-        if (
-            fields is not None
-            and len(fields) > 3
-            and _alive(fields)
-            and int(fields[3]) == sessionId
-        ):
-            members.append(pid)
-    return members
-
-
-def children(pid: int, procRoot: Path = _PROC) -> list[int]:
-    """The children of ``pid``, from ``/proc/PID/task/*/children`` (every thread's)."""
-    found: list[int] = []
-    try:
-        tasks = list((procRoot / str(pid) / "task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            found.extend(int(word) for word in (task / "children").read_bytes().split())
-        except (OSError, ValueError):
-            continue
-    return found
+    return [
+        info.pid for info in allProcesses(procRoot) if info.session == sessionId and not info.zombie
+    ]
 
 
 def descendants(roots: Iterable[int], procRoot: Path = _PROC) -> list[int]:
-    """``roots`` and all their descendants still linked to them, breadth first."""
-    seen: dict[int, None] = {}
-    queue = list(roots)
-    while queue:
-        pid = queue.pop(0)
-        if pid in seen:
-            continue
-        seen[pid] = None
-        queue.extend(children(pid, procRoot))
-    return list(seen)
+    """``roots`` and all their live descendants still linked to them, parents first."""
+    roots = list(roots)
+    return list(dict.fromkeys([*roots, *(info.pid for info in descendantsOf(roots, procRoot))]))
 
 
 def marked(token: str, procRoot: Path = _PROC) -> list[int]:
@@ -118,11 +76,14 @@ def marked(token: str, procRoot: Path = _PROC) -> list[int]:
     found = []
     for pid in _pids(procRoot):
         try:
-            environ = (procRoot / str(pid) / "environ").read_bytes()
+            with open(f"{procRoot}/{pid}/environ", "rb") as handle:
+                environ = handle.read()
         except OSError:
             continue
-        if needle in environ.split(b"\0") and _alive(_statFields(pid, procRoot)):
-            found.append(pid)
+        if needle in environ.split(b"\0"):
+            info = readProcStat(pid, procRoot)
+            if info is not None and not info.zombie:
+                found.append(pid)
     return found
 
 
@@ -221,7 +182,6 @@ __all__ = [
     "UNIT_VARIABLE",
     "ProcessScope",
     "TreeScope",
-    "children",
     "descendants",
     "marked",
     "sessionMembers",

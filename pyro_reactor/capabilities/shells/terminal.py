@@ -26,17 +26,20 @@ import struct
 import termios
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IConsumer, IProcessTransport, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.shells.scope import UNIT_VARIABLE, ProcessScope, TreeScope
-from pyro_reactor.system.processes import signalGroup
+from pyro_reactor.system.processes import exitCodeOf, signalGroup
 from pyro_reactor.system.workspace import WorkingDirectory
+from pyro_reactor.wire.budget import Reservation
+
+if TYPE_CHECKING:
+    from pyro_reactor.capabilities.shells._machine import ShellInput
 
 SIGNALS: dict[str, signal.Signals] = {
     "HUP": signal.SIGHUP,
@@ -82,16 +85,6 @@ def setWindowSize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def exitCodeOf(reason: Failure) -> int:
-    """The exit status as ``subprocess`` reports it: negative signal number if killed."""
-    value = reason.value
-    if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            return -int(value.signal)
-        return int(value.exitCode or 0)
-    return 0
-
-
 class Terminal(Protocol):
     """What the shell machine does to its terminal and process (a fake one in tests)."""
 
@@ -123,13 +116,15 @@ class InputQueue:
     """Input for the shell, handed to the transport a piece at a time while it is not paused.
 
     The transport pauses us as soon as it holds more than its buffer size, so it holds at most
-    about two pieces; L{queued} counts the rest.
+    about two pieces; L{queued} counts the rest, which is also held from the agent's memory
+    budget (``reservation``): a write that does not fit is refused.
     """
 
     piece = 64 * 1024
 
-    def __init__(self, transport: IConsumer) -> None:
+    def __init__(self, transport: IConsumer, reservation: Reservation | None = None) -> None:
         self._transport = transport
+        self._reservation = reservation
         self._pending: deque[bytes] = deque()
         self._offset = 0
         self.queued = 0
@@ -137,10 +132,14 @@ class InputQueue:
         transport.registerProducer(self, True)
 
     def write(self, data: bytes) -> None:
-        if data:
-            self._pending.append(data)
-            self.queued += len(data)
-            self._flush()
+        """Queue ``data`` (raises L{BudgetExceeded}, queuing nothing, past the budget)."""
+        if not data:
+            return
+        if self._reservation is not None:
+            self._reservation.grow(len(data))
+        self._pending.append(data)
+        self.queued += len(data)
+        self._flush()
 
     def _flush(self) -> None:
         while self._pending and not self._paused:
@@ -153,6 +152,8 @@ class InputQueue:
             self.queued -= len(chunk)
             # May call pauseProducing() before it returns.
             self._transport.write(chunk)
+        if self._reservation is not None:
+            self._reservation.resize(self.queued)
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -170,20 +171,27 @@ class InputQueue:
         self._offset = 0
         self.queued = 0
         self._paused = True
+        if self._reservation is not None:
+            self._reservation.release()
 
 
 class PTYTerminal:
     """The real L{Terminal}: a Twisted PTY process transport, and the shell's processes."""
 
     def __init__(
-        self, transport: IProcessTransport, pid: int, fd: int, scope: ProcessScope
+        self,
+        transport: IProcessTransport,
+        pid: int,
+        fd: int,
+        scope: ProcessScope,
+        reservation: Reservation | None = None,
     ) -> None:
         self.transport = transport
         self.pid = pid
         self.fd = fd
         self.scope = scope
         self.consumer = IConsumer(transport)
-        self.input = InputQueue(self.consumer)
+        self.input = InputQueue(self.consumer, reservation)
 
     @classmethod
     def spawn(  # noqa: PLR0917 - mirrors spawnProcess
@@ -195,11 +203,13 @@ class PTYTerminal:
         cwd: str,
         cols: int,
         rows: int,
+        reservation: Reservation | None = None,
     ) -> PTYTerminal:
         """Open a PTY pair, size it, and start ``argv`` on it as a new session's leader.
 
         ``cwd`` is a L{WorkingDirectory}'s path, which Twisted's forked child ``chdir``s to.
-        ``env`` must hold L{UNIT_VARIABLE}: it marks the shell's processes.
+        ``env`` must hold L{UNIT_VARIABLE}: it marks the shell's processes. ``reservation``
+        holds the queued input's bytes from the agent's memory budget.
         """
         master, slave = os.openpty()
         try:
@@ -218,7 +228,8 @@ class PTYTerminal:
             os.close(slave)
             raise
         assert transport.pid is not None
-        return cls(transport, transport.pid, master, TreeScope(transport.pid, env[UNIT_VARIABLE]))
+        scope = TreeScope(transport.pid, env[UNIT_VARIABLE])
+        return cls(transport, transport.pid, master, scope, reservation)
 
     @property
     def queued(self) -> int:
@@ -288,8 +299,8 @@ class ShellProcess(ProcessProtocol):
 
     def __init__(self, directory: WorkingDirectory | None = None) -> None:
         self.directory = directory
-        self.shell: Any = None
-        """The shell machine (a L{pyro_reactor.capabilities.shells._machine.ShellInput})."""
+        self.shell: ShellInput | None = None
+        """The shell machine, once it exists."""
 
     def releaseDirectory(self) -> None:
         directory, self.directory = self.directory, None
@@ -318,7 +329,6 @@ __all__ = [
     "PTYTerminal",
     "ShellProcess",
     "Terminal",
-    "exitCodeOf",
     "setWindowSize",
     "shellArgv",
     "shellEnvironment",
