@@ -22,10 +22,15 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities.services import records, registry
-from pyro_reactor.capabilities.services.records import RecordWriter, ServiceFiles, writeRecord
+from pyro_reactor.capabilities.services import _runner, records, registry
+from pyro_reactor.capabilities.services.records import (
+    RecordWriter,
+    ServiceFiles,
+    runnerScript,
+    writeRecord,
+)
 from pyro_reactor.capabilities.services.units import SessionUnit, UnitWatch, processStat
 from pyro_reactor.context import AgentConfig, AgentContext
 from tests.helpers import RunningAgent, alive, reactor, startAgent, waitUntil
@@ -368,6 +373,53 @@ class LeftoverTests(AbuseTestCase):
         stopped = await agent.call({"action": "stop_service", "service_name": "stubborn"})
         self.assertEqual((stopped["state"], stopped["stop_reason"]), ("stopped", "sigkill"))
         self.assertFalse(alive(child))
+
+
+class RunnerScriptTests(SynchronousTestCase):
+    """The runner script runs the command, its logs and its status, in both of its forms."""
+
+    def runScript(self, files: ServiceFiles) -> int:
+        """Run the script as the agent does: its directory on descriptor 3."""
+        script = runnerScript(files, "echo out; echo err >&2; pwd >&2; exit 3", 1 << 20)
+        files.runner.write_text(script)
+        directory = os.open(files.root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory)
+
+        def handOver() -> None:
+            os.dup2(directory, _runner.DIRECTORY_FD)
+
+        return subprocess.run(
+            ["/bin/sh", str(files.runner)],
+            check=False,
+            timeout=60,
+            cwd="/",
+            preexec_fn=handOver,
+            pass_fds=(_runner.DIRECTORY_FD,),
+        ).returncode
+
+    def test_fromTheModuleFile(self) -> None:
+        """Normally the runner names the module's file: a short command line in ``ps``."""
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        files = ServiceFiles(root, "svc")
+        self.assertIn("_runner.py", runnerScript(files, "true", 100))
+        self.assertEqual(self.runScript(files), 3)
+        self.assertEqual(
+            (files.stdout.read_text(), files.stderr.read_text()),
+            ("out\n", f"err\n{files.root}\n"),
+        )
+        self.assertEqual(files.status.read_text(), "3")
+
+    def test_fromItsTextWithoutASourceFile(self) -> None:
+        """An agent installed without source files embeds the runner's text instead."""
+        self.patch(_runner, "__file__", "/nowhere/_runner.pyc")
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        files = ServiceFiles(root, "svc")
+        self.assertIn("def main(", runnerScript(files, "true", 100))
+        self.assertEqual(self.runScript(files), 3)
+        self.assertEqual(files.stdout.read_text(), "out\n")
+        self.assertEqual(files.status.read_text(), "3")
 
 
 class UnitWatchTests(TestCase):

@@ -714,7 +714,11 @@ class AgentRestartTests(TestCase):
         self.assertEqual(web["state"], "running", web)
         brief = self.ask(
             sock,
-            {"action": "start_service", "service_name": "brief", "command": "sleep 1; exit 4"},
+            {
+                "action": "start_service",
+                "service_name": "brief",
+                "command": "echo begun; sleep 1; exit 4",
+            },
         )
         self.assertEqual(brief["state"], "running", brief)
 

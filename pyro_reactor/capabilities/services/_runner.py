@@ -1,9 +1,10 @@
 """The program a service's runner runs: the command, its capped logs, then its exit status.
 
-This module is not imported by the agent: its source text is embedded (``python3 -I -S -c``)
-in ``NAME.runner.sh`` (see L{pyro_reactor.capabilities.services.records.runnerScript}), so
-a service keeps working with whatever agent (or none) is running later. It must therefore use
-the standard library only and work on its own.
+The agent imports this module only to find it: ``NAME.runner.sh`` runs it as a script
+(``python3 -I -S .../_runner.py``; see
+L{pyro_reactor.capabilities.services.records.runnerScript}), and a running service keeps
+working with whatever agent (or none) is running later. It must therefore use the standard
+library only and work on its own.
 
 The runner (the process the agent spawned, leader of the service's session and process group)
 starts ``/bin/sh -lc COMMAND`` with its stdout and stderr on two pipes, forks a *log writer*
@@ -29,6 +30,8 @@ import signal
 import sys
 
 CHUNK = 65536
+#: The descriptor on which the agent hands the runner its working directory.
+DIRECTORY_FD = 3
 
 
 def _open(path: str) -> int:
@@ -94,6 +97,10 @@ def _copyLogs(streams: dict[int, str], cap: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # The agent checked and opened the directory; entering it through the descriptor does not
+    # depend on the agent (nor on the name, which may have been swapped meanwhile).
+    os.fchdir(DIRECTORY_FD)
+    os.close(DIRECTORY_FD)
     command, stdoutPath, stderrPath, statusPath, cap, ctypeSet, ctype = argv[1:8]
     if ctypeSet:
         os.environ["LC_CTYPE"] = ctype

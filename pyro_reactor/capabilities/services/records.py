@@ -12,8 +12,9 @@ output):
   - ``NAME.stdout`` / ``NAME.stderr``: the command's output, written by the runner's log
     writer and capped at ``--log-bytes`` each, the previous part in ``NAME.stdout.1`` /
     ``NAME.stderr.1`` (see L{pyro_reactor.capabilities.services._runner});
-  - ``NAME.runner.sh``: the runner, a ``/bin/sh`` script that ``exec``s the Python program of
-    L{pyro_reactor.capabilities.services._runner}; it runs ``/bin/sh -lc COMMAND`` and writes
+  - ``NAME.runner.sh``: the runner, a ``/bin/sh`` script that ``exec``s the agent's Python on
+    L{pyro_reactor.capabilities.services._runner} (its file; its text where the agent has no
+    source files); it runs ``/bin/sh -lc COMMAND`` and writes
     its exit status to ``NAME.status``, so a service that ends while no agent watches it still
     leaves its exit code. It does not ``cd`` to the working directory by name: the agent
     starts it in the very directory it checked (L{WorkingDirectory}).
@@ -103,10 +104,17 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def _runnerSource() -> str:
+def _runnerProgram() -> list[str]:
+    """The arguments that run L{_runner}: its file, or its text where there is no source file."""
     path = _runner.__file__
-    assert path is not None
-    return Path(path).read_text(encoding="utf-8")
+    if path is not None and path.endswith(".py"):
+        return [path]
+    spec = _runner.__spec__
+    loader = None if spec is None else spec.loader
+    source = getattr(loader, "get_source", lambda name: None)(_runner.__name__)
+    if not isinstance(source, str):
+        raise RuntimeError("the service runner's source is not available")
+    return ["-c", source]
 
 
 def runnerScript(
@@ -117,8 +125,7 @@ def runnerScript(
         python,
         "-I",
         "-S",
-        "-c",
-        _runnerSource(),
+        *_runnerProgram(),
         command,
         str(files.stdout),
         str(files.stderr),
@@ -155,7 +162,8 @@ def prepareFiles(files: ServiceFiles, runner: str) -> None:
 
     On failure (a full state directory), nothing temporary is left behind.
     """
-    makePrivateRoot(files.root)
+    files.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(files.root, DIRECTORY_MODE)
     for log_ in (files.stdout, files.stderr):
         _writePrivate(log_, b"")
         files.rotated(log_).unlink(missing_ok=True)

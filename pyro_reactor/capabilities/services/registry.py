@@ -39,6 +39,7 @@ from pyro_reactor.capabilities.services._machine import (
     newService,
 )
 from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
+from pyro_reactor.capabilities.services._runner import DIRECTORY_FD
 from pyro_reactor.capabilities.services.records import (
     RecordWriter,
     ServiceFiles,
@@ -351,26 +352,36 @@ class Services(Service):
         env: Mapping[str, str],
         machine: ServiceInput,
     ) -> ServiceProcess:
-        """Start the runner in C{directory}, which its protocol closes once the runner exits
-        (here if it cannot be started)."""
-        protocol = RunnerProtocol(self.reactor, machine._exited, directory)
+        """Start the runner, handing it the directory it runs in; C{directory} is let go.
+
+        The runner gets the opened directory as its descriptor L{DIRECTORY_FD} and enters it
+        itself (``fchdir``): the start never depends on this agent still being alive (a path
+        through ``/proc/<agent pid>/fd`` would stop working the moment the agent dies, and an
+        agent killed just after answering would leave a service that never started).
+        """
+        protocol = RunnerProtocol(self.reactor, machine._exited)
         # The runner writes the command's output to the log files itself; its own standard
         # streams go nowhere, so the service never depends on this agent's pipes.
-        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                held = os.open(directory.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except BaseException:
+                os.close(null)
+                raise
+        finally:
+            directory.close()
         try:
             transport = spawnInSession(
                 self.reactor,
                 protocol,
                 [str(files.runner)],
                 env,
-                cwd=directory.path,
-                childFDs={0: null, 1: null, 2: null},
+                childFDs={0: null, 1: null, 2: null, DIRECTORY_FD: held},
             )
-        except BaseException:
-            protocol.releaseDirectory()
-            raise
         finally:
             os.close(null)
+            os.close(held)
             protocol.spawning = False
         pid = protocol.pid if protocol.pid is not None else transport.pid
         assert pid is not None
