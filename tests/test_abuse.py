@@ -368,6 +368,67 @@ class SpoolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class ThreadedSpoolTests(SynchronousTestCase):
+    """Upload bodies are written off the reactor, in order, with backpressure."""
+
+    def test_writesOffTheReactorInOrder(self) -> None:
+        """Chunks are written by the worker in order; the connection pauses above the high
+        mark, resumes when the writes catch up, and the handler runs only once every byte is
+        on disk."""
+        harness = Harness(self)
+        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            jobs.append((done, function, args))
+            return done
+
+        def runJob() -> None:
+            done, function, args = jobs.pop(0)
+            done.callback(function(*args))
+
+        size = 6 * 1024 * 1024
+        protocol = RequestProtocol(
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b'{"action": "upload", "archive_size": %d}\n' % size)
+        body = bytes(range(256)) * (size // 256)
+        for offset in range(0, size, 1024 * 1024):
+            protocol.dataReceived(body[offset : offset + 1024 * 1024])
+            if offset == 4 * 1024 * 1024:
+                self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.value(), b"")
+        while jobs:
+            runJob()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(answerOf(transport), {"got": True})
+        self.assertEqual(list(harness.spool.iterdir()), [])
+
+    def test_clientGoneWhileWriting(self) -> None:
+        """A client that leaves while its body is being written leaves no file behind, and
+        the descriptor is closed only after the write in flight."""
+        harness = Harness(self)
+        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            jobs.append((done, function, args))
+            return done
+
+        protocol = RequestProtocol(
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+        )
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        protocol.connectionLost()
+        self.assertEqual(list(harness.spool.iterdir()), [])
+        done, function, args = jobs.pop()
+        done.callback(function(*args))
+        self.assertEqual(list(harness.spool.iterdir()), [])
+
+
 class EncodingTests(SynchronousTestCase):
     """The answer encoder is byte for byte ``json.dumps``; output bounds hold when encoded."""
 
