@@ -26,7 +26,7 @@ from pyro_reactor.wire.budget import MemoryBudget, parseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import boundEncodedText, encodeAnswer
+from pyro_reactor.wire.sender import BoundedText, boundEncodedText, encodeAnswer
 from pyro_reactor.wire.spool import emptySpool
 from tests.helpers import reactor, startAgent
 from tests.test_protocol import drain
@@ -461,6 +461,31 @@ class EncodingTests(SynchronousTestCase):
                 if cut:
                     more = text[: len(kept) + 1]
                     self.assertGreater(len(json.dumps(more)) - 2, limit)
+
+
+class BoundedTextTests(SynchronousTestCase):
+    """Command output gathered piece by piece stays within its limit once encoded."""
+
+    def test_invalidUtf8Output(self) -> None:
+        """16 MiB of 0xff decoded in pieces keeps 16 MiB of JSON text, not 96 MiB."""
+        limit = 1024 * 1024
+        bounded = BoundedText(limit)
+        piece = b"\xff" * 65536
+        for _ in range(64):
+            bounded.feed(piece.decode("utf-8", "replace"))
+        text = bounded.text()
+        self.assertTrue(bounded.truncated)
+        self.assertLessEqual(len(json.dumps(text)) - 2, limit)
+        self.assertGreater(len(json.dumps(text)) - 2, limit - 6)
+
+    def test_plainOutputUnchanged(self) -> None:
+        """Output within the limit is kept whole, piece after piece."""
+        bounded = BoundedText(1000)
+        for piece in ["hello\n", "wörld\t", '"q"']:
+            bounded.feed(piece)
+        self.assertEqual(bounded.text(), 'hello\nwörld\t"q"')
+        self.assertFalse(bounded.truncated)
+        self.assertEqual(bounded.size, len(json.dumps(bounded.text())) - 2)
 
 
 class OverTheWireTests(TestCase):

@@ -91,6 +91,41 @@ def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
     return text, False
 
 
+class BoundedText:
+    """Text gathered piece by piece (command output as it is decoded), bounded by the size of
+    its JSON text in the answer: ``--max-output-bytes`` holds for the answer as written.
+
+    ``feed`` each decoded piece; once the limit is reached the rest is dropped and
+    ``truncated`` is set. Memory stays at about the limit whatever the output: 16 MiB of
+    invalid UTF-8 keeps 2.8 M replacement characters (16 MiB of ``\\ufffd``), not 16 M.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+        self._parts: list[str] = []
+
+    def feed(self, text: str) -> None:
+        if self.truncated or not text:
+            return
+        if text.isascii() and len(text) <= self.limit - self.size:
+            data = text.encode("ascii")
+            if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
+                self._parts.append(text)
+                self.size += len(text)
+                return
+        kept, cut = boundEncodedText(text, self.limit - self.size)
+        self._parts.append(kept)
+        self.size += len(json.dumps(kept)) - 2
+        self.truncated = cut
+
+    def text(self) -> str:
+        joined = "".join(self._parts)
+        self._parts = [joined]
+        return joined
+
+
 def _cutEncoded(encoded: str, size: int) -> str:
     """``encoded[:size]``, shortened so that no escape (nor surrogate pair) is cut in two."""
     cut = encoded[:size]
