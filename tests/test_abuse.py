@@ -478,6 +478,19 @@ class BoundedTextTests(SynchronousTestCase):
         self.assertLessEqual(len(json.dumps(text)) - 2, limit)
         self.assertGreater(len(json.dumps(text)) - 2, limit - 6)
 
+    def test_budgetTruncates(self) -> None:
+        """Kept output is drawn from the memory budget; a full budget truncates it, and
+        release gives it back."""
+        budget = MemoryBudget(1000)
+        bounded = BoundedText(10_000, budget.reserve(0, "command output"))
+        for _ in range(30):
+            bounded.feed("x" * 100)
+        self.assertTrue(bounded.truncated)
+        self.assertEqual(len(bounded.text()), 1000)
+        self.assertEqual(budget.used, 1000)
+        bounded.release()
+        self.assertEqual(budget.used, 0)
+
     def test_plainOutputUnchanged(self) -> None:
         """Output within the limit is kept whole, piece after piece."""
         bounded = BoundedText(1000)

@@ -24,6 +24,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import Reservation
+
 log = Logger(namespace="pyro_reactor.wire.sender")
 
 CHUNK = 256 * 1024
@@ -96,15 +99,19 @@ class BoundedText:
     its JSON text in the answer: ``--max-output-bytes`` holds for the answer as written.
 
     ``feed`` each decoded piece; once the limit is reached the rest is dropped and
-    ``truncated`` is set. Memory stays at about the limit whatever the output: 16 MiB of
-    invalid UTF-8 keeps 2.8 M replacement characters (16 MiB of ``\\ufffd``), not 16 M.
+    ``truncated`` is set. With a ``reservation`` (``context.budget.reserve(0, "command
+    output")``), what is kept is also drawn from the agent's memory budget, and a full budget
+    truncates like the limit; call L{release} once the answer holds the text. Memory stays at
+    about the limit whatever the output: 16 MiB of invalid UTF-8 keeps 2.8 M replacement
+    characters (16 MiB of ``\\ufffd``), not 16 M.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, reservation: Reservation | None = None) -> None:
         self.limit = limit
         self.size = 0
         self.truncated = False
         self._parts: list[str] = []
+        self._reservation = reservation
 
     def feed(self, text: str) -> None:
         if self.truncated or not text:
@@ -112,13 +119,28 @@ class BoundedText:
         if text.isascii() and len(text) <= self.limit - self.size:
             data = text.encode("ascii")
             if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
-                self._parts.append(text)
-                self.size += len(text)
+                self._keep(text, len(text), False)
                 return
         kept, cut = boundEncodedText(text, self.limit - self.size)
-        self._parts.append(kept)
-        self.size += len(json.dumps(kept)) - 2
+        self._keep(kept, len(json.dumps(kept)) - 2, cut)
+
+    def _keep(self, text: str, size: int, cut: bool) -> None:
+        if self._reservation is not None:
+            try:
+                # What is kept is held from the agent's memory budget; when the budget is
+                # full, the output is cut there as if the limit had been reached.
+                self._reservation.grow(size)
+            except ActionError:
+                self.truncated = True
+                return
+        self._parts.append(text)
+        self.size += size
         self.truncated = cut
+
+    def release(self) -> None:
+        """Give the kept text's share of the memory budget back (once the answer is built)."""
+        if self._reservation is not None:
+            self._reservation.release()
 
     def text(self) -> str:
         joined = "".join(self._parts)
