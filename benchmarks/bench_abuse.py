@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,7 +37,6 @@ from benchmarks.harness import (
     BenchError,
     MiB,
     Row,
-    call,
     percentile,
 )
 
@@ -48,36 +48,56 @@ BUDGET = 256 * MiB
 OPTIONS = ("--answer-timeout", "10", "--memory-budget", str(BUDGET))
 
 
+_PINGER = """
+import json, socket, sys, threading, time
+port, interval = int(sys.argv[1]), float(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+latencies, failures = [], 0
+while not stop.is_set():
+    started = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b'{"action": "ping"}\\n')
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        if b'"pong"' not in data:
+            raise OSError(data[:200])
+        latencies.append((time.perf_counter() - started) * 1000)
+    except OSError:
+        failures += 1
+    stop.wait(interval)
+print(json.dumps({"latencies": latencies, "failures": failures}))
+"""
+
+
 class Pinger:
-    """Pings the agent every ``interval`` seconds in a thread; latencies in ms, failures."""
+    """Pings the agent every ``interval`` seconds from a separate process (so that the
+    benchmark's own threads cannot delay it); latencies in ms, failures."""
 
     def __init__(self, port: int, interval: float = 0.02) -> None:
         self.port = port
         self.interval = interval
         self.latencies: list[float] = []
         self.failures = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Pinger:
-        self._thread.start()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PINGER, str(self.port), str(self.interval)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            try:
-                answer = call(self.port, PING, timeout=5)
-                if "error" in answer:
-                    raise BenchError(answer["error"])
-                self.latencies.append((time.perf_counter() - started) * 1000)
-            except (OSError, BenchError, ValueError):
-                self.failures += 1
-            self._stop.wait(self.interval)
+        assert self._process is not None
+        output, _ = self._process.communicate("", timeout=60)
+        result = json.loads(output)
+        self.latencies = result["latencies"]
+        self.failures = result["failures"]
 
 
 class RssSampler:

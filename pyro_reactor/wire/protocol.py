@@ -48,6 +48,7 @@ from pyro_reactor.wire.request import Request, parseRequestLine
 from pyro_reactor.wire.sender import (
     PROGRESS_INTERVAL,
     AnswerSender,
+    Line,
     encodeAnswer,
     logTransfer,
 )
@@ -87,7 +88,7 @@ LINE_HOLD_STEP = 1024 * 1024
 
 TOO_MANY_CONNECTIONS = "too many connections"
 
-Encoder = Callable[[Callable[[dict[str, Any]], bytes], dict[str, Any]], "Deferred[bytes]"]
+Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
 
 
 @dataclass(frozen=True)
@@ -450,13 +451,15 @@ class RequestProtocol(Protocol):
         if self._phase in (_WORKING, _ANSWERING):
             self._phase = _DONE
             message = str(failure.value) or repr(failure.value)
-            transport.write(encodeAnswer({"error": f"could not encode the answer: {message}"}))
+            transport.write(
+                bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
+            )
         transport.loseConnection()
 
     def _handOff(self, answer: HandOff) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(encodeAnswer(answer.header))
+        transport.write(bytes(encodeAnswer(answer.header)))
         self._phase = _HANDED_OFF
         self._handedTo = handedTo = answer.protocol
         early, self._early = bytes(self._early), bytearray()
@@ -469,7 +472,7 @@ class RequestProtocol(Protocol):
         if self._earlyEOF and self._handedTo is handedTo:
             self.readConnectionLost()
 
-    def _writeLine(self, line: bytes) -> None:
+    def _writeLine(self, line: Line) -> None:
         if self._lost:
             self._releaseAnswer()
             return
@@ -477,7 +480,7 @@ class RequestProtocol(Protocol):
         assert transport is not None
         if len(line) <= DIRECT_LINE_BYTES:
             self._releaseAnswer()
-            transport.write(line)
+            transport.write(bytes(line))
             self._phase = _DONE
             transport.loseConnection()
             return
@@ -488,14 +491,13 @@ class RequestProtocol(Protocol):
                 self._answerHold.resize(len(line))
         except ActionError as error:
             self._releaseAnswer()
-            line = encodeAnswer({"error": error.message})
-            transport.write(line)
+            transport.write(bytes(encodeAnswer({"error": error.message})))
             self._phase = _DONE
             transport.loseConnection()
             return
         self._send(line)
 
-    def _send(self, line: bytes, answer: StreamedAnswer | None = None) -> None:
+    def _send(self, line: Line, answer: StreamedAnswer | None = None) -> None:
         transport = self.transport
         assert transport is not None
         handle = None
