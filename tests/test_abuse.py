@@ -295,6 +295,31 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(harness.budget.used, 0)
 
 
+class UnreadExportTests(SynchronousTestCase):
+    """An export the client does not read is dropped at the answer timeout, file and all."""
+
+    def test_unreadExportFreed(self) -> None:
+        """The export's spool file is removed when the client accepted nothing for the
+        answer timeout (before: 4 unread 50 MB exports held 210 MB of spool for 20 s past a
+        5 s request timeout)."""
+        harness = Harness(self, answerTimeout=5.0)
+        path = harness.spool / "export.tar"
+        path.write_bytes(b"t" * 1_000_000)
+        harness.dispatcher.register(
+            [Action("export", lambda r: StreamedAnswer({"archive_size": 1_000_000}, path))]
+        )
+        protocol, transport = harness.connect()
+        protocol.dataReceived(b'{"action": "export"}\n')
+        producer = transport.producer
+        assert producer is not None
+        producer.resumeProducing()  # one chunk goes out, then the client stalls
+        harness.clock.advance(4)
+        self.assertTrue(path.exists())
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+        self.assertFalse(path.exists())
+
+
 class OddInputTests(SynchronousTestCase):
     """Odd input gets a clear error at the request layer, before anything starts."""
 
