@@ -213,6 +213,13 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(answerOf(transport), {"error": "too many connections"})
         self.assertTrue(transport.disconnecting)
 
+    def test_overflowLineIsShort(self) -> None:
+        """A connection beyond the cap cannot make the agent buffer a long line."""
+        harness = Harness(self)
+        protocol, transport = harness.connect(overflow=True)
+        protocol.dataReceived(b'{"action": "ping", "x": "' + b"a" * 5000)
+        self.assertIn("exceeds the maximum of 4096 bytes", answerOf(transport)["error"])
+
     def test_overflowHasOneSecond(self) -> None:
         """An overflow connection that sends nothing is closed after a second."""
         harness = Harness(self)

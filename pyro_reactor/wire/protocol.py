@@ -88,6 +88,9 @@ LINE_HOLD_STEP = 1024 * 1024
 
 TOO_MANY_CONNECTIONS = "too many connections"
 
+OVERFLOW_LINE_BYTES = 4096
+"""The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
+
 Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
 
 
@@ -142,7 +145,10 @@ class RequestProtocol(Protocol):
         self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
-        self.maxRequestBytes = maxRequestBytes
+        # An overflow connection may only ping: a few bytes, within a second.
+        self.maxRequestBytes = (
+            min(maxRequestBytes, OVERFLOW_LINE_BYTES) if overflow else maxRequestBytes
+        )
         self.timeout = min(timeout, limits.overflowTimeout) if overflow else timeout
         self.limits = limits
         self.budget = budget if budget is not None else MemoryBudget()
