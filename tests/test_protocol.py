@@ -336,7 +336,7 @@ class LargeAnswerTests(SynchronousTestCase):
         pending: list[Deferred[None]] = []
         calls: list[dict[str, Any]] = []
 
-        def encoder(function: Any, answer: dict[str, Any]) -> Deferred[bytes]:
+        def encoder(function: Any, answer: dict[str, Any]) -> Deferred[Any]:
             calls.append(answer)
             ready: Deferred[None] = Deferred()
             pending.append(ready)

@@ -495,8 +495,17 @@ class StateFileNameTests(AgentTestCase):
         os.symlink(self.layout.outside / "victim.txt", root / "planted.json")
         answer = await self.call({"action": "open_shell", "shell_id": "planted"})
         self.assertNotIn("error", answer)
-        await self.call({"action": "write_shell", "shell_id": "planted", "input": "echo hi"})
-        await sleep(0.3)
+        await self.call({"action": "write_shell", "shell_id": "planted", "input": "echo h''i"})
+        # Wait (bounded) until the output went through the log file, not a fixed time.
+        seen, cursor = "", 0
+        deadline = time.monotonic() + 10
+        while "hi" not in seen and time.monotonic() < deadline:
+            read = await self.call(
+                {"action": "read_shell", "shell_id": "planted", "cursor": cursor, "wait_ms": 200}
+            )
+            seen += read.get("output", "")
+            cursor = read.get("next_cursor", cursor)
+        self.assertIn("hi", seen)
         closed = await self.call({"action": "close_shell", "shell_id": "planted"})
         self.assertTrue(closed["closed"])
         self.layout.assertOutsideUntouched(self)
@@ -515,7 +524,9 @@ class StateFileNameTests(AgentTestCase):
             for action in ("status_service", "logs_service", "stop_service"):
                 other = await self.call({"action": action, "service_name": name})
                 self.assertIn("error", other, (action, name))
-        await sleep(0.2)
+        # Every refusal is answered before anything is spawned: nothing is listed, no file.
+        listed = await self.call({"action": "list_services"})
+        self.assertEqual(listed["services"], [])
         self.assertEqual(self.stateEntries(), before)
         self.assertFalse((self.layout.workspace / "ran").exists())
         self.layout.assertOutsideUntouched(self)
@@ -545,7 +556,7 @@ class WorkingDirectoryTests(AgentTestCase):
                 }
             )
             self.assertIn("error", answer, path)
-        await sleep(0.2)
+        # Refused before anything is spawned: nothing is listed (no fixed wait needed).
         listed = await self.call({"action": "list_services"})
         self.assertEqual(listed["services"], [])
         self.layout.assertOutsideUntouched(self)
