@@ -84,6 +84,17 @@ async def watch(case: TestCase, agent: RunningAgent, **fields: Any) -> LineColle
     return collector
 
 
+def inotifyDescriptors() -> int:
+    """How many inotify instances this process holds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            continue
+    return count
+
+
 def has(collector: LineCollector, *wanted: dict[str, Any]) -> bool:
     return all(item in collector.events() for item in wanted)
 
@@ -260,6 +271,23 @@ class WatchTests(TestCase):
                 break
             await waitUntil(lambda: False, 0.05)
         self.assertEqual(fourth.lines[0], {"watching": "/workspace"})
+
+    async def test_descriptorsGivenBack(self) -> None:
+        """Each stream's inotify descriptor is closed when it ends: host gone, root deleted,
+        refused path."""
+        agent = await startAgent(self)
+        before = inotifyDescriptors()
+        (agent.workspace / "gone").mkdir()
+        first = await watch(self, agent)
+        second = await watch(self, agent, path="gone")
+        refused = await watch(self, agent, path="missing")
+        self.assertEqual(inotifyDescriptors(), before + 2)
+        first.close()
+        (agent.workspace / "gone").rmdir()
+        await first.done
+        await second.done
+        await refused.done
+        self.assertTrue(await waitUntil(lambda: inotifyDescriptors() == before, 10))
 
     async def test_pingFeatures(self) -> None:
         """``ping`` lists the ``tcp`` and ``watch`` features."""
