@@ -320,10 +320,13 @@ class TreeTests(SynchronousTestCase):
         )
 
     def test_overflow(self) -> None:
-        """The kernel's queue overflow is reported as an ``overflow`` line."""
+        """The kernel's queue overflow is reported as an ``overflow`` line, and directories
+        made meanwhile (their events lost) are watched from then on."""
         self.tree.placeInitial()
+        (self.root / "lost" / "deeper").mkdir(parents=True)
         self.tree.handle([RawEvent(-1, IN_Q_OVERFLOW, 0, "")], True)
         self.assertEqual(self.lines, [{"event": "overflow"}])
+        self.assertIn(("lost", "deeper"), self.tree.wds)
 
     def test_unpairedMoveWaitsBriefly(self) -> None:
         """An ``IN_MOVED_FROM`` at the end of a read waits briefly for its pair: paired in the
