@@ -210,6 +210,7 @@ class ForwardTests(TestCase):
         self.assertEqual(await deferToThread(talk), b"x" * 100000 + b"bye")
         self.assertTrue(await waitUntil(lambda: len(lines) == 2, 10), lines)
         self.assertIn("opened", lines[0])
+        self.assertTrue(lines[0].startswith(f"127.0.0.1:{local} -> guest port {guest}: "), lines)
         self.assertIn("closed (100000 bytes sent, 100003 received)", lines[1])
 
     async def test_cliPorts(self) -> None:
