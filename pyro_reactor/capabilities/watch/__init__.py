@@ -76,13 +76,9 @@ class WatchCapability:
         except Exception as error:
             raise ActionError(f"cannot watch {path.text}: no inotify instance: {error}") from None
         self.active += 1
-        released = False
 
         def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
+            # Called once, by the machine's move to its end state.
             self.active -= 1
             if tree is not None:
                 tree.end()
@@ -119,7 +115,7 @@ class WatchCapability:
             return HandOff({"watching": path.text}, stream)
 
         def failed(reason: Failure) -> Failure:
-            release()
+            machine.lost()  # never handed over: end it, which gives the slot back
             return reason
 
         placing: Deferred[list[Event]] = self.context.inThread(tree.placeInitial)
