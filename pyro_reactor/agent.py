@@ -14,13 +14,16 @@ from pyro_reactor.capabilities.base import Capability
 from pyro_reactor.capabilities.execute import ExecCapability
 from pyro_reactor.capabilities.files import FilesCapability
 from pyro_reactor.capabilities.ping import PingCapability
+from pyro_reactor.capabilities.ports import PortsCapability
 from pyro_reactor.capabilities.services import ServicesCapability
 from pyro_reactor.capabilities.shells import ShellsCapability
 from pyro_reactor.capabilities.snapshots import SnapshotsCapability
 from pyro_reactor.capabilities.stats import StatsCapability
+from pyro_reactor.capabilities.watch import WatchCapability
 from pyro_reactor.context import AgentContext
 from pyro_reactor.wire.dispatch import Dispatcher
-from pyro_reactor.wire.protocol import RequestFactory
+from pyro_reactor.wire.protocol import RequestFactory, WireLimits
+from pyro_reactor.wire.spool import emptySpool
 
 CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ExecCapability,
@@ -28,6 +31,8 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ArchivesCapability,
     ShellsCapability,
     ServicesCapability,
+    PortsCapability,
+    WatchCapability,
     SnapshotsCapability,
     StatsCapability,
 )
@@ -38,6 +43,7 @@ def buildDispatcher(context: AgentContext) -> Dispatcher:
     config = context.config
     for root in (config.shellRoot, config.serviceRoot, config.secretRoot, config.spoolRoot):
         root.mkdir(parents=True, exist_ok=True)
+    emptySpool(config.spoolRoot)
     dispatcher = Dispatcher(
         spoolDirectory=config.spoolRoot,
         maxUploadBytes=config.maxArchiveBytes,
@@ -65,6 +71,27 @@ def buildFactory(context: AgentContext) -> RequestFactory:
         maxRequestBytes=config.maxRequestBytes,
         timeout=config.requestTimeout,
         encodeInThread=context.inThread,
+        limits=WireLimits(
+            answerTimeout=config.answerTimeout,
+            minUploadRate=config.minUploadRate,
+            maxConnections=connectionCap(config.maxConnections),
+        ),
+        budget=context.budget,
+        writeInThread=context.inThread,
     )
-    context.hooks.counts["connections"] = lambda: factory.openConnections
+    context.hooks.counts["connections"] = lambda: factory.connections + factory.overflowing
     return factory
+
+
+def connectionCap(maxConnections: int) -> int:
+    """``--max-connections``, lowered so that half the descriptors stay for real work.
+
+    Each connection holds one descriptor; commands, shells (three each), spool files and
+    exports need theirs. With the init script's 1024 descriptors the cap is 480.
+    """
+    import resource  # noqa: PLC0415 (only here, once at start-up)
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return maxConnections
+    return min(maxConnections, max(16, (soft - 64) // 2))

@@ -18,6 +18,9 @@ from twisted.python.threadpool import ThreadPool
 
 from pyro_reactor.hooks import Hooks
 from pyro_reactor.system.workspace import Workspace
+from pyro_reactor.wire.budget import MemoryBudget
+from pyro_reactor.wire.dispatch import EncodedAnswer
+from pyro_reactor.wire.sender import encodeAnswer
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -36,6 +39,17 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    maxListEntries: int = 100_000
+    maxArchiveMembers: int = 100_000
+    maxShells: int = 64
+    #: Bytes per service or shell log file before it is rotated once (to ``NAME.stdout.1``).
+    logBytes: int = 64 * MiB
+    answerTimeout: float = 60.0
+    memoryBudget: int = 256 * MiB
+    maxConnections: int = 256
+    minUploadRate: int = 64 * 1024
+    relayHosts: str = "loopback"
+    maxWatches: int = 64
 
     @property
     def shellRoot(self) -> Path:
@@ -62,6 +76,10 @@ class AgentContext:
     ``reactor`` provides at least ``IReactorTime``, ``IReactorProcess``, ``IReactorTCP`` and
     ``IReactorCore``. ``services`` is the parent service of every capability's own service.
     ``workspace`` is the one confined view of ``config.workspace`` all capabilities share.
+    ``budget`` is the agent's one memory budget (``--memory-budget``): request lines and answers
+    draw from it, and so should every large buffer a capability holds for a client (queued
+    shell input, shell windows): ``budget.reserve(size, "what it is for")`` before holding,
+    ``release()`` after; a draw that does not fit raises an ``ActionError`` to answer.
     ``hooks`` holds what capabilities offer each other (see L{pyro_reactor.hooks}).
     """
 
@@ -71,10 +89,12 @@ class AgentContext:
     services: MultiService = field(default_factory=MultiService)
     startedAt: float = 0.0
     workspace: Workspace = field(init=False)
+    budget: MemoryBudget = field(init=False)
     hooks: Hooks = field(default_factory=Hooks)
 
     def __post_init__(self) -> None:
         self.workspace = Workspace(self.config.workspace)
+        self.budget = MemoryBudget(self.config.memoryBudget)
 
     def inThread(
         self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
@@ -85,3 +105,21 @@ class AgentContext:
         ``function``.
         """
         return deferToThreadPool(self.reactor, self.threadPool, function, *args, **kwargs)
+
+    def answerInThread(
+        self,
+        function: Callable[_P, dict[str, Any]],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> Deferred[EncodedAnswer]:
+        """Like L{inThread} for work whose result is a (large) answer: encoded in the same trip.
+
+        Building an answer in the pool and encoding it on a second trip costs two thread hops
+        and a pass of the reactor in between; a 1 MiB file read spends more there than in the
+        read itself.
+        """
+
+        def answer() -> EncodedAnswer:
+            return EncodedAnswer(encodeAnswer(function(*args, **kwargs)))
+
+        return deferToThreadPool(self.reactor, self.threadPool, answer)

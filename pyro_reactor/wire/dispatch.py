@@ -16,7 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,11 +62,30 @@ class HandOff:
     protocol: IProtocol
 
 
-Answer: TypeAlias = "dict[str, Any] | StreamedAnswer | HandOff"
+Answer: TypeAlias = "dict[str, Any] | StreamedAnswer | HandOff | EncodedAnswer"
 Handler: TypeAlias = (
     "Callable[[Request], Deferred[dict[str, Any]] | Deferred[StreamedAnswer]"
-    " | Deferred[HandOff] | Deferred[Answer] | Answer]"
+    " | Deferred[HandOff] | Deferred[EncodedAnswer] | Deferred[Answer] | Answer]"
 )
+
+
+@dataclass(frozen=True)
+class EncodedAnswer:
+    """An answer already encoded as its one JSON line (with its newline), written as is.
+
+    For handlers that build a large answer in a worker thread: encoding it there too (with
+    L{pyro_reactor.wire.sender.encodeAnswer}) saves a second trip to the pool.
+    """
+
+    line: bytes | bytearray
+
+
+def disposeAnswer(answer: object) -> None:
+    """Release what an answer that will never be written holds (its file, its protocol)."""
+    if isinstance(answer, StreamedAnswer):
+        answer.path.unlink(missing_ok=True)
+    elif isinstance(answer, HandOff):
+        answer.protocol.connectionLost(Failure(ConnectionDone("client went away")))
 
 
 @dataclass(frozen=True)
@@ -74,11 +94,17 @@ class Action:
 
     ``upload`` actions are followed on the wire by ``archive_size`` raw bytes, which the protocol
     spools to a file (``Request.upload``) before the handler runs.
+
+    ``cancellable`` actions have their handler's Deferred cancelled when the client goes away
+    before the answer is ready (a long-poll, a readiness wait): their Deferred's canceller
+    must remove its timers and release what it holds. Other handlers run to their end; an
+    answer that comes after the client left is released (L{disposeAnswer}) and logged.
     """
 
     name: str
     handler: Handler
     upload: bool = False
+    cancellable: bool = False
 
 
 @dataclass
@@ -136,6 +162,8 @@ class Dispatcher:
     ) -> Deferred[Answer]:
         """Run the request's handler; the result is always an answer, never a failure.
 
+        Cancelling the result (the client went away) cancels a C{cancellable} action's
+        handler; any other handler runs on, and its answer is released when it comes.
         The request's log event (ok or error; a crash is logged at once, with its traceback)
         is emitted when the answer is ready, or, if C{deferLog} is given, handed to it as a
         callable to emit later: the protocol emits it once the answer has been delivered, so
@@ -172,7 +200,9 @@ class Dispatcher:
         result.addCallbacks(
             answered, lambda failure: self._failed(name, started, failure, deferLog)
         )
-        return result
+        if result.called:
+            return result
+        return _detached(result, action.cancellable)
 
     def reject(self, error: ActionError, action: object = None) -> dict[str, Any]:
         """Log and answer a request the protocol refused before dispatching it."""
@@ -192,6 +222,15 @@ class Dispatcher:
         deferLog: Callable[[Callable[[], None]], None] | None = None,
     ) -> dict[str, Any]:
         duration = (self.clock() - started) * 1000
+        if failure.check(CancelledError):
+            _emit(
+                deferLog,
+                "{action} cancelled after {duration_ms:.1f} ms: the client went away",
+                action=name,
+                outcome="cancelled",
+                duration_ms=duration,
+            )
+            return {"error": "cancelled: the client went away"}
         if failure.check(ActionError):
             message = str(failure.value)
             _emit(
@@ -214,6 +253,30 @@ class Dispatcher:
             duration_ms=duration,
         )
         return {"error": message}
+
+
+def _detached(result: Deferred[Answer], cancellable: bool) -> Deferred[Answer]:
+    """A Deferred of C{result}'s answer whose cancellation never loses that answer.
+
+    Twisted drops the result of a Deferred cancelled without a canceller: an export's file
+    or a streaming protocol would leak. The answer is delivered through a second Deferred
+    instead; when that one was cancelled first, the answer is released on arrival.
+    """
+
+    def cancel(outer: Deferred[Answer]) -> None:
+        if cancellable:
+            result.cancel()
+
+    outer: Deferred[Answer] = Deferred(cancel)
+
+    def deliver(answer: Answer) -> None:
+        if outer.called:
+            disposeAnswer(answer)
+        else:
+            outer.callback(answer)
+
+    result.addCallback(deliver)
+    return outer
 
 
 def _emit(

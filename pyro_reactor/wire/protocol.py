@@ -1,24 +1,27 @@
 """The wire protocol: one JSON request line per connection, one answer, then close.
 
 ``RequestProtocol`` only frames bytes. It reads the request line (bounded by
-``maxRequestBytes``, with an idle timeout), spools the raw body of an upload action to a file
-under the state directory as it arrives, hands the whole request to the L{Dispatcher}, and
-writes the answer: one JSON line, a JSON header line followed by a streamed file, or a JSON
+``maxRequestBytes`` and by the agent's memory budget), has an upload's raw body written to its
+L{UploadSpool}, hands the whole request to the L{Dispatcher}, and has the answer written by an
+L{AnswerSender}: one JSON line, a JSON header line followed by a streamed file, or a JSON
 header line after which the connection is handed to the protocol of a streaming action
 (L{HandOff}).
+
+Deadlines: the request line must arrive within ``timeout`` seconds of the connection, and an
+upload's body at no less than ``minUploadRate`` bytes a second averaged over the whole
+upload (a trickle of bytes does not restart any timer). An answer the client stops reading is
+dropped after ``answerTimeout`` seconds without progress. A connection beyond the factory's
+``maxConnections`` gets one second to send its line, and only a ``ping`` is answered there.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -27,15 +30,37 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.wire.dispatch import Answer, Dispatcher, HandOff, StreamedAnswer
+from pyro_reactor.wire.budget import MemoryBudget, Reservation, parseCost
+from pyro_reactor.wire.dispatch import (
+    Answer,
+    Dispatcher,
+    EncodedAnswer,
+    HandOff,
+    StreamedAnswer,
+    disposeAnswer,
+)
 from pyro_reactor.wire.request import Request, parseRequestLine
+from pyro_reactor.wire.sender import (
+    PROGRESS_INTERVAL,
+    AnswerSender,
+    Line,
+    encodeAnswer,
+    logTransfer,
+)
+from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
+
+__all__ = [
+    "EARLY_BYTES_LIMIT",
+    "RequestFactory",
+    "RequestProtocol",
+    "WireLimits",
+    "encodeAnswer",
+]
 
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
@@ -48,35 +73,42 @@ They are kept for an answer that takes the connection over (L{HandOff}: a TCP re
 lose what the host sent before ``connected``); past this the connection stops being read until
 the answer is ready. Other answers drop them, as the reference ignores them."""
 
-PROGRESS_INTERVAL = 5.0
-"""Seconds between two progress events of a long upload or export."""
-
-EXPORT_CHUNK = 256 * 1024
-"""Bytes of an export read and written at a time (FileSender's 16 KiB costs a third of the
-throughput on loopback)."""
-
-
-def _logTransfer(event: str, action: object, sent: int, started: float, now: float) -> None:
-    duration = max(now - started, 0.0)
-    log.info(
-        "{action} " + event + ": {bytes} bytes in {duration_s:.1f} s ({rate_mbps:.1f} MB/s)",
-        action=action,
-        outcome=event,
-        bytes=sent,
-        duration_s=duration,
-        rate_mbps=sent / duration / 1e6 if duration > 0 else 0.0,
-    )
-
-
 LARGE_ANSWER_CHARS = 64 * 1024
 """Answers carrying more text than this are encoded in a worker thread, off the reactor."""
 
-Encoder = Callable[[Callable[[dict[str, Any]], bytes], dict[str, Any]], "Deferred[bytes]"]
+LARGE_LINE_BYTES = 64 * 1024
+"""Request lines longer than this draw their parse's cost from the memory budget first."""
+
+DIRECT_LINE_BYTES = 16 * 1024
+"""Answer lines up to this size are written at once (the socket's buffer takes them whole);
+longer ones go through an L{AnswerSender}, with backpressure and the answer timeout."""
+
+LINE_HOLD_STEP = 1024 * 1024
+"""A request line in flight draws from the budget in steps of this many bytes."""
+
+TOO_MANY_CONNECTIONS = "too many connections"
+
+OVERFLOW_LINE_BYTES = 4096
+"""The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
+
+Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
 
 
-def encodeAnswer(answer: dict[str, Any]) -> bytes:
-    """One answer line, encoded as the reference encodes it (``json.dumps`` defaults)."""
-    return (json.dumps(answer) + "\n").encode("utf-8")
+@dataclass(frozen=True)
+class WireLimits:
+    """The limits of the wire beyond the line's size and timeout (one per option)."""
+
+    answerTimeout: float = 60.0
+    minUploadRate: int = 64 * 1024
+    maxConnections: int = 256
+    overflowTimeout: float = 1.0
+
+
+def _encodedEstimate(answer: dict[str, Any]) -> int:
+    """About the size of an answer's JSON line: non-ASCII text costs 6 bytes a character."""
+    return 256 + sum(
+        len(v) if v.isascii() else 6 * len(v) for v in answer.values() if isinstance(v, str)
+    )
 
 
 def _carriesMuchText(answer: dict[str, Any]) -> bool:
@@ -103,37 +135,48 @@ class RequestProtocol(Protocol):
         timeout: float,
         *,
         encodeInThread: Encoder | None = None,
+        limits: WireLimits | None = None,
+        budget: MemoryBudget | None = None,
+        overflow: bool = False,
+        writeInThread: InThread | None = None,
     ) -> None:
+        limits = limits if limits is not None else WireLimits()
         self.dispatcher = dispatcher
         self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
-        self.maxRequestBytes = maxRequestBytes
-        self.timeout = timeout
+        # An overflow connection may only ping: a few bytes, within a second.
+        self.maxRequestBytes = (
+            min(maxRequestBytes, OVERFLOW_LINE_BYTES) if overflow else maxRequestBytes
+        )
+        self.timeout = min(timeout, limits.overflowTimeout) if overflow else timeout
+        self.limits = limits
+        self.budget = budget if budget is not None else MemoryBudget()
+        self.overflow = overflow
+        self.writeInThread = writeInThread
         self._phase = _READING_LINE
         self._buffer = bytearray()
         self._timer: IDelayedCall | None = None
         self._request: Request | None = None
-        self._spool: IO[bytes] | None = None
-        self._spoolPath: Path | None = None
-        self._remaining = 0
+        self._spool: UploadSpool | None = None
         self._lost = False
         self._pendingLog: Callable[[], None] | None = None
-        self._bodySize = 0
+        self._pending: Deferred[Any] | None = None
+        self._deadline = 0.0
         self._bodyStarted = self._lastProgress = 0.0
         self._early = bytearray()
         self._earlyEOF = False
         self._paused = False
         self._handedTo: IProtocol | None = None
-        self._counted = False
+        self._lineHold: Reservation | None = None
+        self._answerHold: Reservation | None = None
+        self._upload: Path | None = None
 
     # -- connection events ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._deadline = self.clock.seconds() + self.timeout
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
-        if isinstance(self.factory, RequestFactory):
-            self.factory.openConnections += 1
-            self._counted = True
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase == _READING_LINE:
@@ -178,26 +221,29 @@ class RequestProtocol(Protocol):
             self._handedTo.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._counted and isinstance(self.factory, RequestFactory):
-            self.factory.openConnections -= 1
-            self._counted = False
         self._lost = True
         self._cancelTimer()
+        self._releaseLine()
         if self._handedTo is not None:
             handedTo, self._handedTo = self._handedTo, None
             handedTo.connectionLost(reason)
-        emit, self._pendingLog = self._pendingLog, None
-        if emit is not None:
-            emit()
         if self._phase == _READING_BODY:
             self._logCutOff()
-            self._discardSpool()
+        self._discardSpool()
         self._phase = _DONE
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # The client left before its answer: a cancellable handler stops waiting now.
+            pending.cancel()
+        self._answered()
+        factory = self.factory
+        if isinstance(factory, RequestFactory):
+            factory.connectionClosed(self)
 
     def _logCutOff(self) -> None:
         log.warn(
             "upload cut off: {missing} of its bytes never arrived",
-            missing=self._remaining,
+            missing=self._spool.remaining if self._spool else None,
             action=self._request.action if self._request else None,
             outcome="cut-off",
         )
@@ -206,29 +252,33 @@ class RequestProtocol(Protocol):
 
     def _receiveLine(self, data: bytes) -> None:
         newline = data.find(b"\n")
-        if newline < 0:
-            if len(self._buffer) + len(data) > self.maxRequestBytes:
-                self._refuse(
-                    ActionError(f"request line exceeds the maximum of {self.maxRequestBytes} bytes")
-                )
-                return
-            self._buffer += data
-            return
-        if len(self._buffer) + newline > self.maxRequestBytes:
+        end = len(data) if newline < 0 else newline
+        if len(self._buffer) + end > self.maxRequestBytes:
             self._refuse(
                 ActionError(f"request line exceeds the maximum of {self.maxRequestBytes} bytes")
             )
             return
-        self._buffer += data[:newline]
+        if newline < 0:
+            self._buffer += data
+            self._holdLine(len(self._buffer))
+            return
+        if self._buffer:
+            self._buffer += data[:newline]
+            line = bytes(self._buffer)
+            self._buffer = bytearray()
+        else:
+            line = data[:newline]
         rest = data[newline + 1 :]
-        line = bytes(self._buffer)
-        self._buffer = bytearray()
         try:
-            request = self._request = parseRequestLine(line)
+            request = self._request = self._parse(line)
+            if self.overflow and request.fields.get("action") != "ping":
+                raise ActionError(TOO_MANY_CONNECTIONS)
             size = self.dispatcher.uploadSize(request)
         except ActionError as error:
             self._refuse(error)
             return
+        finally:
+            self._releaseLine()
         if size is None:
             self._dispatch()
             if rest:
@@ -238,59 +288,111 @@ class RequestProtocol(Protocol):
         if rest and self._phase == _READING_BODY:
             self._receiveBody(rest)
 
+    def _holdLine(self, size: int) -> None:
+        """Draw a line in flight from the memory budget, a step at a time."""
+        if size < LINE_HOLD_STEP and self._lineHold is None:
+            return
+        if self._lineHold is None:
+            self._lineHold = self.budget.reserve(0, "a request line in flight")
+        if size > self._lineHold.size:
+            try:
+                # A growing bytearray holds up to an eighth more than its length.
+                self._lineHold.resize(size + size // 8 + LINE_HOLD_STEP)
+            except ActionError as error:
+                self._refuse(error)
+
+    def _releaseLine(self) -> None:
+        hold, self._lineHold = self._lineHold, None
+        if hold is not None:
+            hold.release()
+
+    def _parse(self, line: bytes) -> Request:
+        if len(line) <= LARGE_LINE_BYTES:
+            return parseRequestLine(line)
+        # The parse of a big line can take many times its size (a million tiny objects):
+        # its estimate is drawn from the budget for as long as the parse runs.
+        hold = self.budget.reserve(parseCost(line), "the parse of a request line")
+        try:
+            return parseRequestLine(line)
+        finally:
+            hold.release()
+
     def _startBody(self, size: int) -> None:
-        self.spoolDirectory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.spoolDirectory)
-        self._spool = os.fdopen(fd, "wb")
-        self._spoolPath = Path(name)
-        self._remaining = self._bodySize = size
+        try:
+            self._spool = UploadSpool(
+                self.spoolDirectory, size, self.writeInThread, self._spoolDrained
+            )
+        except ActionError as error:
+            self._refuse(error)
+            return
         self._bodyStarted = self._lastProgress = self.clock.seconds()
         self._phase = _READING_BODY
         if size == 0:
             self._finishBody()
 
     def _receiveBody(self, data: bytes) -> None:
-        assert self._spool is not None
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)
-        chunk = data[: self._remaining]
+        spool = self._spool
+        assert spool is not None
         try:
-            self._spool.write(chunk)
-        except OSError as error:
-            self._discardSpool()
-            self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
+            spool.write(data)
+        except ActionError as error:
+            self._refuse(error)
             return
-        self._remaining -= len(chunk)
+        if spool.remaining == 0:
+            self._finishBody()
+            return
+        if spool.backlog > BACKLOG_HIGH and not self._paused:
+            # The disk is slower than the client: stop reading until the writes catch up.
+            self._paused = True
+            cast(IPushProducer, self.transport).pauseProducing()
         now = self.clock.seconds()
-        if now - self._lastProgress >= PROGRESS_INTERVAL and self._remaining:
+        if now - self._lastProgress >= PROGRESS_INTERVAL:
             self._lastProgress = now
             action = self._request.action if self._request else None
-            received = self._bodySize - self._remaining
-            _logTransfer("upload in progress", action, received, self._bodyStarted, now)
-        if self._remaining == 0:
-            self._finishBody()
+            logTransfer("upload in progress", action, spool.received, self._bodyStarted, now)
+
+    def _spoolDrained(self) -> None:
+        if self._paused and self._phase == _READING_BODY and not self._lost:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def _finishBody(self) -> None:
-        assert self._spool is not None and self._request is not None
-        try:
-            self._spool.close()
-        except OSError as error:
-            self._discardSpool()
-            self._refuse(ActionError(f"could not spool the upload: {error.strerror}"))
+        assert self._spool is not None
+        self._cancelTimer()
+        self._phase = _WORKING
+        self._spool.finish().addCallbacks(self._bodyWritten, self._bodyFailed)
+
+    def _bodyWritten(self, path: Path) -> None:
+        assert self._request is not None and self._spool is not None
+        spool, self._spool = self._spool, None
+        self._upload = self._request.upload = path
+        if self._lost:
+            self._discardUpload()
             return
-        self._spool = None
+        if self._paused and len(self._early) < EARLY_BYTES_LIMIT:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
         now = self.clock.seconds()
-        _logTransfer(
-            "upload received", self._request.action, self._bodySize, self._bodyStarted, now
-        )
-        self._request.upload = self._spoolPath
+        logTransfer("upload received", self._request.action, spool.size, self._bodyStarted, now)
         self._dispatch()
+
+    def _bodyFailed(self, failure: Failure) -> None:
+        self._spool = None
+        if self._lost:
+            return
+        error = failure.value
+        self._refuse(
+            error if isinstance(error, ActionError) else ActionError("could not spool the upload")
+        )
 
     def _dispatch(self) -> None:
         assert self._request is not None
         self._cancelTimer()
         self._phase = _WORKING
-        self.dispatcher.dispatch(self._request, self._logAfterAnswer).addCallback(self._answer)
+        pending = self.dispatcher.dispatch(self._request, self._logAfterAnswer)
+        pending.addCallback(self._answer).addErrback(self._answerFailed)
+        if not pending.called:
+            self._pending = pending
 
     def _logAfterAnswer(self, emit: Callable[[], None]) -> None:
         # The request's log event waits until the answer is out and the connection closed
@@ -304,17 +406,18 @@ class RequestProtocol(Protocol):
 
     def _refuse(self, error: ActionError) -> None:
         self._cancelTimer()
+        self._buffer = bytearray()
+        self._releaseLine()
+        self._discardSpool()
         action = self._request.fields.get("action", "exec") if self._request else None
         self._phase = _ANSWERING
-        self._writeLine(self.dispatcher.reject(error, action))
+        self._writeLine(encodeAnswer(self.dispatcher.reject(error, action)))
 
     def _answer(self, answer: Answer) -> None:
-        self._discardSpool()
+        self._pending = None
+        self._discardUpload()
         if self._lost:
-            if isinstance(answer, StreamedAnswer):
-                answer.path.unlink(missing_ok=True)
-            elif isinstance(answer, HandOff):
-                answer.protocol.connectionLost(Failure(ConnectionDone("client went away")))
+            disposeAnswer(answer)
             return
         self._phase = _ANSWERING
         if isinstance(answer, HandOff):
@@ -323,15 +426,46 @@ class RequestProtocol(Protocol):
         self._early = bytearray()
         if isinstance(answer, StreamedAnswer):
             self._stream(answer)
-        elif self.encodeInThread is not None and _carriesMuchText(answer):
-            self.encodeInThread(encodeAnswer, answer).addCallback(self._writeEncoded)
+        elif isinstance(answer, EncodedAnswer):
+            self._writeLine(answer.line)
+        elif _carriesMuchText(answer):
+            # Hold the encoded size before encoding: a replacement character is 6 bytes of
+            # JSON, so 16 MiB of bad output is a 100 MB line.
+            try:
+                self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
+            except ActionError as error:
+                self._writeLine(encodeAnswer({"error": error.message}))
+                return
+            if self.encodeInThread is None:
+                self._writeLine(encodeAnswer(answer))
+                return
+            self.encodeInThread(encodeAnswer, answer).addCallback(self._writeLine).addErrback(
+                self._answerFailed
+            )
         else:
-            self._writeLine(answer)
+            self._writeLine(encodeAnswer(answer))
+
+    def _answerFailed(self, failure: Failure) -> None:
+        """The terminal errback of every answer chain: answer an error and close."""
+        self._pending = None
+        self._releaseAnswer()
+        if failure.check(CancelledError) or self._lost:
+            return
+        log.failure("could not write the answer", failure, outcome="crash")
+        transport = self.transport
+        assert transport is not None
+        if self._phase in (_WORKING, _ANSWERING):
+            self._phase = _DONE
+            message = str(failure.value) or repr(failure.value)
+            transport.write(
+                bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
+            )
+        transport.loseConnection()
 
     def _handOff(self, answer: HandOff) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(encodeAnswer(answer.header))
+        transport.write(bytes(encodeAnswer(answer.header)))
         self._phase = _HANDED_OFF
         self._handedTo = handedTo = answer.protocol
         early, self._early = bytes(self._early), bytearray()
@@ -344,60 +478,93 @@ class RequestProtocol(Protocol):
         if self._earlyEOF and self._handedTo is handedTo:
             self.readConnectionLost()
 
-    def _writeLine(self, answer: dict[str, Any]) -> None:
-        self._writeEncoded(encodeAnswer(answer))
-
-    def _writeEncoded(self, line: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(line)
-        self._phase = _DONE
-        self.transport.loseConnection()
-
-    def _stream(self, answer: StreamedAnswer) -> None:
-        assert self.transport is not None
-        transport = self.transport
-        try:
-            handle = answer.path.open("rb")
-        except OSError as error:
-            answer.path.unlink(missing_ok=True)
-            self._writeLine({"error": f"could not open the export: {error.strerror}"})
+    def _writeLine(self, line: Line) -> None:
+        if self._lost:
+            self._releaseAnswer()
             return
-        transport.write(encodeAnswer(answer.header))
+        transport = self.transport
+        assert transport is not None
+        if len(line) <= DIRECT_LINE_BYTES:
+            self._releaseAnswer()
+            transport.write(bytes(line))
+            self._phase = _DONE
+            transport.loseConnection()
+            return
+        try:
+            if self._answerHold is None:
+                self._answerHold = self.budget.reserve(len(line), "the answer")
+            else:
+                self._answerHold.resize(len(line))
+        except ActionError as error:
+            self._releaseAnswer()
+            transport.write(bytes(encodeAnswer({"error": error.message})))
+            self._phase = _DONE
+            transport.loseConnection()
+            return
+        self._send(line)
+
+    def _send(self, line: Line, answer: StreamedAnswer | None = None) -> None:
+        transport = self.transport
+        assert transport is not None
+        handle = None
+        progress = None
         started = self.clock.seconds()
         action = self._request.action if self._request else None
+        if answer is not None:
+            try:
+                handle = answer.path.open("rb")
+            except OSError as error:
+                answer.path.unlink(missing_ok=True)
+                self._writeLine(
+                    encodeAnswer({"error": f"could not open the export: {error.strerror}"})
+                )
+                return
 
-        def progress() -> None:
-            sent = handle.tell()
-            _logTransfer("export in progress", action, sent, started, self.clock.seconds())
+            def progress(sent: int) -> None:
+                logTransfer("export in progress", action, sent, started, self.clock.seconds())
 
-        ticker = LoopingCall(progress)
-        ticker.clock = self.clock
-        ticker.start(PROGRESS_INTERVAL, now=False)
+        sender = AnswerSender(
+            transport, self.clock, self.limits.answerTimeout, line, handle, progress=progress
+        )
 
         def finished(result: object) -> None:
-            ticker.stop()
-            event = "export sent" if not isinstance(result, Failure) else "export cut off"
-            _logTransfer(event, action, handle.tell(), started, self.clock.seconds())
-            handle.close()
-            answer.path.unlink(missing_ok=True)
+            self._releaseAnswer()
+            if answer is not None and handle is not None:
+                event = "export sent" if not isinstance(result, Failure) else "export cut off"
+                logTransfer(event, action, sender.sent - len(line), started, self.clock.seconds())
+                handle.close()
+                answer.path.unlink(missing_ok=True)
             self._phase = _DONE
             if not self._lost:
                 transport.loseConnection()
 
-        sender = FileSender()
-        sender.CHUNK_SIZE = EXPORT_CHUNK
-        sender.beginFileTransfer(handle, transport).addBoth(finished)
+        sender.send().addBoth(finished)
+
+    def _stream(self, answer: StreamedAnswer) -> None:
+        self._send(encodeAnswer(answer.header), answer)
 
     # -- housekeeping --------------------------------------------------------------------
 
     def _timedOut(self) -> None:
         self._timer = None
+        spool = self._spool
+        if spool is not None and self.limits.minUploadRate > 0:
+            # The body may take as long as its bytes at the minimum rate, averaged over the
+            # whole upload: the deadline moves by what arrived, never restarts.
+            deadline = self._deadline + spool.received / self.limits.minUploadRate
+            now = self.clock.seconds()
+            if deadline > now:
+                self._timer = self.clock.callLater(deadline - now, self._timedOut)
+                return
         log.info(
-            "connection closed: no complete request within {timeout} s",
+            "connection closed: no complete request in time ({timeout} s for the line, then"
+            " {rate} bytes/s)",
             timeout=self.timeout,
+            rate=self.limits.minUploadRate,
             outcome="timeout",
         )
         self._discardSpool()
+        self._releaseLine()
         assert self.transport is not None
         self.transport.loseConnection()
 
@@ -406,17 +573,35 @@ class RequestProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
 
+    def _releaseAnswer(self) -> None:
+        hold, self._answerHold = self._answerHold, None
+        if hold is not None:
+            hold.release()
+
+    def _answered(self) -> None:
+        emit, self._pendingLog = self._pendingLog, None
+        if emit is not None:
+            emit()
+
     def _discardSpool(self) -> None:
         if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        if self._spoolPath is not None:
-            self._spoolPath.unlink(missing_ok=True)
-            self._spoolPath = None
+            spool, self._spool = self._spool, None
+            spool.discard()
+        self._discardUpload()
+
+    def _discardUpload(self) -> None:
+        if self._upload is not None:
+            upload, self._upload = self._upload, None
+            upload.unlink(missing_ok=True)
 
 
 class RequestFactory(Factory):
-    """Builds a L{RequestProtocol} per connection, all sharing one dispatcher."""
+    """Builds a L{RequestProtocol} per connection, all sharing one dispatcher and budget.
+
+    Counts the open connections: beyond ``limits.maxConnections`` a connection is an
+    overflow one (one second for its line, only ``ping`` answered), so that descriptors stay
+    free for real work and a ping always gets through.
+    """
 
     noisy = False
 
@@ -429,17 +614,25 @@ class RequestFactory(Factory):
         timeout: float = 60.0,
         *,
         encodeInThread: Encoder | None = None,
+        limits: WireLimits | None = None,
+        budget: MemoryBudget | None = None,
+        writeInThread: InThread | None = None,
     ) -> None:
+        limits = limits if limits is not None else WireLimits()
+        self.writeInThread = writeInThread
         self.dispatcher = dispatcher
         self.clock = clock
         self.spoolDirectory = spoolDirectory
         self.maxRequestBytes = maxRequestBytes
         self.timeout = timeout
         self.encodeInThread = encodeInThread
-        #: Connections whose protocol this factory built and that are still open (``stats``).
-        self.openConnections = 0
+        self.limits = limits
+        self.budget = budget if budget is not None else MemoryBudget()
+        self.connections = 0
+        self.overflowing = 0
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
+        overflow = self.connections >= self.limits.maxConnections
         protocol = RequestProtocol(
             self.dispatcher,
             self.clock,
@@ -447,6 +640,21 @@ class RequestFactory(Factory):
             self.maxRequestBytes,
             self.timeout,
             encodeInThread=self.encodeInThread,
+            limits=self.limits,
+            budget=self.budget,
+            overflow=overflow,
+            writeInThread=self.writeInThread,
         )
         protocol.factory = self
+        if overflow:
+            self.overflowing += 1
+        else:
+            self.connections += 1
         return protocol
+
+    def connectionClosed(self, protocol: RequestProtocol) -> None:
+        """A connection of this factory ended: its place is free again."""
+        if protocol.overflow:
+            self.overflowing -= 1
+        else:
+            self.connections -= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,30 @@ from pyro_reactor.errors import ActionError
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 _MISSING: Any = object()
+
+_MAX_DIGITS = sys.get_int_max_str_digits() or 4300
+
+INTEGER_LIMIT = 2**63 - 1
+"""The largest magnitude an integer field may have (a C ``long``); beyond it, a clear error."""
+
+
+def checkText(name: str, text: str, *, codecMessage: bool = False) -> str:
+    """``text``, unless it holds a lone surrogate (``"\\ud800"`` in the JSON).
+
+    Such a string cannot be encoded as UTF-8, so it could reach neither a file, a path, a
+    terminal nor a child's arguments: refused here, before anything starts, with a message
+    naming the field (never the value). ``codecMessage`` answers the codec's own message
+    instead (it names the character and its position), as the reference answers it for
+    ``write_workspace_file``'s text.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            if codecMessage:
+                raise ActionError(str(error)) from None
+            raise ActionError(f"{name} must be valid Unicode text") from None
+    return text
 
 
 def parseRequestLine(line: bytes) -> Request:
@@ -38,6 +63,12 @@ def parseRequestLine(line: bytes) -> Request:
     except RecursionError:
         # `[[[[...` a hundred thousand deep fits in a request line and exhausts the parser.
         raise ActionError("request is not valid JSON: nested too deeply") from None
+    except ValueError:
+        # Python refuses to turn more than 4300 digits into an int (CVE-2020-10735): a plain
+        # ValueError, not a JSONDecodeError.
+        raise ActionError(
+            f"request is not valid JSON: a number has more than {_MAX_DIGITS} digits"
+        ) from None
     if not isinstance(payload, dict):
         raise ActionError("request must be a JSON object")
     return Request(payload)
@@ -75,23 +106,44 @@ class Request:
         value = self.fields.get(name)
         return default if value is None else value
 
-    def string(self, name: str, default: str = "") -> str:
-        """A string field; numbers are accepted and turned to text as the reference does."""
-        value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ActionError(f"{name} must be a string")
-        return value if isinstance(value, str) else str(value)
+    def string(self, name: str, default: str = "", *, codecMessage: bool = False) -> str:
+        """A string field; numbers are accepted and turned to text as the reference does.
 
-    def integer(self, name: str, default: int) -> int:
-        """An integer field; an integral float or a numeric string is accepted."""
+        A lone surrogate is refused (see L{checkText}, which ``codecMessage`` is passed to).
+        """
         value = self._get(name, default)
+        if isinstance(value, str):
+            return checkText(name, value, codecMessage=codecMessage)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ActionError(f"{name} must be a string")
+        return str(value)
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        """An integer field; an integral float or a numeric string is accepted.
+
+        Its magnitude is at most L{INTEGER_LIMIT} (``10**400`` seconds is no timeout at all),
+        and within ``minimum``/``maximum`` when given: a clear error, before anything starts.
+        """
+        number = self._integer(name, self._get(name, default))
+        if abs(number) > INTEGER_LIMIT:
+            raise ActionError(f"{name} is out of range (at most {INTEGER_LIMIT} in magnitude)")
+        if minimum is not None and number < minimum:
+            raise ActionError(f"{name} must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            raise ActionError(f"{name} must be at most {maximum}")
+        return number
+
+    @staticmethod
+    def _integer(name: str, value: Any) -> int:
         if isinstance(value, bool):
             raise ActionError(f"{name} must be an integer")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= 64:
             try:
                 return int(value.strip())
             except ValueError:
@@ -122,7 +174,7 @@ class Request:
             return None
         if not isinstance(value, list):
             raise ActionError(message or f"{name} must be a list")
-        return [item if isinstance(item, str) else str(item) for item in value]
+        return [checkText(name, item) if isinstance(item, str) else str(item) for item in value]
 
     def environment(self, label: str) -> dict[str, str] | None:
         """The ``env`` overrides of an exec/shell/service request, names checked.
@@ -144,5 +196,5 @@ class Request:
                 os.fsencode(text)
             except UnicodeEncodeError:
                 raise ActionError(f"{label} env values must be valid Unicode text") from None
-            result[normalizeEnvName(key)] = text
+            result[normalizeEnvName(checkText(f"{label} env names", key))] = text
         return result

@@ -1,0 +1,224 @@
+"""The upload spool: the raw body of an upload action, kept in a file until its handler runs.
+
+Bodies go to ``upload-*.tar`` files under the state directory's ``pyro-spool/``, created 0600.
+The directory holds only transfers in flight: L{emptySpool} removes whatever a previous run
+left (an agent killed mid-upload leaves its file, and in a guest the state directory is RAM).
+
+Writes happen in the agent's worker threads, in order, with backpressure: a write usually
+lands in the page cache in microseconds, but a disk under writeback can block it for tens of
+ms, which on the reactor delayed every other client (``benchmarks/bench_abuse.py`` measures a
+``ping`` during a 200 MiB upload; docs/benchmarks.md has the figures).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyro_reactor.errors import ActionError
+
+log = Logger(namespace="pyro_reactor.wire.spool")
+
+_DESCRIPTORS_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+
+
+def spoolError(error: OSError, doing: str) -> ActionError:
+    """The answer for an ``OSError`` while spooling (no path in it: the client never sees ours)."""
+    if error.errno in _DESCRIPTORS_EXHAUSTED:
+        return ActionError(f"could not {doing}: the agent is out of file descriptors, try again")
+    return ActionError(f"could not {doing}: {error.strerror}")
+
+
+def emptySpool(directory: Path) -> int:
+    """Remove every file a previous run left in the spool; the number removed.
+
+    Called once at start-up, before the agent listens: nothing of this run is in flight yet.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    removed = 0
+    for entry in os.scandir(directory):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError as error:
+            log.warn(
+                "could not remove {name} from the spool: {error}",
+                name=entry.name,
+                error=error.strerror,
+            )
+    if removed:
+        log.info("spool emptied: {removed} files left by an earlier run", removed=removed)
+    return removed
+
+
+InThread = Callable[..., "Deferred[Any]"]
+
+BACKLOG_HIGH = 4 * 1024 * 1024
+"""Bytes received but not yet written past which the connection stops being read."""
+
+BACKLOG_LOW = 1024 * 1024
+"""Bytes still to write below which a paused connection is read again."""
+
+
+def _writeAll(fd: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+class UploadSpool:
+    """One upload body being written to its spool file.
+
+    L{write} takes the bytes as they arrive and returns how many belonged to the body (never
+    more than is still missing); L{finish} fires with the file's path once every byte is
+    written and the file closed: the path then belongs to the request (the handler reads it;
+    the protocol removes it after the answer). L{discard} removes everything, whenever the
+    upload cannot complete. Errors are L{ActionError}s ready to answer.
+
+    With ``inThread``, the writes happen in worker threads, one batch at a time and in
+    order, so that a slow disk never blocks the reactor: L{backlog} says how many bytes wait
+    to be written, and ``onDrained`` is called when it falls below L{BACKLOG_LOW} (the
+    protocol pauses reading above L{BACKLOG_HIGH}). Without it, each write happens at once.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        size: int,
+        inThread: InThread | None = None,
+        onDrained: Callable[[], None] | None = None,
+    ) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=directory)
+        except OSError as error:
+            raise spoolError(error, "spool the upload") from None
+        self.path: Path | None = Path(name)
+        self._fd: int | None = fd
+        self.size = size
+        self.remaining = size
+        self.backlog = 0
+        self._inThread = inThread
+        self._onDrained = onDrained
+        self._queue: list[bytes] = []
+        self._writing = False
+        self._error: ActionError | None = None
+        self._finished: Deferred[Path] | None = None
+
+    @property
+    def received(self) -> int:
+        return self.size - self.remaining
+
+    def write(self, data: bytes) -> int:
+        """Keep the next bytes of the body; how many of ``data`` belonged to it."""
+        if self._error is not None:
+            raise self._error
+        assert self._fd is not None
+        chunk = data[: self.remaining] if len(data) > self.remaining else data
+        self.remaining -= len(chunk)
+        if self._inThread is None:
+            try:
+                _writeAll(self._fd, [chunk])
+            except OSError as error:
+                self.discard()
+                raise spoolError(error, "spool the upload") from None
+            return len(chunk)
+        self._queue.append(chunk)
+        self.backlog += len(chunk)
+        self._pump()
+        return len(chunk)
+
+    def _pump(self) -> None:
+        if self._writing or self._fd is None:
+            return
+        if not self._queue:
+            self._settle()
+            return
+        assert self._inThread is not None
+        batch, self._queue = self._queue, []
+        self._writing = True
+        self._inThread(_writeAll, self._fd, batch).addCallbacks(
+            lambda _: self._written(sum(len(chunk) for chunk in batch)), self._failed
+        )
+
+    def _written(self, size: int) -> None:
+        self._writing = False
+        before, self.backlog = self.backlog, self.backlog - size
+        if self.path is None:
+            self._close()  # discarded while the batch was being written
+            return
+        if before >= BACKLOG_LOW > self.backlog and self._onDrained is not None:
+            self._onDrained()
+        self._pump()
+
+    def _failed(self, failure: Failure) -> None:
+        self._writing = False
+        error = failure.value
+        self._error = (
+            spoolError(error, "spool the upload")
+            if isinstance(error, OSError)
+            else ActionError(f"could not spool the upload: {error}")
+        )
+        self._queue = []
+        self.backlog = 0
+        self._settle()
+
+    def _settle(self) -> None:
+        """Everything queued is written (or failed): fire L{finish}'s Deferred if asked."""
+        finished = self._finished
+        if finished is None or self._writing or self._queue:
+            return
+        self._finished = None
+        if self._error is not None:
+            self.discard()
+            finished.errback(self._error)
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None:
+                os.close(fd)
+        except OSError as error:
+            self.discard()
+            finished.errback(spoolError(error, "spool the upload"))
+            return
+        path, self.path = self.path, None
+        assert path is not None
+        finished.callback(path)
+
+    def finish(self) -> Deferred[Path]:
+        """Once the whole body is written and its file closed, its path (handed over)."""
+        assert self.remaining == 0 and self._finished is None
+        self._finished = Deferred()
+        finished = self._finished
+        self._settle()
+        return finished
+
+    def discard(self) -> None:
+        """Close and remove the file, if this spool still owns it.
+
+        A batch being written in a worker thread keeps the descriptor until it is done.
+        """
+        self._queue = []
+        if self.path is not None:
+            path, self.path = self.path, None
+            path.unlink(missing_ok=True)
+        if not self._writing:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
