@@ -237,7 +237,9 @@ class Bench:
     _shared: dict[str, Agent] = field(default_factory=dict)
     _count: int = 0
 
-    def command(self, kind: str, port: int, workspace: Path, stateDir: Path) -> list[str]:
+    def command(
+        self, kind: str, port: int, workspace: Path, stateDir: Path, extra: tuple[str, ...] = ()
+    ) -> list[str]:
         if kind == OURS:
             return [
                 str(self.repo / ".venv" / "bin" / "twistd"),
@@ -250,6 +252,7 @@ class Bench:
                 str(workspace),
                 "--state-dir",
                 str(stateDir),
+                *extra,
             ]
         if kind == REFERENCE:
             return [
@@ -266,8 +269,11 @@ class Bench:
             ]
         raise ValueError(f"unknown agent kind {kind!r}")
 
-    def launch(self, kind: str) -> Agent:
-        """Start a fresh agent (fresh port and directories); it is killed by L{close}."""
+    def launch(self, kind: str, extra: tuple[str, ...] = ()) -> Agent:
+        """Start a fresh agent (fresh port and directories); it is killed by L{close}.
+
+        ``extra`` options are added to our agent's command line (the reference takes none).
+        """
         self._count += 1
         base = self.workdir / f"{kind}-{self._count}"
         workspace, stateDir = base / "workspace", base / "state"
@@ -278,7 +284,7 @@ class Bench:
         with log.open("wb") as output:
             started = time.monotonic()
             process = subprocess.Popen(
-                self.command(kind, port, workspace, stateDir),
+                self.command(kind, port, workspace, stateDir, extra),
                 cwd=self.repo,
                 stdin=subprocess.DEVNULL,
                 stdout=output,

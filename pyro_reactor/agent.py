@@ -73,6 +73,7 @@ def buildFactory(context: AgentContext) -> RequestFactory:
             maxConnections=connectionCap(config.maxConnections),
         ),
         budget=context.budget,
+        writeInThread=context.inThread,
     )
 
 

@@ -197,7 +197,8 @@ def referenceAgent(key: object) -> ReferenceAgent:
 
     Asking for a new key stops the agents of other keys: test runners go class by class, so
     at most one reference runs at a time. Raises L{ReferenceUnavailable} (after saying so on
-    stderr, once per reason) when the reference cannot run here.
+    stderr, once per reason) when the reference cannot run here, or L{RuntimeError} if
+    ``PYRO_REQUIRE_REFERENCE`` is set (CI as root sets it: there a skip would hide a failure).
     """
     current = _running.get(key)
     if current is not None and current.alive():
@@ -207,6 +208,8 @@ def referenceAgent(key: object) -> ReferenceAgent:
     try:
         agent = startReference()
     except ReferenceUnavailable as problem:
+        if os.environ.get("PYRO_REQUIRE_REFERENCE"):
+            raise RuntimeError(f"PYRO_REQUIRE_REFERENCE is set, but {problem}") from problem
         if str(problem) not in _warned:
             _warned.add(str(problem))
             sys.stderr.write(f"\n*** NOT TESTED against the reference agent: {problem}\n")

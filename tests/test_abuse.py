@@ -26,7 +26,7 @@ from pyro_reactor.wire.budget import MemoryBudget, parseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import boundEncodedText, encodeAnswer
+from pyro_reactor.wire.sender import BoundedText, boundEncodedText, encodeAnswer
 from pyro_reactor.wire.spool import emptySpool
 from tests.helpers import reactor, startAgent
 from tests.test_protocol import drain
@@ -213,6 +213,13 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(answerOf(transport), {"error": "too many connections"})
         self.assertTrue(transport.disconnecting)
 
+    def test_overflowLineIsShort(self) -> None:
+        """A connection beyond the cap cannot make the agent buffer a long line."""
+        harness = Harness(self)
+        protocol, transport = harness.connect(overflow=True)
+        protocol.dataReceived(b'{"action": "ping", "x": "' + b"a" * 5000)
+        self.assertIn("exceeds the maximum of 4096 bytes", answerOf(transport)["error"])
+
     def test_overflowHasOneSecond(self) -> None:
         """An overflow connection that sends nothing is closed after a second."""
         harness = Harness(self)
@@ -295,6 +302,31 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(harness.budget.used, 0)
 
 
+class UnreadExportTests(SynchronousTestCase):
+    """An export the client does not read is dropped at the answer timeout, file and all."""
+
+    def test_unreadExportFreed(self) -> None:
+        """The export's spool file is removed when the client accepted nothing for the
+        answer timeout (before: 4 unread 50 MB exports held 210 MB of spool for 20 s past a
+        5 s request timeout)."""
+        harness = Harness(self, answerTimeout=5.0)
+        path = harness.spool / "export.tar"
+        path.write_bytes(b"t" * 1_000_000)
+        harness.dispatcher.register(
+            [Action("export", lambda r: StreamedAnswer({"archive_size": 1_000_000}, path))]
+        )
+        protocol, transport = harness.connect()
+        protocol.dataReceived(b'{"action": "export"}\n')
+        producer = transport.producer
+        assert producer is not None
+        producer.resumeProducing()  # one chunk goes out, then the client stalls
+        harness.clock.advance(4)
+        self.assertTrue(path.exists())
+        harness.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+        self.assertFalse(path.exists())
+
+
 class OddInputTests(SynchronousTestCase):
     """Odd input gets a clear error at the request layer, before anything starts."""
 
@@ -368,6 +400,67 @@ class SpoolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class ThreadedSpoolTests(SynchronousTestCase):
+    """Upload bodies are written off the reactor, in order, with backpressure."""
+
+    def test_writesOffTheReactorInOrder(self) -> None:
+        """Chunks are written by the worker in order; the connection pauses above the high
+        mark, resumes when the writes catch up, and the handler runs only once every byte is
+        on disk."""
+        harness = Harness(self)
+        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            jobs.append((done, function, args))
+            return done
+
+        def runJob() -> None:
+            done, function, args = jobs.pop(0)
+            done.callback(function(*args))
+
+        size = 6 * 1024 * 1024
+        protocol = RequestProtocol(
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b'{"action": "upload", "archive_size": %d}\n' % size)
+        body = bytes(range(256)) * (size // 256)
+        for offset in range(0, size, 1024 * 1024):
+            protocol.dataReceived(body[offset : offset + 1024 * 1024])
+            if offset == 4 * 1024 * 1024:
+                self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.value(), b"")
+        while jobs:
+            runJob()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(answerOf(transport), {"got": True})
+        self.assertEqual(list(harness.spool.iterdir()), [])
+
+    def test_clientGoneWhileWriting(self) -> None:
+        """A client that leaves while its body is being written leaves no file behind, and
+        the descriptor is closed only after the write in flight."""
+        harness = Harness(self)
+        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            jobs.append((done, function, args))
+            return done
+
+        protocol = RequestProtocol(
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+        )
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        protocol.connectionLost()
+        self.assertEqual(list(harness.spool.iterdir()), [])
+        done, function, args = jobs.pop()
+        done.callback(function(*args))
+        self.assertEqual(list(harness.spool.iterdir()), [])
+
+
 class EncodingTests(SynchronousTestCase):
     """The answer encoder is byte for byte ``json.dumps``; output bounds hold when encoded."""
 
@@ -400,6 +493,44 @@ class EncodingTests(SynchronousTestCase):
                 if cut:
                     more = text[: len(kept) + 1]
                     self.assertGreater(len(json.dumps(more)) - 2, limit)
+
+
+class BoundedTextTests(SynchronousTestCase):
+    """Command output gathered piece by piece stays within its limit once encoded."""
+
+    def test_invalidUtf8Output(self) -> None:
+        """16 MiB of 0xff decoded in pieces keeps 16 MiB of JSON text, not 96 MiB."""
+        limit = 1024 * 1024
+        bounded = BoundedText(limit)
+        piece = b"\xff" * 65536
+        for _ in range(64):
+            bounded.feed(piece.decode("utf-8", "replace"))
+        text = bounded.text()
+        self.assertTrue(bounded.truncated)
+        self.assertLessEqual(len(json.dumps(text)) - 2, limit)
+        self.assertGreater(len(json.dumps(text)) - 2, limit - 6)
+
+    def test_budgetTruncates(self) -> None:
+        """Kept output is drawn from the memory budget; a full budget truncates it, and
+        release gives it back."""
+        budget = MemoryBudget(1000)
+        bounded = BoundedText(10_000, budget.reserve(0, "command output"))
+        for _ in range(30):
+            bounded.feed("x" * 100)
+        self.assertTrue(bounded.truncated)
+        self.assertEqual(len(bounded.text()), 1000)
+        self.assertEqual(budget.used, 1000)
+        bounded.release()
+        self.assertEqual(budget.used, 0)
+
+    def test_plainOutputUnchanged(self) -> None:
+        """Output within the limit is kept whole, piece after piece."""
+        bounded = BoundedText(1000)
+        for piece in ["hello\n", "wörld\t", '"q"']:
+            bounded.feed(piece)
+        self.assertEqual(bounded.text(), 'hello\nwörld\t"q"')
+        self.assertFalse(bounded.truncated)
+        self.assertEqual(bounded.size, len(json.dumps(bounded.text())) - 2)
 
 
 class OverTheWireTests(TestCase):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.capabilities.archives import (
     SECRETS_STAGE_PREFIX,
@@ -30,6 +30,7 @@ from pyro_reactor.capabilities.archives import members as membersModule
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import Workspace
 from tests.archive_helpers import dirMember, fileMember, linkMember, makeTar, snapshot
+from tests.helpers import startAgent
 
 MiB = 1024 * 1024
 
@@ -301,3 +302,45 @@ class SecretRecoveryTests(SynchronousTestCase):
         self.assertRaises(ActionError, installSecrets, self.root, self.archive, consume=True)
         self.assertFalse(self.archive.exists())
         self.assertEqual((self.root / "TOKEN").read_text(), "new")
+
+
+class OptionsOverTheWireTests(TestCase):
+    """``--max-archive-members`` and ``--max-list-entries`` reach the actions."""
+
+    def test_optionsParsed(self) -> None:
+        """Both options parse into the config, with 100 000 by default."""
+        from pyro_reactor import tap
+
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0"])
+        config = options.config()
+        self.assertEqual((config.maxArchiveMembers, config.maxListEntries), (100_000, 100_000))
+        options = tap.Options()
+        options.parseOptions(
+            ["--listen", "tcp:0", "--max-archive-members", "7", "--max-list-entries", "9"]
+        )
+        config = options.config()
+        self.assertEqual((config.maxArchiveMembers, config.maxListEntries), (7, 9))
+
+    async def test_limitsAnswered(self) -> None:
+        """Past either limit the agent answers a clear error, and writes nothing."""
+        agent = await startAgent(self, maxArchiveMembers=3, maxListEntries=2)
+        body = makeTar([fileMember(f"f{n}") for n in range(4)])
+        answer = await agent.call(
+            {"action": "extract_archive", "destination": "/workspace/x", "archive_size": len(body)},
+            body,
+        )
+        self.assertEqual(
+            answer, {"error": "archive has more than 3 members (the agent's --max-archive-members)"}
+        )
+        self.assertEqual(os.listdir(agent.workspace), [])
+        for name in ("a", "b", "c"):
+            (agent.workspace / name).write_text(name)
+        listing = await agent.call({"action": "list_workspace", "recursive": True})
+        self.assertEqual(
+            listing,
+            {
+                "error": "/workspace has more than 2 entries to list (the agent's"
+                " --max-list-entries): list a subdirectory, or not recursively"
+            },
+        )

@@ -64,10 +64,10 @@ class BlockingScriptTests(TestCase):
 
 class ReactorThreadTests(TestCase):
     async def test_refusedFromTheReactorThread(self) -> None:
-        # Once an async trial test has waited once, the reactor runs in this thread: blocking
-        # here would never end.
         """The blocking client refuses to be built on the reactor's thread, where it would
         deadlock, and points at AgentClient."""
+        # Once an async trial test has waited once, the reactor runs in this thread: blocking
+        # here would never end.
         await deferLater(reactor, 0, lambda: None)
         self.assertTrue(reactor.running)
         with self.assertRaises(RuntimeError) as caught:

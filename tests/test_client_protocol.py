@@ -55,9 +55,9 @@ class AnswerTests(SynchronousTestCase):
         self.assertFalse(transport.aborted)
 
     def test_errorAnswerIsStillAnAnswer(self) -> None:
-        # The protocol hands back what the agent said; api.py turns "error" into AgentError.
         """An error answer is handed back as the agent's answer; turning it into an exception is
         the API's job."""
+        # The protocol hands back what the agent said; api.py turns "error" into AgentError.
         proto = ExchangeProtocol(b"{}\n")
         self.connect(proto)
         results = outcome(proto.answered)

@@ -210,7 +210,18 @@ class ForwardTests(TestCase):
         self.assertEqual(await deferToThread(talk), b"x" * 100000 + b"bye")
         self.assertTrue(await waitUntil(lambda: len(lines) == 2, 10), lines)
         self.assertIn("opened", lines[0])
+        self.assertTrue(lines[0].startswith(f"127.0.0.1:{local} -> guest port {guest}: "), lines)
         self.assertIn("closed (100000 bytes sent, 100003 received)", lines[1])
+
+    async def test_cliForwardUsage(self) -> None:
+        """A malformed forward spec is a usage error (exit 2) naming the expected form."""
+        agent = await startAgentEverywhere(self)
+        out, err = io.StringIO(), io.StringIO()
+        code = await run(
+            reactor, ["--connect", agent.tcp, "forward", "8080"], Console(io.StringIO(), out, err)
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("[BIND_ADDR:]LOCAL_PORT:GUEST_PORT", err.getvalue())
 
     async def test_cliPorts(self) -> None:
         """``pyro-agent-client ports`` lists the agent's own listening port."""

@@ -240,6 +240,16 @@ class ParityCase(TestCase):
             await self.same(request)
 
 
+def startTicks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot), or ``None`` if there is none."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # After the command name, field 22 of proc(5) (starttime) is the 20th.
+    return int(status[status.rfind(b")") + 2 :].split()[19])
+
+
 def inForeground(argv: list[str]) -> bool:
     """Whether a process runs ``argv`` as the foreground process group of its terminal."""
     wanted = "\0".join(argv).encode() + b"\0"
@@ -1172,11 +1182,25 @@ class ServicesParityTests(ParityCase):
 
     async def prepare(self) -> None:
         await super().prepare()
-        self.pids: list[int] = []
+        self.groups: list[tuple[int, int | None]] = []
         self.addCleanup(self.killServices)
 
+    def remember(self, pid: int) -> None:
+        """Kill the group led by ``pid`` at the end of the test (see L{killServices})."""
+        self.groups.append((pid, startTicks(pid)))
+
     def killServices(self) -> None:
-        for pid in self.pids:
+        """Kill every service group still there, and nothing else.
+
+        A service that ended long ago freed its pid, and on a busy machine the pid may lead
+        another process group by now (someone else's test): a group is killed only if its
+        leader is the process that was started, or is gone while its group lives on (a pid
+        still used as a process group ID is never handed out again).
+        """
+        for pid, ticks in self.groups:
+            now = startTicks(pid)
+            if now is not None and now != ticks:
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -1185,7 +1209,9 @@ class ServicesParityTests(ParityCase):
     async def start(self, **fields: Any) -> tuple[Answer, Answer]:
         request = {"action": "start_service"} | fields
         ours, theirs = await self.same(request)
-        self.pids.extend(answer["pid"] for answer in (ours, theirs) if "pid" in answer)
+        for answer in (ours, theirs):
+            if "pid" in answer:
+                self.remember(answer["pid"])
         return ours, theirs
 
     async def test_lifecycle(self) -> None:
@@ -1327,7 +1353,7 @@ class ServicesParityTests(ParityCase):
         answer = await self.ours.call(
             {"action": "start_service", "service_name": name, "command": "exec sleep 30"}
         )
-        self.pids.append(answer["pid"])
+        self.remember(answer["pid"])
         stopped = await self.ours.call({"action": "stop_service", "service_name": name})
         self.assertEqual((stopped["state"], stopped["stop_reason"]), ("stopped", "sigterm"))
         self.assertIsNotNone(stopped["ended_at"])

@@ -506,6 +506,103 @@ class RelaySocketTests(TestCase):
         self.assertGreaterEqual(got, stalled)
 
 
+class RelayEdgeTests(TestCase):
+    """Timeouts, the other direction's backpressure, and descriptors given back."""
+
+    timeout = 60
+
+    async def test_timeout(self) -> None:
+        """A guest-side connect that times out is answered with an error naming the address
+        and the timeout."""
+        from twisted.internet.defer import fail
+        from twisted.internet.error import TimeoutError as ConnectTimeout
+
+        from pyro_reactor.capabilities.ports import PortsCapability
+
+        class Never:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                return fail(ConnectTimeout())
+
+        self.patch(PortsCapability, "_endpoint", lambda self, host, port, timeout: Never())
+        agent = await startAgent(self)
+        answer = await agent.call({"action": "connect_tcp", "port": 9, "timeout_seconds": 3})
+        self.assertEqual(answer, {"error": "connection to 127.0.0.1:9 timed out after 3 s"})
+        answer = await agent.call({"action": "connect_tcp", "port": 9, "host": "::1"})
+        self.assertEqual(answer, {"error": "connection to [::1]:9 timed out after 10 s"})
+
+    async def test_guestNotReading(self) -> None:
+        """A guest server that does not read stalls the host: the agent holds a bounded
+        amount for the guest, and the host's sends stop being taken."""
+        guests: list[Any] = []
+
+        class Deaf(Protocol):
+            def connectionMade(self) -> None:
+                transport: Any = self.transport
+                transport.pauseProducing()
+                guests.append(transport)
+
+        agent = await startAgent(self)
+        guestPort = await listen(self, Factory.forProtocol(Deaf))
+        sock = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(json.dumps({"action": "connect_tcp", "port": guestPort}).encode() + b"\n")
+        sock.setblocking(False)
+        sent = 0
+        chunk = b"y" * 65536
+        idle = 0
+        while idle < 10:
+            try:
+                sent += sock.send(chunk)
+                idle = 0
+            except BlockingIOError:
+                idle += 1
+                await waitUntil(lambda: False, 0.1)
+        self.assertLess(sent, 64 * 2**20)
+        held = max(_buffered(t) for t in _agentTransports() + _guestClients())
+        self.assertLessEqual(held, 2**20)
+        for transport in guests:
+            transport.loseConnection()
+
+    async def test_descriptorsGiveBack(self) -> None:
+        """After many relays (answered, refused, cut short) the agent holds no more sockets
+        than before."""
+        agent = await startAgent(self)
+        guestPort = await listen(self, Factory.forProtocol(EchoUntilEOF))
+        before = sockets()
+
+        def many() -> None:
+            for number in range(20):
+                sock, _ = blockingRelay(agent.port, {"action": "connect_tcp", "port": guestPort})
+                with sock:
+                    if number % 2:
+                        sock.shutdown(socket.SHUT_WR)
+                        readAll(sock)
+            for _ in range(5):
+                sock, _ = blockingRelay(agent.port, {"action": "connect_tcp", "port": freePort()})
+                with sock:
+                    readAll(sock)
+
+        await inThread(many)
+        self.assertTrue(await waitUntil(lambda: sockets() <= before, 10), (before, sockets()))
+
+
+def sockets() -> int:
+    """How many sockets this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
+def _guestClients() -> list[Any]:
+    from twisted.internet import tcp
+
+    return [r for r in reactor.getReaders() + reactor.getWriters() if isinstance(r, tcp.Client)]
+
+
 def _agentTransports() -> list[Any]:
     from pyro_reactor.wire.protocol import RequestProtocol
 

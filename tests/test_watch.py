@@ -84,6 +84,17 @@ async def watch(case: TestCase, agent: RunningAgent, **fields: Any) -> LineColle
     return collector
 
 
+def inotifyDescriptors() -> int:
+    """How many inotify instances this process holds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            continue
+    return count
+
+
 def has(collector: LineCollector, *wanted: dict[str, Any]) -> bool:
     return all(item in collector.events() for item in wanted)
 
@@ -261,6 +272,23 @@ class WatchTests(TestCase):
             await waitUntil(lambda: False, 0.05)
         self.assertEqual(fourth.lines[0], {"watching": "/workspace"})
 
+    async def test_descriptorsGivenBack(self) -> None:
+        """Each stream's inotify descriptor is closed when it ends: host gone, root deleted,
+        refused path."""
+        agent = await startAgent(self)
+        before = inotifyDescriptors()
+        (agent.workspace / "gone").mkdir()
+        first = await watch(self, agent)
+        second = await watch(self, agent, path="gone")
+        refused = await watch(self, agent, path="missing")
+        self.assertEqual(inotifyDescriptors(), before + 2)
+        first.close()
+        (agent.workspace / "gone").rmdir()
+        await first.done
+        await second.done
+        await refused.done
+        self.assertTrue(await waitUntil(lambda: inotifyDescriptors() == before, 10))
+
     async def test_pingFeatures(self) -> None:
         """``ping`` lists the ``tcp`` and ``watch`` features."""
         agent = await startAgent(self)
@@ -292,10 +320,13 @@ class TreeTests(SynchronousTestCase):
         )
 
     def test_overflow(self) -> None:
-        """The kernel's queue overflow is reported as an ``overflow`` line."""
+        """The kernel's queue overflow is reported as an ``overflow`` line, and directories
+        made meanwhile (their events lost) are watched from then on."""
         self.tree.placeInitial()
+        (self.root / "lost" / "deeper").mkdir(parents=True)
         self.tree.handle([RawEvent(-1, IN_Q_OVERFLOW, 0, "")], True)
         self.assertEqual(self.lines, [{"event": "overflow"}])
+        self.assertIn(("lost", "deeper"), self.tree.wds)
 
     def test_unpairedMoveWaitsBriefly(self) -> None:
         """An ``IN_MOVED_FROM`` at the end of a read waits briefly for its pair: paired in the

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
 from pyro_reactor._version import __version__
 from pyro_reactor.client.api import (
@@ -631,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(sys.stdin, sys.stdout, sys.stderr)
 
     async def start(reactor: Any) -> None:
+        # react() calls this before reactor.run() installs the SIGINT/SIGTERM handlers whose
+        # shutdown triggers remove spool files: begin only once the reactor runs.
+        await deferLater(reactor, 0)
         code = await run(reactor, arguments, console)
         if code:
             raise SystemExit(code)

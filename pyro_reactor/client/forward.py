@@ -190,4 +190,9 @@ async def listenForward(
         if ":" in spec.bind
         else TCP4ServerEndpoint(reactor, spec.local, interface=spec.bind)
     )
-    return await server.listen(ForwardFactory(endpoint, lambda line: report(f"{spec}: {line}")))
+    label = [str(spec)]
+    port = await server.listen(ForwardFactory(endpoint, lambda line: report(f"{label[0]}: {line}")))
+    address = port.getHost()
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    label[0] = f"{host}:{address.port} -> guest port {spec.guest}"  # the real port, if 0 was asked
+    return port

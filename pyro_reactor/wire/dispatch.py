@@ -77,7 +77,7 @@ class EncodedAnswer:
     L{pyro_reactor.wire.sender.encodeAnswer}) saves a second trip to the pool.
     """
 
-    line: bytes
+    line: bytes | bytearray
 
 
 def disposeAnswer(answer: object) -> None:

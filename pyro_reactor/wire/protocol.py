@@ -48,10 +48,11 @@ from pyro_reactor.wire.request import Request, parseRequestLine
 from pyro_reactor.wire.sender import (
     PROGRESS_INTERVAL,
     AnswerSender,
+    Line,
     encodeAnswer,
     logTransfer,
 )
-from pyro_reactor.wire.spool import UploadSpool
+from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
 
 __all__ = [
     "EARLY_BYTES_LIMIT",
@@ -87,7 +88,10 @@ LINE_HOLD_STEP = 1024 * 1024
 
 TOO_MANY_CONNECTIONS = "too many connections"
 
-Encoder = Callable[[Callable[[dict[str, Any]], bytes], dict[str, Any]], "Deferred[bytes]"]
+OVERFLOW_LINE_BYTES = 4096
+"""The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
+
+Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,13 @@ class WireLimits:
     minUploadRate: int = 64 * 1024
     maxConnections: int = 256
     overflowTimeout: float = 1.0
+
+
+def _encodedEstimate(answer: dict[str, Any]) -> int:
+    """About the size of an answer's JSON line: non-ASCII text costs 6 bytes a character."""
+    return 256 + sum(
+        len(v) if v.isascii() else 6 * len(v) for v in answer.values() if isinstance(v, str)
+    )
 
 
 def _carriesMuchText(answer: dict[str, Any]) -> bool:
@@ -127,17 +138,22 @@ class RequestProtocol(Protocol):
         limits: WireLimits | None = None,
         budget: MemoryBudget | None = None,
         overflow: bool = False,
+        writeInThread: InThread | None = None,
     ) -> None:
         limits = limits if limits is not None else WireLimits()
         self.dispatcher = dispatcher
         self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
-        self.maxRequestBytes = maxRequestBytes
+        # An overflow connection may only ping: a few bytes, within a second.
+        self.maxRequestBytes = (
+            min(maxRequestBytes, OVERFLOW_LINE_BYTES) if overflow else maxRequestBytes
+        )
         self.timeout = min(timeout, limits.overflowTimeout) if overflow else timeout
         self.limits = limits
         self.budget = budget if budget is not None else MemoryBudget()
         self.overflow = overflow
+        self.writeInThread = writeInThread
         self._phase = _READING_LINE
         self._buffer = bytearray()
         self._timer: IDelayedCall | None = None
@@ -280,7 +296,8 @@ class RequestProtocol(Protocol):
             self._lineHold = self.budget.reserve(0, "a request line in flight")
         if size > self._lineHold.size:
             try:
-                self._lineHold.resize(size + LINE_HOLD_STEP)
+                # A growing bytearray holds up to an eighth more than its length.
+                self._lineHold.resize(size + size // 8 + LINE_HOLD_STEP)
             except ActionError as error:
                 self._refuse(error)
 
@@ -302,7 +319,9 @@ class RequestProtocol(Protocol):
 
     def _startBody(self, size: int) -> None:
         try:
-            self._spool = UploadSpool(self.spoolDirectory, size)
+            self._spool = UploadSpool(
+                self.spoolDirectory, size, self.writeInThread, self._spoolDrained
+            )
         except ActionError as error:
             self._refuse(error)
             return
@@ -317,29 +336,54 @@ class RequestProtocol(Protocol):
         try:
             spool.write(data)
         except ActionError as error:
-            self._spool = None
             self._refuse(error)
             return
         if spool.remaining == 0:
             self._finishBody()
             return
+        if spool.backlog > BACKLOG_HIGH and not self._paused:
+            # The disk is slower than the client: stop reading until the writes catch up.
+            self._paused = True
+            cast(IPushProducer, self.transport).pauseProducing()
         now = self.clock.seconds()
         if now - self._lastProgress >= PROGRESS_INTERVAL:
             self._lastProgress = now
             action = self._request.action if self._request else None
             logTransfer("upload in progress", action, spool.received, self._bodyStarted, now)
 
+    def _spoolDrained(self) -> None:
+        if self._paused and self._phase == _READING_BODY and not self._lost:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
+
     def _finishBody(self) -> None:
-        assert self._spool is not None and self._request is not None
+        assert self._spool is not None
+        self._cancelTimer()
+        self._phase = _WORKING
+        self._spool.finish().addCallbacks(self._bodyWritten, self._bodyFailed)
+
+    def _bodyWritten(self, path: Path) -> None:
+        assert self._request is not None and self._spool is not None
         spool, self._spool = self._spool, None
-        try:
-            self._upload = self._request.upload = spool.finish()
-        except ActionError as error:
-            self._refuse(error)
+        self._upload = self._request.upload = path
+        if self._lost:
+            self._discardUpload()
             return
+        if self._paused and len(self._early) < EARLY_BYTES_LIMIT:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
         now = self.clock.seconds()
         logTransfer("upload received", self._request.action, spool.size, self._bodyStarted, now)
         self._dispatch()
+
+    def _bodyFailed(self, failure: Failure) -> None:
+        self._spool = None
+        if self._lost:
+            return
+        error = failure.value
+        self._refuse(
+            error if isinstance(error, ActionError) else ActionError("could not spool the upload")
+        )
 
     def _dispatch(self) -> None:
         assert self._request is not None
@@ -384,7 +428,17 @@ class RequestProtocol(Protocol):
             self._stream(answer)
         elif isinstance(answer, EncodedAnswer):
             self._writeLine(answer.line)
-        elif self.encodeInThread is not None and _carriesMuchText(answer):
+        elif _carriesMuchText(answer):
+            # Hold the encoded size before encoding: a replacement character is 6 bytes of
+            # JSON, so 16 MiB of bad output is a 100 MB line.
+            try:
+                self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
+            except ActionError as error:
+                self._writeLine(encodeAnswer({"error": error.message}))
+                return
+            if self.encodeInThread is None:
+                self._writeLine(encodeAnswer(answer))
+                return
             self.encodeInThread(encodeAnswer, answer).addCallback(self._writeLine).addErrback(
                 self._answerFailed
             )
@@ -394,6 +448,7 @@ class RequestProtocol(Protocol):
     def _answerFailed(self, failure: Failure) -> None:
         """The terminal errback of every answer chain: answer an error and close."""
         self._pending = None
+        self._releaseAnswer()
         if failure.check(CancelledError) or self._lost:
             return
         log.failure("could not write the answer", failure, outcome="crash")
@@ -402,13 +457,15 @@ class RequestProtocol(Protocol):
         if self._phase in (_WORKING, _ANSWERING):
             self._phase = _DONE
             message = str(failure.value) or repr(failure.value)
-            transport.write(encodeAnswer({"error": f"could not encode the answer: {message}"}))
+            transport.write(
+                bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
+            )
         transport.loseConnection()
 
     def _handOff(self, answer: HandOff) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(encodeAnswer(answer.header))
+        transport.write(bytes(encodeAnswer(answer.header)))
         self._phase = _HANDED_OFF
         self._handedTo = handedTo = answer.protocol
         early, self._early = bytes(self._early), bytearray()
@@ -421,27 +478,32 @@ class RequestProtocol(Protocol):
         if self._earlyEOF and self._handedTo is handedTo:
             self.readConnectionLost()
 
-    def _writeLine(self, line: bytes) -> None:
+    def _writeLine(self, line: Line) -> None:
         if self._lost:
+            self._releaseAnswer()
             return
         transport = self.transport
         assert transport is not None
         if len(line) <= DIRECT_LINE_BYTES:
-            transport.write(line)
+            self._releaseAnswer()
+            transport.write(bytes(line))
             self._phase = _DONE
             transport.loseConnection()
             return
         try:
-            self._answerHold = self.budget.reserve(len(line), "the answer")
+            if self._answerHold is None:
+                self._answerHold = self.budget.reserve(len(line), "the answer")
+            else:
+                self._answerHold.resize(len(line))
         except ActionError as error:
-            line = encodeAnswer({"error": error.message})
-            transport.write(line)
+            self._releaseAnswer()
+            transport.write(bytes(encodeAnswer({"error": error.message})))
             self._phase = _DONE
             transport.loseConnection()
             return
         self._send(line)
 
-    def _send(self, line: bytes, answer: StreamedAnswer | None = None) -> None:
+    def _send(self, line: Line, answer: StreamedAnswer | None = None) -> None:
         transport = self.transport
         assert transport is not None
         handle = None
@@ -466,9 +528,7 @@ class RequestProtocol(Protocol):
         )
 
         def finished(result: object) -> None:
-            if self._answerHold is not None:
-                self._answerHold.release()
-                self._answerHold = None
+            self._releaseAnswer()
             if answer is not None and handle is not None:
                 event = "export sent" if not isinstance(result, Failure) else "export cut off"
                 logTransfer(event, action, sender.sent - len(line), started, self.clock.seconds())
@@ -513,6 +573,11 @@ class RequestProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
 
+    def _releaseAnswer(self) -> None:
+        hold, self._answerHold = self._answerHold, None
+        if hold is not None:
+            hold.release()
+
     def _answered(self) -> None:
         emit, self._pendingLog = self._pendingLog, None
         if emit is not None:
@@ -551,8 +616,10 @@ class RequestFactory(Factory):
         encodeInThread: Encoder | None = None,
         limits: WireLimits | None = None,
         budget: MemoryBudget | None = None,
+        writeInThread: InThread | None = None,
     ) -> None:
         limits = limits if limits is not None else WireLimits()
+        self.writeInThread = writeInThread
         self.dispatcher = dispatcher
         self.clock = clock
         self.spoolDirectory = spoolDirectory
@@ -576,6 +643,7 @@ class RequestFactory(Factory):
             limits=self.limits,
             budget=self.budget,
             overflow=overflow,
+            writeInThread=self.writeInThread,
         )
         protocol.factory = self
         if overflow:

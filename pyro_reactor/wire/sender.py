@@ -24,6 +24,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import Reservation
+
 log = Logger(namespace="pyro_reactor.wire.sender")
 
 CHUNK = 256 * 1024
@@ -37,33 +40,48 @@ SPLICE_CHARS = 4096
 
 _NEEDS_ESCAPE = bytes(range(0x20)) + b'"\\'
 
+Line = bytes | bytearray
+"""An encoded answer line (large ones are built in a bytearray, never copied to bytes)."""
 
-def encodeAnswer(answer: dict[str, Any]) -> bytes:
-    """One answer line, byte for byte as ``(json.dumps(answer) + "\\n").encode("utf-8")``."""
-    raw: dict[str, bytes] = {}
-    for name, value in answer.items():
-        if isinstance(value, str) and len(value) >= SPLICE_CHARS and value.isascii():
-            data = value.encode("ascii")
-            # json.dumps escapes only control characters, '"' and '\\' in ASCII text.
-            if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
-                raw[name] = data
-    if not raw:
+
+def encodeAnswer(answer: dict[str, Any]) -> Line:
+    """One answer line, byte for byte as ``(json.dumps(answer) + "\\n").encode("utf-8")``.
+
+    An answer with long strings is built in one ``bytearray``: a long string that needs no
+    escaping is copied in as it is, any other is escaped a piece at a time. So a 16 MiB
+    output of replacement characters costs its 100 MB of JSON once, not three times over
+    (``json.dumps``'s string, the string with its newline, and the bytes).
+    """
+    if not any(isinstance(v, str) and len(v) >= SPLICE_CHARS for v in answer.values()):
         return (json.dumps(answer) + "\n").encode("utf-8")
-    # Encode the answer with each spliced string empty, then put its bytes between the quotes.
-    # Every key is unique, so the n-th '""' placeholder of a spliced field is found by
-    # encoding the fields one at a time.
-    parts: list[bytes] = []
-    separator = b"{"
-    for name, value in answer.items():
-        parts.append(separator)
-        separator = b", "
-        if name in raw:
-            parts += (json.dumps(name).encode("utf-8"), b': "', raw[name], b'"')
+    line = bytearray(b"{")
+    for index, (name, value) in enumerate(answer.items()):
+        if index:
+            line += b", "
+        if isinstance(value, str) and len(value) >= SPLICE_CHARS:
+            line += json.dumps(name).encode("utf-8")
+            line += b': "'
+            _appendText(line, value)
+            line += b'"'
         else:
-            field = json.dumps({name: value})
-            parts.append(field[1:-1].encode("utf-8"))
-    parts.append(b"}\n")
-    return b"".join(parts)
+            # A field alone, as json.dumps writes it inside the object: '"name": value'.
+            line += json.dumps({name: value})[1:-1].encode("utf-8")
+    line += b"}\n"
+    return line
+
+
+def _appendText(line: bytearray, text: str) -> None:
+    """Append ``text`` as JSON string content (without quotes), as json.dumps escapes it."""
+    if text.isascii():
+        data = text.encode("ascii")
+        # json.dumps escapes only control characters, '"' and '\\' in ASCII text.
+        if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
+            line += data
+            return
+    for start in range(0, len(text), _BOUND_PIECE):
+        # Escaping is per character (a surrogate pair is one character in a str), so the
+        # pieces' escapes put together are the whole text's.
+        line += json.dumps(text[start : start + _BOUND_PIECE])[1:-1].encode("ascii")
 
 
 _BOUND_PIECE = 64 * 1024
@@ -89,6 +107,60 @@ def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
         kept = _cutEncoded(encoded, limit - total)
         return text[:start] + json.loads('"' + kept + '"'), True
     return text, False
+
+
+class BoundedText:
+    """Text gathered piece by piece (command output as it is decoded), bounded by the size of
+    its JSON text in the answer: ``--max-output-bytes`` holds for the answer as written.
+
+    ``feed`` each decoded piece; once the limit is reached the rest is dropped and
+    ``truncated`` is set. With a ``reservation`` (``context.budget.reserve(0, "command
+    output")``), what is kept is also drawn from the agent's memory budget, and a full budget
+    truncates like the limit; call L{release} once the answer holds the text. Memory stays at
+    about the limit whatever the output: 16 MiB of invalid UTF-8 keeps 2.8 M replacement
+    characters (16 MiB of ``\\ufffd``), not 16 M.
+    """
+
+    def __init__(self, limit: int, reservation: Reservation | None = None) -> None:
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+        self._parts: list[str] = []
+        self._reservation = reservation
+
+    def feed(self, text: str) -> None:
+        if self.truncated or not text:
+            return
+        if text.isascii() and len(text) <= self.limit - self.size:
+            data = text.encode("ascii")
+            if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
+                self._keep(text, len(text), False)
+                return
+        kept, cut = boundEncodedText(text, self.limit - self.size)
+        self._keep(kept, len(json.dumps(kept)) - 2, cut)
+
+    def _keep(self, text: str, size: int, cut: bool) -> None:
+        if self._reservation is not None:
+            try:
+                # What is kept is held from the agent's memory budget; when the budget is
+                # full, the output is cut there as if the limit had been reached.
+                self._reservation.grow(size)
+            except ActionError:
+                self.truncated = True
+                return
+        self._parts.append(text)
+        self.size += size
+        self.truncated = cut
+
+    def release(self) -> None:
+        """Give the kept text's share of the memory budget back (once the answer is built)."""
+        if self._reservation is not None:
+            self._reservation.release()
+
+    def text(self) -> str:
+        joined = "".join(self._parts)
+        self._parts = [joined]
+        return joined
 
 
 def _cutEncoded(encoded: str, size: int) -> str:
@@ -149,7 +221,7 @@ class AnswerSender:
         transport: ITransport,
         clock: IReactorTime,
         timeout: float,
-        line: bytes,
+        line: Line,
         handle: IO[bytes] | None = None,
         *,
         progress: Callable[[int], None] | None = None,

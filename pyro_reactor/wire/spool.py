@@ -4,10 +4,10 @@ Bodies go to ``upload-*.tar`` files under the state directory's ``pyro-spool/``,
 The directory holds only transfers in flight: L{emptySpool} removes whatever a previous run
 left (an agent killed mid-upload leaves its file, and in a guest the state directory is RAM).
 
-Writes happen on the reactor, chunk by chunk as they arrive: a write into the page cache of a
-chunk the reactor has just read (at most 64 KiB) costs microseconds, and
-``benchmarks/bench_abuse.py`` shows that a 200 MiB upload does not delay a concurrent ``ping``
-beyond a millisecond or two (docs/benchmarks.md has the figures).
+Writes happen in the agent's worker threads, in order, with backpressure: a write usually
+lands in the page cache in microseconds, but a disk under writeback can block it for tens of
+ms, which on the reactor delayed every other client (``benchmarks/bench_abuse.py`` measures a
+``ping`` during a 200 MiB upload; docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pyro_reactor.errors import ActionError
 
@@ -59,17 +63,44 @@ def emptySpool(directory: Path) -> int:
     return removed
 
 
+InThread = Callable[..., "Deferred[Any]"]
+
+BACKLOG_HIGH = 4 * 1024 * 1024
+"""Bytes received but not yet written past which the connection stops being read."""
+
+BACKLOG_LOW = 1024 * 1024
+"""Bytes still to write below which a paused connection is read again."""
+
+
+def _writeAll(fd: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 class UploadSpool:
     """One upload body being written to its spool file.
 
-    L{write} takes the bytes as they arrive and returns how many it kept (never more than the
-    body still missing); L{finish} closes the file and returns its path, which then belongs to
-    the request (the handler reads it; the protocol removes it after the answer). L{discard}
-    removes everything, whenever the upload cannot complete. Errors are L{ActionError}s ready
-    to answer.
+    L{write} takes the bytes as they arrive and returns how many belonged to the body (never
+    more than is still missing); L{finish} fires with the file's path once every byte is
+    written and the file closed: the path then belongs to the request (the handler reads it;
+    the protocol removes it after the answer). L{discard} removes everything, whenever the
+    upload cannot complete. Errors are L{ActionError}s ready to answer.
+
+    With ``inThread``, the writes happen in worker threads, one batch at a time and in
+    order, so that a slow disk never blocks the reactor: L{backlog} says how many bytes wait
+    to be written, and ``onDrained`` is called when it falls below L{BACKLOG_LOW} (the
+    protocol pauses reading above L{BACKLOG_HIGH}). Without it, each write happens at once.
     """
 
-    def __init__(self, directory: Path, size: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size: int,
+        inThread: InThread | None = None,
+        onDrained: Callable[[], None] | None = None,
+    ) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=directory)
@@ -79,6 +110,13 @@ class UploadSpool:
         self._fd: int | None = fd
         self.size = size
         self.remaining = size
+        self.backlog = 0
+        self._inThread = inThread
+        self._onDrained = onDrained
+        self._queue: list[bytes] = []
+        self._writing = False
+        self._error: ActionError | None = None
+        self._finished: Deferred[Path] | None = None
 
     @property
     def received(self) -> int:
@@ -86,36 +124,101 @@ class UploadSpool:
 
     def write(self, data: bytes) -> int:
         """Keep the next bytes of the body; how many of ``data`` belonged to it."""
+        if self._error is not None:
+            raise self._error
         assert self._fd is not None
         chunk = data[: self.remaining] if len(data) > self.remaining else data
-        view = memoryview(chunk)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as error:
-            self.discard()
-            raise spoolError(error, "spool the upload") from None
         self.remaining -= len(chunk)
+        if self._inThread is None:
+            try:
+                _writeAll(self._fd, [chunk])
+            except OSError as error:
+                self.discard()
+                raise spoolError(error, "spool the upload") from None
+            return len(chunk)
+        self._queue.append(chunk)
+        self.backlog += len(chunk)
+        self._pump()
         return len(chunk)
 
-    def finish(self) -> Path:
-        """Close the complete body's file and hand its path over."""
-        assert self._fd is not None and self.path is not None and self.remaining == 0
+    def _pump(self) -> None:
+        if self._writing or self._fd is None:
+            return
+        if not self._queue:
+            self._settle()
+            return
+        assert self._inThread is not None
+        batch, self._queue = self._queue, []
+        self._writing = True
+        self._inThread(_writeAll, self._fd, batch).addCallbacks(
+            lambda _: self._written(sum(len(chunk) for chunk in batch)), self._failed
+        )
+
+    def _written(self, size: int) -> None:
+        self._writing = False
+        before, self.backlog = self.backlog, self.backlog - size
+        if self.path is None:
+            self._close()  # discarded while the batch was being written
+            return
+        if before >= BACKLOG_LOW > self.backlog and self._onDrained is not None:
+            self._onDrained()
+        self._pump()
+
+    def _failed(self, failure: Failure) -> None:
+        self._writing = False
+        error = failure.value
+        self._error = (
+            spoolError(error, "spool the upload")
+            if isinstance(error, OSError)
+            else ActionError(f"could not spool the upload: {error}")
+        )
+        self._queue = []
+        self.backlog = 0
+        self._settle()
+
+    def _settle(self) -> None:
+        """Everything queued is written (or failed): fire L{finish}'s Deferred if asked."""
+        finished = self._finished
+        if finished is None or self._writing or self._queue:
+            return
+        self._finished = None
+        if self._error is not None:
+            self.discard()
+            finished.errback(self._error)
+            return
         fd, self._fd = self._fd, None
         try:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         except OSError as error:
             self.discard()
-            raise spoolError(error, "spool the upload") from None
+            finished.errback(spoolError(error, "spool the upload"))
+            return
         path, self.path = self.path, None
-        return path
+        assert path is not None
+        finished.callback(path)
+
+    def finish(self) -> Deferred[Path]:
+        """Once the whole body is written and its file closed, its path (handed over)."""
+        assert self.remaining == 0 and self._finished is None
+        self._finished = Deferred()
+        finished = self._finished
+        self._settle()
+        return finished
 
     def discard(self) -> None:
-        """Close and remove the file, if this spool still owns it."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        """Close and remove the file, if this spool still owns it.
+
+        A batch being written in a worker thread keeps the descriptor until it is done.
+        """
+        self._queue = []
         if self.path is not None:
             path, self.path = self.path, None
             path.unlink(missing_ok=True)
+        if not self._writing:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

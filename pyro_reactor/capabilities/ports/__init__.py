@@ -11,7 +11,7 @@ guest's listening sockets (L{pyro_reactor.capabilities.ports.listing}).
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -20,11 +20,13 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from pyro_reactor.capabilities.ports.relay import Relay
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.dispatch import Action, HandOff
 from pyro_reactor.wire.request import Request
+
+if TYPE_CHECKING:
+    from pyro_reactor.capabilities.ports.relay import Relay
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 """The guest addresses ``connect_tcp`` reaches by default."""
@@ -96,6 +98,8 @@ class PortsCapability:
                 f"connecting to {where} is not allowed: the agent relays only to loopback"
                 " addresses (127.0.0.1, ::1, localhost) unless it runs with --relay-hosts any"
             )
+        from pyro_reactor.capabilities.ports.relay import Relay  # noqa: PLC0415 (first relay)
+
         relay = Relay(f"{next(self._ids)} to {where}")
         try:
             endpoint = self._endpoint(host, port, timeout)

@@ -4,7 +4,8 @@ The handler confines the path (``context.workspace``: no ``..``, no symlink, a d
 takes one of the ``--max-watches`` stream slots, creates the stream's own inotify instance,
 places every watch (in a worker thread; see L{pyro_reactor.capabilities.watch.tree}) and only
 then answers ``{"watching": "/workspace/..."}``: anything done after the host has read that
-line is reported. The connection then belongs to a L{WatchStream}, which writes one JSON line
+line is reported. The connection then belongs to a
+L{pyro_reactor.capabilities.watch.stream.WatchStream}, which writes one JSON line
 per event until the host closes (or half-closes) its connection or the watched directory goes.
 
 One inotify instance per stream, not one per agent: closing it drops every watch of the
@@ -15,75 +16,19 @@ instances per user).
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from pyro_reactor.capabilities.watch._inotify import RawEvent, openINotify
-from pyro_reactor.capabilities.watch._machine import WatchCore, WatchInputs, WatchMachine
-from pyro_reactor.capabilities.watch.tree import Event, WatchTree
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.dispatch import Action, HandOff
 from pyro_reactor.wire.request import Request
 
-
-def encodeEvent(event: Event) -> bytes:
-    return (json.dumps(event) + "\n").encode("utf-8")
-
-
-@implementer(IPushProducer)
-class WatchStream(Protocol):
-    """The host connection of one watch, after the ``watching`` line: writes event lines.
-
-    It is its transport's streaming producer: a host that does not read pauses it, and a
-    paused stream does not read its inotify descriptor (the kernel queues, then overflows).
-    Bytes from the host are ignored; a host half-close ends the stream (this protocol does not
-    take half-closes, so the connection is closed).
-    """
-
-    def __init__(self) -> None:
-        self.machine: WatchInputs | None = None
-        self._queued: list[bytes] = []
-
-    def emit(self, event: Event) -> None:
-        line = encodeEvent(event)
-        if self.transport is None:
-            self._queued.append(line)
-        else:
-            self.transport.write(line)
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.registerProducer(self, True)
-        queued, self._queued = self._queued, []
-        if queued:
-            transport.writeSequence(queued)
-        assert self.machine is not None
-        self.machine.attach(transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        assert self.machine is not None
-        self.machine.lost()
-
-    def pauseProducing(self) -> None:
-        assert self.machine is not None
-        self.machine.pause()
-
-    def resumeProducing(self) -> None:
-        assert self.machine is not None
-        self.machine.resume()
-
-    def stopProducing(self) -> None:
-        pass  # connectionLost follows
+if TYPE_CHECKING:
+    from pyro_reactor.capabilities.watch._inotify import RawEvent
+    from pyro_reactor.capabilities.watch.tree import Event, WatchTree
 
 
 class WatchCapability:
@@ -110,6 +55,15 @@ class WatchCapability:
                 f"too many workspace watches: at most {self.maxWatches} streams at once"
                 " (--max-watches)"
             )
+        # Loaded on the first watch: an agent that never watches does not pay for them.
+        from pyro_reactor.capabilities.watch._inotify import openINotify  # noqa: PLC0415
+        from pyro_reactor.capabilities.watch._machine import (  # noqa: PLC0415
+            WatchCore,
+            WatchMachine,
+        )
+        from pyro_reactor.capabilities.watch.stream import WatchStream  # noqa: PLC0415
+        from pyro_reactor.capabilities.watch.tree import WatchTree  # noqa: PLC0415
+
         stream = WatchStream()
         tree: WatchTree | None = None
 
@@ -122,13 +76,9 @@ class WatchCapability:
         except Exception as error:
             raise ActionError(f"cannot watch {path.text}: no inotify instance: {error}") from None
         self.active += 1
-        released = False
 
         def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
+            # Called once, by the machine's move to its end state.
             self.active -= 1
             if tree is not None:
                 tree.end()
@@ -165,7 +115,7 @@ class WatchCapability:
             return HandOff({"watching": path.text}, stream)
 
         def failed(reason: Failure) -> Failure:
-            release()
+            machine.lost()  # never handed over: end it, which gives the slot back
             return reason
 
         placing: Deferred[list[Event]] = self.context.inThread(tree.placeInitial)

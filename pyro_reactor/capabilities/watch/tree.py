@@ -12,7 +12,9 @@ not recursive) and the guest path of each, and turns each batch of raw events in
 - ``IN_MOVED_FROM`` + ``IN_MOVED_TO`` with the same cookie -> ``moved`` with ``from``; a
   ``IN_MOVED_FROM`` left unpaired (moved out of the watched tree) becomes ``deleted`` and
   an unpaired ``IN_MOVED_TO`` (moved in) ``created``;
-- ``IN_Q_OVERFLOW`` -> ``overflow`` (the kernel dropped events: the host should rescan);
+- ``IN_Q_OVERFLOW`` -> ``overflow`` (the kernel dropped events: the host should rescan); the
+  tree is walked again (on the reactor) so that directories whose creation was dropped are
+  watched from then on;
 - the watched root deleted, moved away or unmounted -> ``deleted`` with its own path, and the
   stream ends.
 
@@ -233,6 +235,21 @@ class WatchTree:
         finally:
             os.close(fd)
 
+    def _rewatch(self) -> None:
+        """After an overflow: watch the directories whose creation events were dropped (the
+        ones already watched keep their watch). Nothing is reported: the host rescans."""
+        if not self.recursive:
+            return
+        try:
+            fd = self.workspace.openDirectory(self.root)
+        except (WorkspaceError, OSError):
+            return  # the root is going: its own event ends the stream
+        try:
+            for line in self._placeBelow(fd, self.root, scan=False):
+                self.emit(line)
+        finally:
+            os.close(fd)
+
     def _remap(self, old: Parts, new: Parts) -> None:
         size = len(old)
         for wd, parts in list(self.paths.items()):
@@ -279,6 +296,7 @@ class WatchTree:
         if mask & IN_Q_OVERFLOW:
             self._flushMove()
             self.emit({"event": "overflow"})
+            self._rewatch()
             return
         parts = self.paths.get(event.wd)
         if parts is None:

@@ -12,14 +12,13 @@ import errno
 import os
 import stat
 from collections.abc import Generator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyro_reactor.system.fds import DIRECTORY_FLAGS
 from pyro_reactor.system.workspace.paths import checkComponent
 
 
-@dataclass(frozen=True)
-class Child:
+class Child(NamedTuple):
     """One entry of a listed directory: its name, ``lstat`` result and symlink target."""
 
     name: str
@@ -64,8 +63,7 @@ def openChildDirectory(dirfd: int, name: str) -> int | None:
         raise
 
 
-@dataclass(frozen=True)
-class TreeEntry:
+class TreeEntry(NamedTuple):
     """One entry met by L{walkTree}.
 
     ``parent`` is the open descriptor of the directory holding it, valid until the walk
