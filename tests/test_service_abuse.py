@@ -31,7 +31,7 @@ from pyro_reactor.capabilities.services.records import (
     runnerScript,
     writeRecord,
 )
-from pyro_reactor.capabilities.services.units import SessionUnit, UnitWatch, processStat
+from pyro_reactor.capabilities.services.units import SessionUnit, UnitWatch, processStat, sweep
 from pyro_reactor.context import AgentConfig, AgentContext
 from tests.helpers import RunningAgent, alive, reactor, startAgent, waitUntil
 
@@ -476,6 +476,57 @@ class UnitWatchTests(TestCase):
         self.assertEqual(SessionUnit(process.pid, found[1] - 1).members(), [])
         self.assertFalse(SessionUnit(process.pid, found[1] - 1).kill(signal.SIGKILL))
         self.assertIsNone(process.poll())
+
+
+class _StuckUnit:
+    """A unit whose one member (this test process) never ends, whatever it is sent."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def members(self) -> list[int]:
+        return [os.getpid()]
+
+    def kill(self, signum: int) -> bool:
+        self.signals.append(signum)
+        return True
+
+
+class _ClockWithReaders(Clock):
+    """A Clock that also accepts readers (the pidfds of a watch), which never fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: set[object] = set()
+
+    def addReader(self, reader: object) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: object) -> None:
+        self.readers.discard(reader)
+
+
+class SweepTests(SynchronousTestCase):
+    """Killing what an ended service left is bounded in time."""
+
+    def test_stuckLeftoversGiveUpAfterTheTimeout(self) -> None:
+        """Leftovers that do not end: the sweep reports failure at its timeout, watch removed."""
+        clock, unit = _ClockWithReaders(), _StuckUnit()
+        swept = sweep(clock, unit, 5.0)
+        self.assertEqual(unit.signals, [signal.SIGKILL])
+        self.assertEqual(len(clock.readers), 1)  # a pidfd, no timer but the timeout
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertNoResult(swept)
+        clock.advance(5.0)
+        self.assertIs(self.successResultOf(swept), False)
+        self.assertEqual(clock.readers, set())
+
+    def test_nothingLeftIsAtOnce(self) -> None:
+        """An empty unit: the sweep succeeds at once and leaves no timer."""
+        clock = _ClockWithReaders()
+        swept = sweep(clock, SessionUnit(2**22 + 1, 1), 5.0)
+        self.assertIs(self.successResultOf(swept), True)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class OddInputTests(AbuseTestCase):

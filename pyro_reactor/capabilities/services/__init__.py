@@ -13,7 +13,8 @@ The package, by concern:
     the request's ``readiness`` object;
   - L{records}: the on-disk files (record, logs, runner, status) and their writer;
   - L{_runner}: the program the runner runs (the command, its capped logs, its status);
-  - L{units}: the runner process and the unit of everything the service started;
+  - L{runners}: the runner process, spawned here or taken back;
+  - L{units}: the unit of everything the service started, its signals and its end;
   - L{registry}: the services by name (L{Services}); L{actions}: the request handlers.
 """
 
@@ -30,7 +31,8 @@ from pyro_reactor.capabilities.services._machine import (
 from pyro_reactor.capabilities.services.actions import ServiceActions
 from pyro_reactor.capabilities.services.records import runnerScript, tailText
 from pyro_reactor.capabilities.services.registry import Services, normalizeServiceName
-from pyro_reactor.capabilities.services.units import AdoptedProcess, processStat
+from pyro_reactor.capabilities.services.runners import AdoptedProcess
+from pyro_reactor.capabilities.services.units import processStat
 from pyro_reactor.context import AgentContext
 from pyro_reactor.wire.dispatch import Action
 

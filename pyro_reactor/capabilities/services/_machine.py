@@ -36,7 +36,8 @@ from twisted.logger import Logger
 
 from pyro_reactor.capabilities.services._probe_machine import ProbeInput
 from pyro_reactor.capabilities.services.records import PRIVATE_FIELDS
-from pyro_reactor.capabilities.services.units import ServiceProcess, Watch
+from pyro_reactor.capabilities.services.runners import ServiceProcess
+from pyro_reactor.capabilities.services.units import Watch
 from pyro_reactor.errors import ActionError
 
 log = Logger(namespace="pyro_reactor.capabilities.services")

@@ -49,11 +49,13 @@ from pyro_reactor.capabilities.services.records import (
     runnerScript,
     tailText,
 )
-from pyro_reactor.capabilities.services.units import (
+from pyro_reactor.capabilities.services.runners import (
     AdoptedProcess,
     ChildProcess,
     RunnerProtocol,
     ServiceProcess,
+)
+from pyro_reactor.capabilities.services.units import (
     SessionUnit,
     UnitGroup,
     processStat,
