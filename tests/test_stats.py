@@ -136,6 +136,16 @@ class StatsTests(TestCase):
         connections = agent.context.hooks.counts["connections"]
         self.assertTrue(await waitUntil(lambda: connections() == 0, 10))
 
+    async def test_shellsCounted(self) -> None:
+        """An open shell is counted in ``counts.shells`` and no longer once it is closed."""
+        agent = await startAgent(self)
+        self.assertEqual((await agent.call({"action": "stats"}))["counts"]["shells"], 0)
+        opened = await agent.call({"action": "open_shell", "shell_id": "counted"})
+        self.assertEqual(opened["state"], "running", opened)
+        self.assertEqual((await agent.call({"action": "stats"}))["counts"]["shells"], 1)
+        await agent.call({"action": "close_shell", "shell_id": "counted"})
+        self.assertEqual((await agent.call({"action": "stats"}))["counts"]["shells"], 0)
+
     def test_countsAndJobsFromHooks(self) -> None:
         """Counts come from the registered callables; per-job usage only when jobs exist."""
         context = makeContext(self)

@@ -43,9 +43,11 @@ class ServicesCapability:
     features: tuple[str, ...] = ()
 
     def __init__(self, context: AgentContext) -> None:
-        self.registry = Services(context)
-        self.service: IService = self.registry
-        self.actions: list[Action] = ServiceActions(self.registry).actions()
+        self.registry = registry = Services(context)
+        self.service: IService = registry
+        self.actions: list[Action] = ServiceActions(registry).actions()
+        context.hooks.readinessRechecks.append(registry.recheckReady)
+        context.hooks.counts["services"] = registry.runningCount
 
 
 __all__ = [

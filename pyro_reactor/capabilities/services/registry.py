@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pyro_reactor.capabilities.execute import commandEnvironment
 from pyro_reactor.capabilities.services._machine import (
     STOP_GRACE,
     TERMINAL_STATES,
@@ -40,6 +41,7 @@ from pyro_reactor.capabilities.services._machine import (
 )
 from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
 from pyro_reactor.capabilities.services._runner import DIRECTORY_FD
+from pyro_reactor.capabilities.services.readiness import parseReadiness
 from pyro_reactor.capabilities.services.records import (
     RecordWriter,
     ServiceFiles,
@@ -233,6 +235,46 @@ class Services(Service):
 
     def snapshots(self) -> list[Record]:
         return [self.handles[name].core.snapshot() for name in sorted(self.handles)]
+
+    def runningCount(self) -> int:
+        """How many services have not ended (for ``stats``)."""
+        return sum(1 for handle in self.handles.values() if not handle.machine.hasEnded())
+
+    def recheckReady(self) -> Deferred[int]:
+        """Run one readiness check of each running service that was ready; fires with how many.
+
+        After a snapshot restore a service's sockets may be gone: the outcome of each check is
+        logged (a failed one as a warning, naming the service), and the service's record is
+        left as it is — the host decides what to do with a service that no longer answers.
+        """
+        checks: list[Deferred[None]] = []
+        for name in sorted(self.handles):
+            handle = self.handles[name]
+            record = handle.core.record
+            readiness = record.get("readiness")
+            if handle.machine.hasEnded() or record.get("ready_at") is None or not readiness:
+                continue
+            try:
+                spec = parseReadiness(readiness, self.workspace)
+            except ActionError:
+                continue
+            check = spec.check(
+                self.reactor,
+                workspace=self.workspace,
+                inThread=self.context.inThread,
+                cwd=str(record.get("cwd") or "/workspace"),
+                env=commandEnvironment(None),
+            )
+
+            def report(ready: bool, name: str = name) -> None:
+                if ready:
+                    log.info("service {service} ready after the restore", service=name)
+                else:
+                    log.warn("service {service} NOT ready after the restore", service=name)
+
+            checks.append(check().addCallbacks(report, lambda _f: None))
+        done: Deferred[Any] = DeferredList(checks, consumeErrors=True)
+        return done.addCallback(lambda _: len(checks))
 
     # -- start -------------------------------------------------------------------------------
 

@@ -235,9 +235,10 @@ class ShellsCapability:
     features: tuple[str, ...] = ()
 
     def __init__(self, context: AgentContext) -> None:
-        self.service = Shells(context)
-        self.handlers = ShellActions(self.service)
+        self.service = shells = Shells(context)
+        self.handlers = ShellActions(shells)
         self.actions = self.handlers.actions()
+        context.hooks.counts["shells"] = lambda: len(shells.sessions())
 
 
 __all__ = ["ShellActions", "ShellsCapability", "checkEnvironment"]
