@@ -27,7 +27,7 @@ from pyro_reactor.capabilities.services.units import (
     openPidfd,
     sameProcessAlive,
 )
-from pyro_reactor.system.processes import signalGroup
+from pyro_reactor.system.processes import processEndOf, signalGroup
 from pyro_reactor.system.workspace import WorkingDirectory
 
 #: Seconds between two liveness checks of a re-adopted process when there is no pidfd.
@@ -76,9 +76,8 @@ class RunnerProtocol(ProcessProtocol):
     def processExited(self, reason: Failure) -> None:
         self.exited = True
         self.releaseDirectory()
-        # TODO(integrator): the shared exitCodeOf of system/processes.py.
-        # ProcessDone carries 0; ProcessTerminated the status, or None after a signal.
-        exitCode = getattr(reason.value, "exitCode", None)
+        # A runner killed by a signal has no exit status: the record keeps no code then.
+        exitCode = processEndOf(reason).exitCode
         if self.spawning:
             # Reaped inside spawnProcess (it ended at once, on a busy machine): report it once
             # the launch is complete, so that it comes after the launch's own events.

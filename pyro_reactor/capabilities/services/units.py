@@ -29,7 +29,7 @@ import os
 import signal as _signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.system.processes import signalGroup
+from pyro_reactor.system.procfs import ProcStat, allProcesses, readProcStat
 
 log = Logger(namespace="pyro_reactor.capabilities.services")
 
@@ -46,68 +47,26 @@ DRAIN_FIRST = 0.01
 DRAIN_LONGEST = 0.2
 
 
-class ProcStat(NamedTuple):
-    """The fields of ``/proc/PID/stat`` a unit needs."""
-
-    state: str
-    ppid: int
-    pgrp: int
-    session: int
-    startTicks: int
-
-
-def readStat(pid: int | str) -> ProcStat | None:
-    """One process's L{ProcStat}, or ``None`` if it is gone."""
-    # TODO(integrator): switch to the shared /proc/PID/stat parser of system/processes.py.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            raw = stat.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return ProcStat(
-            fields[0].decode("ascii", "replace"),
-            int(fields[1]),
-            int(fields[2]),
-            int(fields[3]),
-            int(fields[19]),
-        )
-    except (IndexError, ValueError):
-        return None
-
-
 def processStat(pid: int) -> tuple[str, int] | None:
     """A process's state letter and start time (clock ticks after boot), or ``None``."""
-    stat = readStat(pid)
+    stat = readProcStat(pid)
     return None if stat is None else (stat.state, stat.startTicks)
 
 
 def _live(stat: ProcStat) -> bool:
-    return stat.state not in ("Z", "X", "x")
+    return not stat.zombie and stat.state != "x"
 
 
 def sameProcessAlive(pid: int, startTicks: int | None) -> bool:
     """Whether C{pid} is still the process that was recorded, and not a zombie."""
-    stat = readStat(pid)
+    stat = readProcStat(pid)
     if stat is None or not _live(stat):
         return False
     return startTicks is None or stat.startTicks == startTicks
 
 
 def _processTable() -> dict[int, ProcStat]:
-    table: dict[int, ProcStat] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return table
-    for entry in entries:
-        if entry.isdigit():
-            stat = readStat(entry)
-            if stat is not None:
-                table[int(entry)] = stat
-    return table
+    return {stat.pid: stat for stat in allProcesses()}
 
 
 class UnitGroup(Protocol):
@@ -140,7 +99,7 @@ class SessionUnit:
         if own is not None and self.startTicks is not None and own.startTicks != self.startTicks:
             return []
         agent = os.getpid()
-        found = {pid for pid, stat in table.items() if self.leader in (stat.session, stat.pgrp)}
+        found = {pid for pid, stat in table.items() if self.leader in (stat.session, stat.pgid)}
         children: dict[int, list[int]] = {}
         for pid, stat in table.items():
             children.setdefault(stat.ppid, []).append(pid)
@@ -319,7 +278,6 @@ __all__ = [
     "Watch",
     "openPidfd",
     "processStat",
-    "readStat",
     "sameProcessAlive",
     "sweep",
 ]

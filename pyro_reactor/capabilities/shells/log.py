@@ -20,6 +20,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from pyro_reactor.capabilities.shells.encoding import fitEncoded
+from pyro_reactor.system.fds import writeAll
 
 log = Logger(namespace="pyro_reactor.capabilities.shells")
 
@@ -155,10 +156,7 @@ class ShellLog:
                 current = self._rotate(current)
             if not current.checkpoints or position - current.checkpoints[-1][0] >= CHECKPOINT_CHARS:
                 current.checkpoints.append((position, current.size))
-            view = memoryview(data)
-            while view:
-                written = os.write(current.fd, view)
-                view = view[written:]
+            writeAll(current.fd, data)
         except OSError as error:
             # Keep the shell going; what falls out of the memory window meanwhile is lost.
             self.broken = True

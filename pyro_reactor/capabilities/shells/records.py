@@ -11,6 +11,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from pyro_reactor.system.fds import writeAll
+
 log = Logger(namespace="pyro_reactor.capabilities.shells")
 
 
@@ -66,9 +68,7 @@ class ShellRecord:
             )
             try:
                 os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                writeAll(fd, data)
             finally:
                 os.close(fd)
             os.replace(temporary, self.path)
