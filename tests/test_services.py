@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -34,26 +33,29 @@ from pyro_reactor.capabilities.services import (
 from pyro_reactor.capabilities.services.records import tailText
 from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.errors import ActionError
+from pyro_reactor.system.procfs import readProcStat
 from pyro_reactor.wire.request import Request
-from tests.helpers import RunningAgent, freePort, reactor, startAgent
+from tests.helpers import RunningAgent, freePort, reactor, sleep, startAgent
 from tests.twistd_helpers import ask, spawnTwistd, unixConnector
 
 PYTHON = sys.executable
 NEVER = {"type": "file", "path": "/workspace/never-there"}
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 def killGroups(stateDir: Path) -> None:
-    """Leave no service behind, whatever the test did."""
+    """Leave no service behind, whatever the test did.
+
+    Only a group whose leader is still the recorded process (same start time) is killed: pids
+    are reused quickly on a busy machine, and another test's processes must not be hit.
+    """
     for record in (stateDir / "pyro-services").glob("*.json"):
         try:
-            pid = json.loads(record.read_text())["pid"]
-        except (OSError, ValueError, KeyError):
+            fields = json.loads(record.read_text())
+        except (OSError, ValueError):
             continue
-        if isinstance(pid, int) and pid > 1:
+        pid, ticks = fields.get("pid"), fields.get("pid_start_ticks")
+        stat = readProcStat(pid) if isinstance(pid, int) and pid > 1 else None
+        if stat is not None and stat.startTicks == ticks:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
@@ -675,7 +677,8 @@ class AdoptionTests(ServiceTestCase):
         self.assertEqual((done["state"], done["stop_reason"]), ("stopped", "sigkill"))
         error = self.assertRaises(ActionError, self.ask, registry, "status", service_name="broken")
         self.assertEqual(str(error), "service record for 'broken' is invalid")
-        answer = await self.ask(registry, "start", service_name="broken", command="true")
+        answer = await self.ask(registry, "start", service_name="broken", command="exec sleep 30")
+        self.addCleanup(self.ask, registry, "stop", service_name="broken")
         self.assertEqual(answer["state"], "running")
 
 

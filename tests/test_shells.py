@@ -9,16 +9,14 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pyro_reactor.capabilities.shells import Shells, sessionMembers
 from pyro_reactor.capabilities.shells.actions import ShellActions
 from pyro_reactor.capabilities.shells.redact import MASK
 from pyro_reactor.wire.request import Request
-from tests.helpers import RunningAgent, startAgent
+from tests.helpers import RunningAgent, sleep, startAgent
 
 SECRET = "s3cr3tvalue"
 MAX = 128 * 1024 - 1
@@ -28,11 +26,6 @@ RAISE = "close one, or raise --max-shells"
 def octal(text: str) -> str:
     """``text`` as printf octal escapes: the command's echo then never shows ``text``."""
     return "".join(f"\\{ord(char):03o}" for char in text)
-
-
-def sleep(seconds: float) -> Any:
-    """A pause between two looks at a condition (never a synchronisation by itself)."""
-    return deferLater(reactor, seconds, lambda: None)
 
 
 async def until(condition: Callable[[], bool], within: float = 10.0) -> bool:
