@@ -671,34 +671,3 @@ class ListPortsTests(TestCase):
                 ]
             },
         )
-
-
-class WriteThroughTests(TestCase):
-    """Canary on the private Twisted attributes the relay's write-through relies on."""
-
-    async def test_sendsAtOnceWhenIdle(self) -> None:
-        """On a real TCP connection with nothing queued, bytes reach the socket without a
-        reactor turn; with bytes queued, they are queued behind them (order kept)."""
-        from pyro_reactor.capabilities.ports._writethrough import sendNow
-
-        received: list[bytes] = []
-
-        class Collect(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.append(data)
-
-        port = await listen(self, Factory.forProtocol(Collect))
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-        client = Protocol()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        transport: Any = client.transport
-        for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "socket"):
-            self.assertTrue(hasattr(transport, name), name)
-        sendNow(transport, b"now")
-        self.assertEqual(transport._tempDataLen, 0)  # not queued: already in the socket
-        transport.write(b"queued")
-        sendNow(transport, b"after")
-        self.assertEqual(transport._tempDataLen, len(b"queuedafter"))
-        self.assertTrue(await waitUntil(lambda: b"".join(received) == b"nowqueuedafter", 10))
-        transport.loseConnection()

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.ports._machine import End, RelayCore, RelayInputs, RelayMachine
-from pyro_reactor.capabilities.ports._writethrough import sendNow
+from pyro_reactor.system._twisted import sendNow
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
