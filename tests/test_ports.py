@@ -64,7 +64,7 @@ class RelayMachineTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.events: list[str] = []
-        self.machine = RelayMachine(RelayCore())
+        self.machine = RelayMachine(RelayCore(release=lambda: self.events.append("release")))
         self.guest = FakeEnd("guest", self.events)
         self.host = FakeEnd("host", self.events)
 
@@ -93,7 +93,9 @@ class RelayMachineTests(SynchronousTestCase):
         self.assertEqual(self.events, ["guest.shutdownWrite"])
         self.assertFalse(self.machine.isClosed())
         self.machine.guestEOF()
-        self.assertEqual(self.events, ["guest.shutdownWrite", "host.close", "guest.close"])
+        self.assertEqual(
+            self.events, ["guest.shutdownWrite", "release", "host.close", "guest.close"]
+        )
         self.assertTrue(self.machine.isClosed())
 
     def test_guestHalfCloseFirst(self) -> None:
@@ -109,7 +111,7 @@ class RelayMachineTests(SynchronousTestCase):
         closes it."""
         self.relaying()
         self.machine.guestLost(True)
-        self.assertEqual(self.events, ["host.reset"])
+        self.assertEqual(self.events, ["release", "host.reset"])
         self.assertTrue(self.machine.isClosed())
         machine = RelayMachine(RelayCore())
         events: list[str] = []
@@ -123,13 +125,13 @@ class RelayMachineTests(SynchronousTestCase):
         self.relaying()
         self.machine.hostEOF()
         self.machine.hostLost(True)
-        self.assertEqual(self.events, ["guest.shutdownWrite", "guest.reset"])
+        self.assertEqual(self.events, ["guest.shutdownWrite", "release", "guest.reset"])
 
     def test_hostGoneBeforeHandOver(self) -> None:
         """A host that left before the answer: the guest connection is closed."""
         self.machine.guestConnected(self.guest)
         self.machine.hostLost(False)
-        self.assertEqual(self.events, ["guest.pause", "guest.close"])
+        self.assertEqual(self.events, ["guest.pause", "release", "guest.close"])
         self.assertTrue(self.machine.isClosed())
 
     def test_lateEventsIgnored(self) -> None:
@@ -138,18 +140,19 @@ class RelayMachineTests(SynchronousTestCase):
         self.machine.guestConnected(self.guest)
         self.machine.guestLost(True)
         self.machine.hostAttached(self.host)
-        self.assertEqual(self.events, ["guest.pause", "host.close"])
+        self.assertEqual(self.events, ["guest.pause", "release", "host.close"])
         for late in (self.machine.hostEOF, self.machine.guestEOF, self.machine.guestFailed):
             late()
         self.machine.hostLost(False)
         self.machine.guestLost(False)
-        self.assertEqual(self.events, ["guest.pause", "host.close"])
+        self.assertEqual(self.events, ["guest.pause", "release", "host.close"])
 
     def test_connectFailed(self) -> None:
-        """A failed guest connect ends the relay with nothing to close."""
+        """A failed guest connect ends the relay with nothing to close (its reservation is
+        given back)."""
         self.machine.guestFailed()
         self.assertTrue(self.machine.isClosed())
-        self.assertEqual(self.events, [])
+        self.assertEqual(self.events, ["release"])
 
 
 class HalfCloseTransport(StringTransport):
@@ -597,6 +600,42 @@ def sockets() -> int:
     return count
 
 
+class RelayBudgetTests(TestCase):
+    """Each relay holds its worst case from the agent's memory budget while it lives."""
+
+    timeout = 60
+
+    async def test_heldAndGivenBack(self) -> None:
+        """While a relay lives its bytes are reserved; once it ends they are given back."""
+        from pyro_reactor.capabilities.ports.relay import RELAY_HOLDS
+
+        agent = await startAgent(self)
+        budget = agent.context.budget
+        guestPort = await listen(self, Factory.forProtocol(EchoUntilEOF))
+        sock, _ = await inThread(
+            blockingRelay, agent.port, {"action": "connect_tcp", "port": guestPort}
+        )
+        self.addCleanup(sock.close)
+        header, _ = await inThread(readHeader, sock)
+        self.assertEqual(header["connected"], True)
+        self.assertTrue(await waitUntil(lambda: budget.used >= RELAY_HOLDS, 10))
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(await inThread(readAll, sock), b"bye")
+        self.assertTrue(await waitUntil(lambda: budget.used == 0, 10), budget.used)
+        port = freePort()
+        await agent.call({"action": "connect_tcp", "port": port})
+        self.assertTrue(await waitUntil(lambda: budget.used == 0, 10), budget.used)
+
+    async def test_refusedPastTheBudget(self) -> None:
+        """A relay that does not fit in the budget is refused with the budget's message."""
+        from pyro_reactor.capabilities.ports.relay import RELAY_HOLDS
+
+        agent = await startAgent(self, memoryBudget=RELAY_HOLDS // 2)
+        answer = await agent.call({"action": "connect_tcp", "port": freePort()})
+        self.assertIn("memory budget", answer["error"])
+        self.assertIn("a TCP relay to 127.0.0.1:", answer["error"])
+
+
 def _guestClients() -> list[Any]:
     from twisted.internet import tcp
 
@@ -671,34 +710,3 @@ class ListPortsTests(TestCase):
                 ]
             },
         )
-
-
-class WriteThroughTests(TestCase):
-    """Canary on the private Twisted attributes the relay's write-through relies on."""
-
-    async def test_sendsAtOnceWhenIdle(self) -> None:
-        """On a real TCP connection with nothing queued, bytes reach the socket without a
-        reactor turn; with bytes queued, they are queued behind them (order kept)."""
-        from pyro_reactor.capabilities.ports._writethrough import sendNow
-
-        received: list[bytes] = []
-
-        class Collect(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.append(data)
-
-        port = await listen(self, Factory.forProtocol(Collect))
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-        client = Protocol()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        transport: Any = client.transport
-        for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "socket"):
-            self.assertTrue(hasattr(transport, name), name)
-        sendNow(transport, b"now")
-        self.assertEqual(transport._tempDataLen, 0)  # not queued: already in the socket
-        transport.write(b"queued")
-        sendNow(transport, b"after")
-        self.assertEqual(transport._tempDataLen, len(b"queuedafter"))
-        self.assertTrue(await waitUntil(lambda: b"".join(received) == b"nowqueuedafter", 10))
-        transport.loseConnection()

@@ -168,3 +168,48 @@ class ClientHookTests(TestCase):
         assert isinstance(protocol, Protocol)
         assert protocol.transport is not None
         protocol.transport.loseConnection()
+
+
+class SendNowHookTests(TestCase):
+    """L{hooks.sendNow}: ``FileDescriptor``'s write buffer attributes are still there."""
+
+    async def test_sendsAtOnceWhenIdle(self) -> None:
+        """On a real TCP connection with nothing queued, bytes reach the socket without a
+        reactor turn; with bytes queued, they are queued behind them (order kept)."""
+        received: list[bytes] = []
+
+        class Collect(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        listening: Any = await endpoints.TCP4ServerEndpoint(
+            reactor, 0, interface="127.0.0.1"
+        ).listen(Factory.forProtocol(Collect))
+        self.addCleanup(listening.stopListening)
+        client = Protocol()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port), client
+        )
+        transport: Any = client.transport
+        for name in (
+            "_tempDataLen",
+            "dataBuffer",
+            "offset",
+            "_writeDisconnected",
+            "_writeDisconnecting",
+            "socket",
+        ):
+            self.assertTrue(hasattr(transport, name), name)
+        hooks.sendNow(transport, b"now")
+        self.assertEqual(transport._tempDataLen, 0)  # not queued: already in the socket
+        transport.write(b"queued")
+        hooks.sendNow(transport, b"after")
+        self.assertEqual(transport._tempDataLen, len(b"queuedafter"))
+        for _ in range(200):
+            if b"".join(received) == b"nowqueuedafter":
+                break
+            waited: Deferred[None] = Deferred()
+            reactor.callLater(0.05, waited.callback, None)
+            await waited
+        self.assertEqual(b"".join(received), b"nowqueuedafter")
+        transport.loseConnection()

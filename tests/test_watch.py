@@ -289,6 +289,22 @@ class WatchTests(TestCase):
         await refused.done
         self.assertTrue(await waitUntil(lambda: inotifyDescriptors() == before, 10))
 
+    async def test_memoryBudget(self) -> None:
+        """A stream reserves its share of the memory budget while it lives, gives it back when
+        it ends, and is refused when the budget cannot hold it."""
+        from pyro_reactor.capabilities.watch import WATCH_HOLDS
+
+        agent = await startAgent(self)
+        budget = agent.context.budget
+        stream = await watch(self, agent)
+        self.assertGreaterEqual(budget.used, WATCH_HOLDS)
+        stream.close()
+        await stream.done
+        self.assertTrue(await waitUntil(lambda: budget.used == 0, 10), budget.used)
+        small = await startAgent(self, memoryBudget=WATCH_HOLDS // 2)
+        refused = await watch(self, small)
+        self.assertIn("memory budget", refused.lines[0]["error"])
+
     async def test_pingFeatures(self) -> None:
         """``ping`` lists the ``tcp`` and ``watch`` features."""
         agent = await startAgent(self)

@@ -17,6 +17,10 @@ side's own) names a private Twisted attribute.
 - L{environmentBytes}: the interpreter's own bytes mapping behind ``os.environ``
   (``os.environ._data``), copied in well under a microsecond where ``os.environb`` costs
   about 18 us per spawn.
+- L{sendNow}: a relay's bytes written straight to the socket when the transport has nothing
+  queued (Twisted's ``write`` always waits for the reactor's next turn), through
+  ``FileDescriptor``'s ``_tempDataLen``, ``dataBuffer``/``offset`` and
+  ``_writeDisconnected``/``_writeDisconnecting``, and the connection's ``socket``.
 """
 
 from __future__ import annotations
@@ -167,4 +171,36 @@ def environmentBytes() -> dict[bytes, bytes]:
     return dict(os.environb)
 
 
-__all__ = ["SPAWN_HOOKS", "PreboundPort", "SpawningProcess", "environmentBytes"]
+def sendNow(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, straight to its socket when nothing is queued for it.
+
+    Ordering is kept (with bytes queued, these are queued behind them); what the socket does
+    not take, and any error (which Twisted's own write path then detects and reports), goes to
+    ``transport.write``. Another kind of transport just gets ``write``. For a relay this saves
+    a reactor turn per hop: it halves the round trip of small exchanges.
+    """
+    try:
+        idle = (
+            transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport._writeDisconnecting
+            and not transport._tempDataLen
+            and len(transport.dataBuffer) <= transport.offset
+        )
+        sock = transport.socket
+    except AttributeError:
+        transport.write(data)
+        return
+    if idle:
+        try:
+            sent = sock.send(data)
+        except OSError:
+            sent = 0  # would block, or an error Twisted's own write path will report
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+__all__ = ["SPAWN_HOOKS", "PreboundPort", "SpawningProcess", "environmentBytes", "sendNow"]

@@ -98,13 +98,17 @@ class PortsCapability:
                 f"connecting to {where} is not allowed: the agent relays only to loopback"
                 " addresses (127.0.0.1, ::1, localhost) unless it runs with --relay-hosts any"
             )
-        from pyro_reactor.capabilities.ports.relay import Relay  # noqa: PLC0415 (first relay)
+        from pyro_reactor.capabilities.ports.relay import (  # noqa: PLC0415 (first relay)
+            RELAY_HOLDS,
+            Relay,
+        )
 
-        relay = Relay(f"{next(self._ids)} to {where}")
         try:
             endpoint = self._endpoint(host, port, timeout)
         except (ValueError, UnicodeError) as reason:
             raise ActionError(f"cannot connect to {where}: {reason}") from None
+        reservation = self.context.budget.reserve(RELAY_HOLDS, f"a TCP relay to {where}")
+        relay = Relay(f"{next(self._ids)} to {where}", reservation.release)
 
         def connected(_: object) -> HandOff:
             return HandOff({"connected": True, "host": host, "port": port}, relay.host)

@@ -16,6 +16,7 @@ States::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,8 @@ class RelayCore:
     guest: End | None = None
     host: End | None = None
     label: str = ""
+    release: Callable[[], None] = lambda: None
+    """Called once, on the way into ``closed`` (gives the relay's memory reservation back)."""
 
 
 class RelayInputs(Protocol):
@@ -106,7 +109,9 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
         core.guest = guest
         guest.pause()
 
-    connecting.upon(RelayInputs.guestFailed).to(closed).returns(None)
+    @connecting.upon(RelayInputs.guestFailed).to(closed)
+    def _failed(relay: RelayInputs, core: RelayCore) -> None:
+        core.release()
 
     @awaitingHost.upon(RelayInputs.hostAttached).to(relaying)
     def _startRelaying(relay: RelayInputs, core: RelayCore, host: End) -> None:
@@ -119,11 +124,12 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
 
     @awaitingHost.upon(RelayInputs.hostLost).to(closed)
     def _hostGoneEarly(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+        core.release()
         _closeEnd(core.guest, reset)
 
     @awaitingHost.upon(RelayInputs.guestLost).to(closed)
     def _guestGoneEarly(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
-        pass
+        core.release()
 
     @relaying.upon(RelayInputs.hostEOF).to(hostEnded)
     def _forwardHostEOF(relay: RelayInputs, core: RelayCore) -> None:
@@ -138,6 +144,7 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
     @hostEnded.upon(RelayInputs.guestEOF).to(closed)
     @guestEnded.upon(RelayInputs.hostEOF).to(closed)
     def _bothEnded(relay: RelayInputs, core: RelayCore) -> None:
+        core.release()
         _closeEnd(core.host, False)
         _closeEnd(core.guest, False)
         core.log.debug("relay {label} ended", label=core.label)
@@ -146,6 +153,7 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
 
         @state.upon(RelayInputs.hostLost).to(closed)
         def _hostGone(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+            core.release()
             _closeEnd(core.guest, reset)
             core.log.debug(
                 "relay {label}: host gone (reset={reset})", label=core.label, reset=reset
@@ -153,6 +161,7 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
 
         @state.upon(RelayInputs.guestLost).to(closed)
         def _guestGone(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+            core.release()
             _closeEnd(core.host, reset)
             core.log.debug(
                 "relay {label}: guest gone (reset={reset})", label=core.label, reset=reset

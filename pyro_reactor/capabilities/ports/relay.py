@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.ports._machine import End, RelayCore, RelayInputs, RelayMachine
-from pyro_reactor.capabilities.ports._writethrough import sendNow
+from pyro_reactor.system._twisted import sendNow
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -96,12 +97,21 @@ def _isReset(reason: Failure) -> bool:
     return not reason.check(ConnectionDone)
 
 
-class Relay:
-    """One relay: its machine, and the two protocols that feed it."""
+RELAY_HOLDS = 4 * RELAY_BUFFER
+"""What one relay may hold at most (both directions: a buffer and a read each), drawn from the
+agent's memory budget for as long as the relay lives."""
 
-    def __init__(self, label: str) -> None:
+
+class Relay:
+    """One relay: its machine, and the two protocols that feed it.
+
+    ``release`` is called once, when the relay ends (it gives the relay's memory reservation
+    back).
+    """
+
+    def __init__(self, label: str, release: Callable[[], None] = lambda: None) -> None:
         self.label = label
-        self.machine: RelayInputs = RelayMachine(RelayCore(label=label))
+        self.machine: RelayInputs = RelayMachine(RelayCore(label=label, release=release))
         self.host = HostSide(self)
         self.guest = GuestSide(self)
 

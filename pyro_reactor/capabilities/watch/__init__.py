@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from pyro_reactor.capabilities.watch.tree import Event, WatchTree
 
 
+WATCH_HOLDS = 512 * 1024
+"""What one stream may hold, reserved from the agent's memory budget while it lives: the event
+lines of one read of the descriptor (64 KiB of raw events) and of the scans it starts, waiting
+in the host connection's buffer (a paused stream reads no more)."""
+
+
 class WatchCapability:
     """``watch_workspace``, limited to ``--max-watches`` streams at once."""
 
@@ -71,15 +77,18 @@ class WatchCapability:
             assert tree is not None
             tree.handle(events, drained)
 
+        reservation = self.context.budget.reserve(WATCH_HOLDS, f"a watch of {path.text}")
         try:
             inotify = openINotify(onEvents, reactor=self.context.reactor)
         except Exception as error:
+            reservation.release()
             raise ActionError(f"cannot watch {path.text}: no inotify instance: {error}") from None
         self.active += 1
 
         def release() -> None:
             # Called once, by the machine's move to its end state.
             self.active -= 1
+            reservation.release()
             if tree is not None:
                 tree.end()
             inotify.loseConnection()
