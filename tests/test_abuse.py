@@ -22,6 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire import spool as spoolModule
 from pyro_reactor.wire.budget import MemoryBudget, parseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
@@ -401,7 +402,13 @@ class SpoolTests(SynchronousTestCase):
 
 
 class ThreadedSpoolTests(SynchronousTestCase):
-    """Upload bodies are written off the reactor, in order, with backpressure."""
+    """Once a write on the reactor stalls, upload bodies are written off the reactor, in
+    order, with backpressure."""
+
+    def setUp(self) -> None:
+        # Every write counts as a stall: the first chunk is written on the reactor, the rest
+        # by the worker.
+        self.patch(spoolModule, "STALL_SECONDS", -1.0)
 
     def test_writesOffTheReactorInOrder(self) -> None:
         """Chunks are written by the worker in order; the connection pauses above the high
@@ -419,7 +426,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
             done, function, args = jobs.pop(0)
             done.callback(function(*args))
 
-        size = 6 * 1024 * 1024
+        size = 8 * 1024 * 1024
         protocol = RequestProtocol(
             harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
         )
@@ -429,7 +436,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
         body = bytes(range(256)) * (size // 256)
         for offset in range(0, size, 1024 * 1024):
             protocol.dataReceived(body[offset : offset + 1024 * 1024])
-            if offset == 4 * 1024 * 1024:
+            if offset == 6 * 1024 * 1024:
                 self.assertEqual(transport.producerState, "paused")
         self.assertEqual(transport.value(), b"")
         while jobs:
@@ -437,6 +444,24 @@ class ThreadedSpoolTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(list(harness.spool.iterdir()), [])
+
+    def test_quickWritesStayOnTheReactor(self) -> None:
+        """While writes are quick, the worker is never asked."""
+        self.patch(spoolModule, "STALL_SECONDS", 60.0)
+        harness = Harness(self)
+        protocol = RequestProtocol(
+            harness.dispatcher,
+            harness.clock,
+            harness.spool,
+            1000,
+            10.0,
+            writeInThread=lambda *args: self.fail("a worker was asked"),
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabcde')
+        protocol.dataReceived(b"fghij")
+        self.assertEqual(answerOf(transport), {"got": True})
 
     def test_clientGoneWhileWriting(self) -> None:
         """A client that leaves while its body is being written leaves no file behind, and
@@ -454,6 +479,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
         )
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        protocol.dataReceived(b"def")
         protocol.connectionLost()
         self.assertEqual(list(harness.spool.iterdir()), [])
         done, function, args = jobs.pop()
