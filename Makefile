@@ -10,11 +10,21 @@ LOCAL := .local
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# The working tree itself is what runs: a .pth file of our own puts the checkout on the venv's
+# sys.path, so `import pyro_reactor` and twistd's plugin search (twisted/plugins/ of every
+# sys.path entry) both see the tree, whatever mode setuptools' editable install uses. The
+# editable install only brings the dependencies, the metadata and the console script.
+# The last line refreshes twisted/plugins/dropin.cache, from another directory, and fails
+# setup if twistd would not find the pyro-agent plugin.
+$(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev]'
-	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pyro_reactor_worktree.pth"
+	cd / && $(CURDIR)/$(BIN)/python -c "from twisted.application.service import IServiceMaker; \
+		from twisted.plugin import getPlugins; \
+		names = [maker.tapname for maker in getPlugins(IServiceMaker)]; \
+		assert 'pyro-agent' in names, f'twistd does not find the pyro-agent plugin: {names}'"
 	touch $(STAMP)
 
 run: setup

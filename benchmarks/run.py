@@ -6,9 +6,9 @@ Usage (from the repository root, as root: the reference needs ``unshare``)::
 
 Every ``benchmarks/bench_*.py`` module is a section (``--list`` shows them). Both agents listen
 on loopback only, with fresh temporary directories, and every agent started is killed at the
-end, also on Ctrl-C or SIGTERM. The reference is ``../shared/reference/run_reference.py``
-(``--reference`` to point elsewhere), run with this interpreter so both agents use the same
-Python.
+end, also on Ctrl-C or SIGTERM. The reference is the guest agent of the pinned pyro-mcp
+wheel (``tests/pyro_mcp_wheel.py``; ``--reference AGENT.py`` to use another copy), started by
+``tests/reference_launcher.py`` with this interpreter so both agents use the same Python.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import Bench, BenchError, Row  # noqa: E402
-
-DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "run_reference.py"
+from tests.pyro_mcp_wheel import WheelUnavailable, referenceAgentScript  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples and rounds of each")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
-    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument(
+        "--reference", type=Path, help="the reference's pyro_guest_agent.py (default: the wheel's)"
+    )
     options = parser.parse_args(argv)
     if options.list:
         for section in available:
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if options.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if options.reference is None:
+        try:
+            options.reference = referenceAgentScript()
+        except WheelUnavailable as problem:
+            parser.error(f"the pyro-mcp wheel is unavailable: {problem}")
     if not options.reference.is_file():
         parser.error(f"no reference agent at {options.reference}")
     if not (REPO / ".venv" / "bin" / "twistd").exists():

@@ -14,8 +14,10 @@ from pyro_reactor.capabilities.base import Capability
 from pyro_reactor.capabilities.execute import ExecCapability
 from pyro_reactor.capabilities.files import FilesCapability
 from pyro_reactor.capabilities.ping import PingCapability
+from pyro_reactor.capabilities.ports import PortsCapability
 from pyro_reactor.capabilities.services import ServicesCapability
 from pyro_reactor.capabilities.shells import ShellsCapability
+from pyro_reactor.capabilities.watch import WatchCapability
 from pyro_reactor.context import AgentContext
 from pyro_reactor.wire.dispatch import Dispatcher
 from pyro_reactor.wire.protocol import RequestFactory, WireLimits
@@ -27,6 +29,8 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     ArchivesCapability,
     ShellsCapability,
     ServicesCapability,
+    PortsCapability,
+    WatchCapability,
 )
 
 

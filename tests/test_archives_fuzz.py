@@ -73,6 +73,8 @@ class ExtractFuzzTests(SynchronousTestCase):
         destination=st.sampled_from(["/workspace", "/workspace/a", "/workspace/new/dir", "r"]),
     )
     def test_neverOutsideAndUnchangedOnError(self, members: list[Member], destination: str) -> None:
+        """For random archives, extraction never writes outside the destination and leaves the
+        workspace unchanged when it fails."""
         base = Path(self.mktemp()).absolute()
         try:
             self._check(base, members, destination)

@@ -14,6 +14,7 @@ from benchmarks.run import sections, table
 
 class StatisticsTests(SynchronousTestCase):
     def test_percentileInterpolates(self) -> None:
+        """Percentiles interpolate linearly between samples, as the benchmark tables report them."""
         samples = [4.0, 1.0, 3.0, 2.0]
         self.assertEqual(percentile(samples, 0.0), 1.0)
         self.assertEqual(percentile(samples, 1.0), 4.0)
@@ -21,6 +22,8 @@ class StatisticsTests(SynchronousTestCase):
         self.assertAlmostEqual(percentile(list(map(float, range(11))), 0.9), 9.0)
 
     def test_ratioAndGoal(self) -> None:
+        """A row's ratio is ours over the reference's and it meets its goal only at or under it;
+        no reference or goal means no verdict."""
         self.assertEqual(Row("x", "ms", 1.0, 4.0, goal=0.5).ratio, 0.25)
         self.assertIs(Row("x", "ms", 1.0, 4.0, goal=0.5).met, True)
         self.assertIs(Row("x", "ms", 3.0, 4.0, goal=0.5).met, False)
@@ -30,6 +33,7 @@ class StatisticsTests(SynchronousTestCase):
 
 class RunnerTests(SynchronousTestCase):
     def test_everySectionIsFound(self) -> None:
+        """Every benchmark section is found once, in order, and has a run function."""
         found = sections()
         names = [section.name for section in found]
         self.assertEqual(len(names), len(set(names)))
@@ -40,6 +44,8 @@ class RunnerTests(SynchronousTestCase):
             self.assertTrue(callable(section.module.run), section.name)
 
     def test_tableShowsRatioGoalAndNotes(self) -> None:
+        """The printed table shows each ratio, whether its goal was met or missed, and the notes
+        under it."""
         rendered = table(
             [
                 Row("exec p50", "ms", 3.0, 4.0, goal=1.0, note="500 requests"),

@@ -73,6 +73,8 @@ class BasicCommandTests(TestCase):
         return agent
 
     async def test_ping(self) -> None:
+        """pyro-agent-client ping prints the agent and its actions, or its JSON answer with
+        --json."""
         agent = await self.prepare()
         ran = await cli("--connect", agent.unix, "ping")
         self.assertEqual(ran.code, 0, ran.stderr)
@@ -82,6 +84,8 @@ class BasicCommandTests(TestCase):
         self.assertEqual(json.loads(ran.stdout)["pong"], True)
 
     async def test_execExitsWithTheCommandsCode(self) -> None:
+        """exec prints the command's stdout and stderr and exits with its exit code, passing -e
+        variables."""
         agent = await self.prepare("exec")
         ran = await cli(
             "--connect",
@@ -98,6 +102,7 @@ class BasicCommandTests(TestCase):
         self.assertEqual(json.loads(ran.stdout)["exit_code"], 3)
 
     async def test_failureExitCodes(self) -> None:
+        """The CLI exits 3 when the agent cannot be reached, 255 for exec, and 4 on a timeout."""
         missing = shortSocketPath(self, "none.sock")
         ran = await cli("--connect", f"unix:path={missing}", "ping")
         self.assertEqual(ran.code, 3)
@@ -116,6 +121,8 @@ class BasicCommandTests(TestCase):
         self.assertIn("'NO'", ran.stderr)
 
     async def test_usageErrors(self) -> None:
+        """Usage mistakes (no endpoint, unknown command, bad endpoint, bad -e) exit with status 2
+        and say what is wrong."""
         os.environ.pop("PYRO_AGENT", None)
         ran = await cli("ping")
         self.assertEqual(ran.code, 2)
@@ -130,6 +137,8 @@ class BasicCommandTests(TestCase):
         self.assertIn("NAME=VALUE", ran.stderr)
 
     async def test_filesCommands(self) -> None:
+        """put, cat, ls and rm write, read, list and delete workspace files from stdin or local
+        files."""
         agent = await self.prepare(
             "write_workspace_file", "read_workspace_file", "list_workspace", "delete_workspace_path"
         )
@@ -164,6 +173,8 @@ class BasicCommandTests(TestCase):
         )
 
     async def test_uploadAndDownload(self) -> None:
+        """upload and download move a tree through the Firecracker-style bridge byte for byte,
+        without a progress bar when not on a terminal."""
         agent = await self.prepare("extract_archive", "export_archive")
         bridge = await startBridge(self, agent)
         tree = Path(self.mktemp()).absolute()
@@ -207,6 +218,7 @@ class BasicCommandTests(TestCase):
         self.assertIn("does not exist", ran.stderr)
 
     async def test_serviceCommands(self) -> None:
+        """service start, status, logs and stop drive a service with a readiness file."""
         agent = await self.prepare(
             "start_service", "status_service", "logs_service", "stop_service"
         )
@@ -260,6 +272,7 @@ class ConsoleScriptTests(TestCase):
     """The installed ``pyro-agent-client`` script, as a process."""
 
     async def test_scriptRunsExecAndExitsWithItsCode(self) -> None:
+        """The installed pyro-agent-client script runs exec and exits with the command's code."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "exec")
         out, err, code = await getProcessOutputAndValue(
@@ -271,6 +284,7 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual((out, code), (b"via script\n", 42), err)
 
     async def test_environmentVariableGivesTheEndpoint(self) -> None:
+        """PYRO_AGENT gives the endpoint when --connect is not used."""
         agent = await startAgentEverywhere(self)
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
@@ -357,6 +371,8 @@ class ShellTerminalTests(TestCase):
         return process, transport, watcher
 
     async def test_typeResizeDetachAndReattach(self) -> None:
+        """An attached shell runs the terminal raw, forwards typing and window size, detaches
+        with Ctrl-] and can be reattached."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "open_shell", "read_shell", "write_shell", "resize_shell")
         client = AgentClient(reactor, agent.tcp)
@@ -401,6 +417,7 @@ class ShellTerminalTests(TestCase):
         self.assertEqual(await client.listShells(), [])
 
     async def test_terminalRestoredWhenTheAgentGoesAway(self) -> None:
+        """When the agent goes away mid-shell the CLI fails and restores the terminal's settings."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "open_shell", "read_shell", "write_shell")
         process, _, watcher = await self.startShellCommand(agent)
@@ -415,6 +432,7 @@ class ShellTerminalTests(TestCase):
         self.assertEqual(termios.tcgetattr(watcher), before)
 
     async def test_terminalRestoredOnSigterm(self) -> None:
+        """SIGTERM to the CLI during a shell restores the terminal's settings."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "open_shell", "read_shell", "write_shell")
         process, transport, watcher = await self.startShellCommand(agent)
@@ -426,6 +444,7 @@ class ShellTerminalTests(TestCase):
         self.assertEqual(termios.tcgetattr(watcher), before)
 
     async def test_shellNeedsATerminal(self) -> None:
+        """shell refuses to run without a terminal, with usage status 2."""
         agent = await startAgentEverywhere(self)
         ran = await cli("--connect", agent.unix, "shell")
         self.assertEqual(ran.code, 2)
@@ -440,6 +459,7 @@ def deferLater(seconds: float) -> Deferred[None]:
 
 class InterruptTests(TestCase):
     async def test_interruptedDownloadLeavesNoFiles(self) -> None:
+        """A download interrupted mid-export leaves no partial files behind."""
         # A peer that sends an export header and a few bytes, then nothing more.
         header = {"workspace_path": "/workspace/x", "artifact_type": "file", "archive_size": 10**6}
         port = await startScriptedServer(

@@ -57,6 +57,8 @@ class ConnectingTests(TestCase):
     """The same ping over every way of reaching an agent, and every way of failing to."""
 
     async def test_pingOverTcpUnixAndFirecrackerBridge(self) -> None:
+        """The same client pings the agent over TCP, a UNIX socket and a Firecracker-style
+        CONNECT bridge, and the bridge sees exactly one CONNECT line."""
         agent = await startAgentEverywhere(self)
         bridge = await startBridge(self, agent)
         for where in (agent.tcp, agent.unix, bridge.endpoint(port=5005)):
@@ -68,6 +70,8 @@ class ConnectingTests(TestCase):
         self.assertEqual(bridge.requests, [b"CONNECT 5005"])
 
     async def test_refusedConnectNamesWhatTheSocketSaid(self) -> None:
+        """A refused CONNECT fails with a message that quotes the VMM's refusal, the CONNECT line
+        sent and the socket path."""
         bridge = await startBridge(self, mode="refuse", refusal=b"FAILURE no listener on 5005\n")
         with self.assertRaises(AgentUnavailableError) as caught:
             await AgentClient(reactor, bridge.endpoint()).ping()
@@ -77,12 +81,16 @@ class ConnectingTests(TestCase):
         self.assertIn(bridge.path, message)
 
     async def test_connectClosedWithoutAnswer(self) -> None:
+        """A VMM socket that closes without answering CONNECT is reported as such, naming the
+        port asked for."""
         bridge = await startBridge(self, mode="close")
         with self.assertRaises(AgentUnavailableError) as caught:
             await AgentClient(reactor, bridge.endpoint(port=7)).ping()
         self.assertIn("closed the connection without answering CONNECT 7", caught.exception.message)
 
     async def test_silentVsockSocketTimesOut(self) -> None:
+        """A VMM socket that never answers times out at the client's connect timeout, or at the
+        endpoint's own handshake timeout with the step that hung named."""
         bridge = await startBridge(self, mode="silent")
         client = AgentClient(reactor, bridge.endpoint(), connectTimeout=0.3)
         with self.assertRaises(AgentTimeoutError) as caught:
@@ -95,6 +103,8 @@ class ConnectingTests(TestCase):
         self.assertIn("no answer to CONNECT 5005 within 0.2 s", caught2.exception.message)
 
     async def test_nothingListening(self) -> None:
+        """Connecting to a UNIX or fcvsock path where nothing listens fails with a clear error
+        naming the path."""
         missing = shortSocketPath(self, "nobody.sock")
         for where in (f"unix:path={missing}", f"fcvsock:path={missing}:port=5005"):
             with self.assertRaises(AgentUnavailableError) as caught:
@@ -103,6 +113,8 @@ class ConnectingTests(TestCase):
             self.assertIn(missing, caught.exception.message)
 
     async def test_agentErrorCarriesTheAgentsMessage(self) -> None:
+        """An error answer raises AgentError carrying the agent's message and the action that
+        failed."""
         agent = await startAgentEverywhere(self)
         with self.assertRaises(AgentError) as caught:
             await AgentClient(reactor, agent.unix).call({"action": "no_such_action"})
@@ -111,6 +123,8 @@ class ConnectingTests(TestCase):
         self.assertEqual(caught.exception.action, "no_such_action")
 
     async def test_wholeCallTimeout(self) -> None:
+        """A peer that accepts but never answers makes the call fail at the whole-call timeout,
+        not hang."""
         port = await startScriptedServer(self, b"", close=False)
         client = AgentClient(reactor, f"tcp:host=127.0.0.1:port={port}", timeout=0.3)
         started = reactor.seconds()
@@ -120,6 +134,8 @@ class ConnectingTests(TestCase):
         self.assertLess(reactor.seconds() - started, 5)
 
     async def test_answersThatBreakTheProtocol(self) -> None:
+        """Answers that are not JSON, not an object, or cut off mid-line raise AgentProtocolError
+        saying which."""
         for answer, expected in (
             (b"not json\n", "not JSON"),
             (b"[1, 2]\n", "not a JSON object"),
@@ -131,6 +147,8 @@ class ConnectingTests(TestCase):
             self.assertIn(expected, caught.exception.message)
 
     async def test_waitUntilReadyRetriesPeersThatAcceptThenClose(self) -> None:
+        """waitUntilReady retries a peer that accepts connections and closes them (as slirp does
+        before the guest listens) until a real answer comes."""
         agent = await startAgentEverywhere(self)
         forwarder, port = await startForwarder(self, agent, closeFirst=3)
         client = AgentClient(reactor, f"tcp:host=127.0.0.1:port={port}")
@@ -142,6 +160,8 @@ class ConnectingTests(TestCase):
         self.assertEqual(forwarder.connections, 4)
 
     async def test_waitUntilReadyRetriesAVsockSocketWithoutListener(self) -> None:
+        """waitUntilReady retries through a VMM socket whose guest port has no listener yet,
+        until the agent answers."""
         agent = await startAgentEverywhere(self)
         bridge = await startBridge(self, agent, closeFirst=2)
         result = await AgentClient(reactor, bridge.endpoint()).waitUntilReady(
@@ -151,6 +171,8 @@ class ConnectingTests(TestCase):
         self.assertEqual(bridge.connections, 3)
 
     async def test_waitUntilReadyGivesUpWithTheLastReason(self) -> None:
+        """waitUntilReady gives up at its deadline with a message that includes the last failure
+        seen."""
         bridge = await startBridge(self, mode="refuse", refusal=b"NOPE\n")
         client = AgentClient(reactor, bridge.endpoint())
         with self.assertRaises(AgentTimeoutError) as caught:
@@ -167,6 +189,7 @@ class ExecTests(TestCase):
         self.client = AgentClient(reactor, self.agent.unix)
 
     async def test_outputExitCodeAndEnv(self) -> None:
+        """exec returns stdout, stderr, the exit code and sees the environment given to it."""
         await self.prepare()
         result = await self.client.execute(
             "echo out; echo err >&2; echo $GREETING; exit 3", env={"GREETING": "hello"}
@@ -177,12 +200,15 @@ class ExecTests(TestCase):
         self.assertGreaterEqual(result.durationMs, 0)
 
     async def test_agentTimeout(self) -> None:
+        """A command past its timeout_seconds comes back with exit code 124 and the timeout
+        message."""
         await self.prepare()
         result = await self.client.execute("sleep 10", timeoutSeconds=1)
         self.assertEqual(result.exitCode, 124)
         self.assertIn("timed out after 1s", result.stderr)
 
     async def test_invalidEnvName(self) -> None:
+        """An invalid environment variable name is refused by the agent and raised as AgentError."""
         await self.prepare()
         with self.assertRaises(AgentError) as caught:
             await self.client.execute("true", env={"1BAD": "x"})
@@ -203,6 +229,8 @@ class FileTests(TestCase):
         self.client = AgentClient(reactor, self.agent.tcp)
 
     async def test_roundTrip(self) -> None:
+        """A file written through the client can be read back as bytes and text, and shows in a
+        recursive listing."""
         await self.prepare()
         written = await self.client.writeWorkspaceFile("/workspace/dir/hello.txt", "héllo\n")
         self.assertEqual(written.path, "/workspace/dir/hello.txt")
@@ -223,6 +251,8 @@ class FileTests(TestCase):
         self.assertFalse((self.agent.workspace / "dir" / "hello.txt").exists())
 
     async def test_errors(self) -> None:
+        """Reading a missing file or a path escaping the workspace raises AgentError with the
+        agent's message."""
         await self.prepare()
         with self.assertRaises(AgentError) as caught:
             await self.client.readWorkspaceFile("/workspace/missing")
@@ -245,6 +275,8 @@ class ArchiveTests(TestCase):
         self.local.mkdir()
 
     async def test_largeTreeUpAndDownByteForByte(self) -> None:
+        """A 48 MiB tree with small files, an empty file and a symlink goes up and comes back
+        byte for byte, with progress reported on the way."""
         await self.prepare()
         tree = self.local / "tree"
         (tree / "sub" / "deeper").mkdir(parents=True)
@@ -282,6 +314,8 @@ class ArchiveTests(TestCase):
         self.assertEqual(progress[-1], (download.export.archiveSize, download.export.archiveSize))
 
     async def test_singleFileUploadAndDownload(self) -> None:
+        """A single file uploads into a directory and downloads back into a local directory
+        unchanged."""
         await self.prepare()
         source = self.local / "notes.txt"
         source.write_text("remember\n")
@@ -295,6 +329,8 @@ class ArchiveTests(TestCase):
         self.assertEqual(download.paths, (target.absolute() / "notes.txt",))
 
     async def test_exportArchiveToAFile(self) -> None:
+        """exportArchive writes the agent's tar of a directory to a local file of the announced
+        size."""
         await self.prepare()
         (self.agent.workspace / "a").mkdir()
         (self.agent.workspace / "a" / "x").write_text("x\n")
@@ -306,6 +342,7 @@ class ArchiveTests(TestCase):
             self.assertEqual(tar.getnames(), ["x"])
 
     async def test_exportErrorLeavesNoFile(self) -> None:
+        """An export that fails on the agent leaves no local file behind."""
         await self.prepare()
         target = self.local / "missing.tar"
         with self.assertRaises(AgentError) as caught:
@@ -314,6 +351,8 @@ class ArchiveTests(TestCase):
         self.assertFalse(target.exists())
 
     async def test_uploadRefusedBeforeTheBodyStopsStreaming(self) -> None:
+        """An upload the agent refuses from its header (too large) fails at once with the agent's
+        message instead of streaming the whole body."""
         await self.prepare()
         agent = await startAgentEverywhere(self, maxArchiveBytes=1024)
         source = self.local / "large.bin"
@@ -324,6 +363,8 @@ class ArchiveTests(TestCase):
         self.assertIn("exceeds the maximum of 1024 bytes", caught.exception.message)
 
     async def test_uploadOfAMissingPath(self) -> None:
+        """Uploading a local path that does not exist fails before contacting the agent, naming
+        the OS error."""
         await self.prepare()
         with self.assertRaises(AgentError) as caught:
             await self.client.upload(self.local / "nothing", "/workspace")
@@ -333,6 +374,8 @@ class ArchiveTests(TestCase):
 
 class SecretsTests(TestCase):
     async def test_installSecretValues(self) -> None:
+        """installSecretValues installs text and binary secrets under the agent's secrets
+        directory."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "install_secrets")
         client = AgentClient(reactor, agent.tcp)
@@ -362,6 +405,8 @@ class ShellTests(TestCase):
         return seen, cursor
 
     async def test_shellLifecycle(self) -> None:
+        """A shell opens with the asked size, runs input, is listed, reads output by cursor and
+        closes."""
         await self.prepare()
         opened = await self.client.openShell("s1", cols=90, rows=20)
         self.addCleanup(lambda: self.client.closeShell("s1").addErrback(lambda _: None))
@@ -392,6 +437,8 @@ class ShellTests(TestCase):
 
 class ServiceTests(TestCase):
     async def test_serviceLifecycle(self) -> None:
+        """A service with a file readiness probe starts ready, shows in status and logs, and
+        stops."""
         agent = await startAgentEverywhere(self)
         await requireActions(
             self, agent, "start_service", "status_service", "logs_service", "stop_service"
@@ -428,6 +475,8 @@ class UnsafeExportTests(TestCase):
     """A download from a peer that serves an export escaping LOCAL_DIR writes nothing."""
 
     async def test_escapingMemberRefusedAndNothingWritten(self) -> None:
+        """A download from a peer whose export has a member escaping the target directory is
+        refused and writes nothing locally."""
         local = Path(self.mktemp()).absolute()
         local.mkdir()
         archive = local / "evil.tar"

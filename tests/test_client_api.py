@@ -50,6 +50,8 @@ def outcome(d: Deferred[Any]) -> list[Any]:
 
 class WaitUntilReadyTests(SynchronousTestCase):
     def test_retriesUntilAnAnswer(self) -> None:
+        """waitUntilReady keeps retrying refused connections and returns the first answer,
+        leaving no timer behind."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock, refusals=6)
         client = AgentClient(clock, endpoint)
@@ -63,6 +65,8 @@ class WaitUntilReadyTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_backoffDoublesUpToTheMaximum(self) -> None:
+        """The delay between waitUntilReady's attempts doubles from the initial delay up to the
+        maximum."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock, refusals=100)
         client = AgentClient(clock, endpoint)
@@ -75,6 +79,8 @@ class WaitUntilReadyTests(SynchronousTestCase):
         self.assertEqual(gaps, [0.1, 0.2, 0.4, 0.5, 0.5, 0.5])
 
     def test_givesUpAtTheDeadline(self) -> None:
+        """waitUntilReady fails at its deadline with a timeout naming the last refusal, leaving
+        no timer behind."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock, refusals=1000)
         results = outcome(AgentClient(clock, endpoint).waitUntilReady(timeout=3))
@@ -87,6 +93,8 @@ class WaitUntilReadyTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_anErrorAnswerMeansReady(self) -> None:
+        """An agent that answers ping with an error (an older agent without ping) counts as
+        ready."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock)
         results = outcome(AgentClient(clock, endpoint).waitUntilReady())
@@ -96,6 +104,8 @@ class WaitUntilReadyTests(SynchronousTestCase):
 
 class TimeoutTests(SynchronousTestCase):
     def test_connectTimeout(self) -> None:
+        """A connection that hangs fails at exactly the connect timeout with a message naming the
+        endpoint."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock)
         endpoint.hang = True
@@ -108,6 +118,8 @@ class TimeoutTests(SynchronousTestCase):
         self.assertIn("within 2 s", results[0].value.message)
 
     def test_callTimeoutAndCallsThatWaitOnPurpose(self) -> None:
+        """The call timeout ends a silent ping, while an exec waits its own timeout_seconds on
+        top of the call timeout."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock)
         client = AgentClient(clock, endpoint, timeout=5)
@@ -124,6 +136,8 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(executed[0].exitCode, 124)
 
     def test_errorAnswerRaisesAgentError(self) -> None:
+        """An error answer raises a plain AgentError with the agent's message and the action
+        name."""
         clock = MemoryReactorClock()
         endpoint = FakeEndpoint(clock)
         results = outcome(AgentClient(clock, endpoint).statusService("x"))

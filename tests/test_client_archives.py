@@ -50,6 +50,8 @@ class BuildTests(SynchronousTestCase):
         self.base.mkdir()
 
     def test_directoryContentsNotTheDirectoryItself(self) -> None:
+        """Uploading a directory packs its contents (files, subdirectories, symlinks as links),
+        not the directory itself, and reports the archive's size."""
         tree = self.base / "tree"
         (tree / "a" / "b").mkdir(parents=True)
         (tree / "a" / "b" / "f.txt").write_text("f")
@@ -65,6 +67,7 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(names["link"].linkname, "top")
 
     def test_singleFileUnderItsName(self) -> None:
+        """Uploading a single file packs it under its own name."""
         source = self.base / "one.bin"
         source.write_bytes(b"\x00\x01")
         archive, _ = buildUploadArchive(source, spool=self.base)
@@ -73,6 +76,8 @@ class BuildTests(SynchronousTestCase):
             self.assertEqual(tar.getnames(), ["one.bin"])
 
     def test_hardLinksArePackedAsFiles(self) -> None:
+        """Hard links are packed as plain files with their content, since the agent refuses hard-
+        link members."""
         tree = self.base / "tree"
         tree.mkdir()
         (tree / "a").write_text("same")
@@ -87,6 +92,8 @@ class BuildTests(SynchronousTestCase):
             self.assertEqual(reader.read(), b"same")
 
     def test_specialFilesAreRefusedAndNoTempFileIsLeft(self) -> None:
+        """A FIFO in an upload is refused with a clear error and no temporary archive is left in
+        the spool."""
         tree = self.base / "tree"
         tree.mkdir()
         spool = self.base / "spool"
@@ -98,6 +105,8 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(os.listdir(spool), [])
 
     def test_secretsArchive(self) -> None:
+        """A secrets archive holds each value as a 0600 file named after its key, text and bytes
+        alike."""
         archive = buildSecretsArchive({"TOKEN": "abc", "RAW": b"\x00"}, spool=self.base)
         self.addCleanup(archive.unlink)
         with tarfile.open(archive) as tar:
@@ -125,6 +134,8 @@ class ExtractTests(SynchronousTestCase):
         return str(caught.exception)
 
     def test_goodArchive(self) -> None:
+        """A download with a ./ member, directories, files and an inward symlink is extracted and
+        every written path is returned."""
         archive = makeTar(
             self.base / "good.tar",
             (member("./", tarfile.DIRTYPE), None),
@@ -141,18 +152,21 @@ class ExtractTests(SynchronousTestCase):
         self.assertEqual(oct((self.target / "d" / "f.txt").stat().st_mode & 0o777), oct(0o644))
 
     def test_escapingNames(self) -> None:
+        """Member names with .. escapes or absolute paths are refused before anything is written."""
         good = (member("fine.txt"), b"x")
         self.assertIn("leaves the directory", self.refused(good, (member("../evil"), b"x")))
         self.assertIn("leaves the directory", self.refused(good, (member("a/../../evil"), b"x")))
         self.assertIn("absolute path", self.refused(good, (member("/etc/evil"), b"x")))
 
     def test_escapingLinks(self) -> None:
+        """Symlinks pointing outside the target (absolute, .., or empty) are refused."""
         good = (member("fine.txt"), b"x")
         for target in ("/etc/passwd", "../outside", "a/../../outside", ""):
             message = self.refused(good, (member("l", tarfile.SYMTYPE, target), None))
             self.assertIn("refusing symlink l", message)
 
     def test_membersBelowALink(self) -> None:
+        """A member that would be written through a symlink from the same archive is refused."""
         message = self.refused(
             (member("d", tarfile.DIRTYPE), None),
             (member("l", tarfile.SYMTYPE, "d"), None),
@@ -161,6 +175,8 @@ class ExtractTests(SynchronousTestCase):
         self.assertIn("below a symlink", message)
 
     def test_existingSymlinkOnDiskIsNotFollowed(self) -> None:
+        """A symlink already on disk under the target is never followed: writing below it or over
+        it is refused and its target stays untouched."""
         outside = self.base / "outside"
         outside.mkdir()
         os.symlink(outside, self.target / "sneaky")
@@ -171,12 +187,15 @@ class ExtractTests(SynchronousTestCase):
         self.assertEqual(os.listdir(outside), [])
 
     def test_hardLinksAndDevices(self) -> None:
+        """Hard links and device files in a download are refused."""
         self.assertIn(
             "hard link", self.refused((member("h", tarfile.LNKTYPE, "existing.txt"), None))
         )
         self.assertIn("special file", self.refused((member("c", tarfile.CHRTYPE), None)))
 
     def test_conflicts(self) -> None:
+        """A file member over an existing directory, or a directory member over an existing file,
+        is refused."""
         (self.target / "dir").mkdir()
         self.assertIn("conflicts with the directory", self.refused((member("dir"), b"x")))
         self.assertIn(
@@ -185,6 +204,8 @@ class ExtractTests(SynchronousTestCase):
         )
 
     def test_existingFilesAreReplaced(self) -> None:
+        """An existing file is replaced by the archive's version and no temporary file is left
+        beside it."""
         archive = makeTar(self.base / "new.tar", (member("existing.txt"), b"new"))
         extractSafely(archive, self.target)
         self.assertEqual((self.target / "existing.txt").read_text(), "new")

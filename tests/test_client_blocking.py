@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent(
 
 class BlockingScriptTests(TestCase):
     async def test_scriptThroughTheFirecrackerBridge(self) -> None:
+        """A plain blocking script drives exec, an upload and a file read through the
+        Firecracker-style bridge."""
         agent = await startAgentEverywhere(self)
         await requireActions(self, agent, "exec", "extract_archive", "read_workspace_file")
         bridge = await startBridge(self, agent)
@@ -62,6 +64,8 @@ class BlockingScriptTests(TestCase):
 
 class ReactorThreadTests(TestCase):
     async def test_refusedFromTheReactorThread(self) -> None:
+        """The blocking client refuses to be built on the reactor's thread, where it would
+        deadlock, and points at AgentClient."""
         # Once an async trial test has waited once, the reactor runs in this thread: blocking
         # here would never end.
         await deferLater(reactor, 0, lambda: None)

@@ -41,6 +41,7 @@ class Recorder(Protocol):
 
 class ParserTests(SynchronousTestCase):
     def test_fcvsockKeywordsAndPositionals(self) -> None:
+        """fcvsock endpoint strings accept path, port and timeout as keywords or positionals."""
         for text in (
             "fcvsock:path=/run/vm/v.sock:port=5005",
             "fcvsock:/run/vm/v.sock:5005",
@@ -55,6 +56,8 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(endpoint.timeout, 2.5)
 
     def test_vsockClientBesideTheServerParser(self) -> None:
+        """The vsock client endpoint parses cid and port and coexists with the agent's vsock
+        server parser."""
         client = clientFromString(reactor, "vsock:cid=3:port=5005")
         self.assertIsInstance(client, VSockClientEndpoint)
         assert isinstance(client, VSockClientEndpoint)
@@ -64,6 +67,8 @@ class ParserTests(SynchronousTestCase):
         self.assertIsInstance(serverFromString(reactor, "vsock:5005"), VSockServerEndpoint)
 
     def test_mistakesAreExplained(self) -> None:
+        """Malformed fcvsock and vsock endpoint strings are refused with a message saying what is
+        wrong."""
         for text, expected in (
             ("fcvsock:path=/v.sock", "fcvsock endpoint needs port="),
             ("fcvsock:port=5005", "fcvsock endpoint needs path="),
@@ -91,6 +96,8 @@ class HandshakeTests(SynchronousTestCase):
         return proto, transport, inner, clock
 
     def test_okHandsTheStreamOverWithTheBytesThatFollow(self) -> None:
+        """After CONNECT is answered OK, the stream is handed to the agent protocol together with
+        the bytes that followed the OK line."""
         proto, transport, inner, _ = self.handshake()
         self.assertEqual(transport.value(), b"CONNECT 5005\n")
         ready: list[Any] = []
@@ -106,6 +113,8 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(len(inner.lost), 1)
 
     def test_anythingElseIsAnErrorNamingIt(self) -> None:
+        """A CONNECT answer other than OK closes the connection and fails naming the answer, the
+        port and the socket."""
         proto, transport, _, _ = self.handshake()
         failures: list[Failure] = []
         proto.ready.addErrback(failures.append)
@@ -118,6 +127,8 @@ class HandshakeTests(SynchronousTestCase):
         )
 
     def test_endlessLineIsRefused(self) -> None:
+        """A CONNECT answer without a line end within a bound is refused instead of buffered
+        forever."""
         proto, transport, _, _ = self.handshake()
         failures: list[Failure] = []
         proto.ready.addErrback(failures.append)
@@ -126,6 +137,8 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_timeout(self) -> None:
+        """A CONNECT left unanswered fails after the endpoint's timeout, naming the socket and
+        port, and closes the connection."""
         proto, transport, _, clock = self.handshake()
         failures: list[Failure] = []
         proto.ready.addErrback(failures.append)
@@ -134,6 +147,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_okCancelsTheTimer(self) -> None:
+        """An OK answer cancels the handshake timer."""
         proto, _, _, clock = self.handshake()
         proto.dataReceived(b"OK 1\n")
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -141,6 +155,7 @@ class HandshakeTests(SynchronousTestCase):
 
 class VSockTransportTests(TestCase):
     async def test_failureIsReported(self) -> None:
+        """A vsock connect to a CID that does not exist fails with an error naming the address."""
         if AF_VSOCK is None:
             self.skipTest("no AF_VSOCK on this platform")
         # CID 3 is a guest that does not exist here: the kernel refuses (ENODEV) or the

@@ -39,6 +39,8 @@ class AnswerTests(SynchronousTestCase):
         return transport
 
     def test_requestLineThenAnswerInPieces(self) -> None:
+        """The client sends one request line and assembles an answer split across reads, then
+        closes politely."""
         proto = ExchangeProtocol(encodeRequest({"action": "ping"}))
         transport = self.connect(proto)
         self.assertEqual(transport.value(), b'{"action":"ping"}\n')
@@ -53,6 +55,8 @@ class AnswerTests(SynchronousTestCase):
         self.assertFalse(transport.aborted)
 
     def test_errorAnswerIsStillAnAnswer(self) -> None:
+        """An error answer is handed back as the agent's answer; turning it into an exception is
+        the API's job."""
         # The protocol hands back what the agent said; api.py turns "error" into AgentError.
         proto = ExchangeProtocol(b"{}\n")
         self.connect(proto)
@@ -61,6 +65,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(results, [{"error": "nope"}])
 
     def test_closedWithoutAnAnswer(self) -> None:
+        """A connection closed before an answer fails with AgentClosedError."""
         proto = ExchangeProtocol(b"{}\n")
         self.connect(proto)
         results = outcome(proto.answered)
@@ -69,6 +74,8 @@ class AnswerTests(SynchronousTestCase):
         self.assertIsInstance(results[0].value, AgentClosedError)
 
     def test_answerOverTheLimit(self) -> None:
+        """An answer longer than the client's limit fails with AgentProtocolError and the
+        connection is aborted."""
         proto = ExchangeProtocol(b"{}\n", maxAnswerBytes=10)
         transport = self.connect(proto)
         results = outcome(proto.answered)
@@ -78,6 +85,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertTrue(transport.aborted)
 
     def test_cancelAbortsTheConnection(self) -> None:
+        """Cancelling a call aborts its connection and nothing arriving afterwards is delivered."""
         proto = ExchangeProtocol(b"{}\n")
         transport = self.connect(proto)
         results = outcome(proto.answered)
@@ -90,6 +98,8 @@ class AnswerTests(SynchronousTestCase):
 
 class UploadTests(SynchronousTestCase):
     def test_bodyStreamedWithAProducerAndProgress(self) -> None:
+        """An upload body is streamed by a pull producer only as fast as the transport asks, with
+        progress reported."""
         body = bytes(range(256)) * 1000
         seen: list[tuple[int, int]] = []
         proto = ExchangeProtocol(
@@ -113,6 +123,7 @@ class UploadTests(SynchronousTestCase):
         self.assertEqual(results, [{"entry_count": 1}])
 
     def test_earlyErrorAnswerStopsTheBody(self) -> None:
+        """An error answered before the body is sent stops the upload and aborts the connection."""
         body = b"x" * 100000
         proto = ExchangeProtocol(b"{}\n", upload=io.BytesIO(body), uploadSize=len(body))
         transport = AbortableTransport()
@@ -126,6 +137,7 @@ class UploadTests(SynchronousTestCase):
         self.assertIsNone(transport.producer)
 
     def test_fileShorterThanAnnounced(self) -> None:
+        """A local file that shrank below its announced size fails the upload with a clear error."""
         proto = ExchangeProtocol(b"{}\n", upload=io.BytesIO(b"abc"), uploadSize=10)
         transport = AbortableTransport()
         proto.makeConnection(transport)
@@ -147,6 +159,8 @@ class ExportTests(SynchronousTestCase):
         return proto, sink, outcome(proto.answered), seen
 
     def test_headerThenExactlyArchiveSizeBytes(self) -> None:
+        """An export is a header line followed by exactly archive_size bytes, written to the sink
+        with progress."""
         proto, sink, results, seen = self.start()
         header = {"workspace_path": "/workspace/a", "archive_size": 10}
         proto.dataReceived(json.dumps(header).encode() + b"\n0123")
@@ -157,12 +171,14 @@ class ExportTests(SynchronousTestCase):
         self.assertEqual(seen, [(0, 10), (4, 10), (10, 10)])
 
     def test_errorHeader(self) -> None:
+        """An export answered with an error writes nothing to the sink."""
         proto, sink, results, _ = self.start()
         proto.dataReceived(b'{"error": "workspace path does not exist: /workspace/x"}\n')
         self.assertEqual(results, [{"error": "workspace path does not exist: /workspace/x"}])
         self.assertEqual(sink.getvalue(), b"")
 
     def test_cutShort(self) -> None:
+        """An export cut off before archive_size bytes fails saying how many bytes arrived."""
         proto, _, results, _ = self.start()
         proto.dataReceived(b'{"archive_size": 10}\n0123')
         proto.connectionLost(Failure(Exception("gone")))
@@ -170,11 +186,13 @@ class ExportTests(SynchronousTestCase):
         self.assertIn("after 4 of the export's 10 bytes", str(results[0].value))
 
     def test_headerWithoutSize(self) -> None:
+        """An export header without a valid archive_size is refused."""
         proto, _, results, _ = self.start()
         proto.dataReceived(b'{"archive_size": -1}\n')
         self.assertIn("no valid archive_size", str(results[0].value))
 
     def test_emptyArchive(self) -> None:
+        """An export of zero bytes completes with its header."""
         proto, _, results, _ = self.start()
         proto.dataReceived(b'{"archive_size": 0}\n')
         self.assertEqual(results, [{"archive_size": 0}])
@@ -182,6 +200,8 @@ class ExportTests(SynchronousTestCase):
 
 class ProgressBarTests(SynchronousTestCase):
     def test_rendersBytesRateAndEta(self) -> None:
+        """The progress bar shows percentage, bytes, rate and ETA within its width, and skips
+        updates that come too often."""
         now = [100.0]
         out = io.StringIO()
         bar = ProgressBar(out, "upload x", lambda: now[0], width=100)
@@ -202,6 +222,7 @@ class ProgressBarTests(SynchronousTestCase):
         self.assertTrue(out.getvalue().endswith("\n"))
 
     def test_formats(self) -> None:
+        """Byte counts and durations are formatted for people (KiB, GiB, h:mm:ss)."""
         self.assertEqual(formatBytes(512), "512 B")
         self.assertEqual(formatBytes(1536), "1.5 KiB")
         self.assertEqual(formatBytes(3 * 1024**3), "3.0 GiB")

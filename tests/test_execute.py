@@ -24,6 +24,8 @@ from pyro_reactor.capabilities.execute import (
 )
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system import processes
+from pyro_reactor.system._twisted import SpawningProcess
+from pyro_reactor.system.processes import signalGroup
 from tests.helpers import alive, startAgent, waitUntil
 
 reactor: Any = _reactor
@@ -31,6 +33,8 @@ reactor: Any = _reactor
 
 class ExecOverTheWireTests(TestCase):
     async def test_answerShape(self) -> None:
+        """An `exec` answer carries the command's stdout, stderr, exit code, a whole-millisecond
+        duration and false truncation flags."""
         agent = await startAgent(self)
         answer = await agent.call({"action": "exec", "command": "echo out; echo err >&2; exit 3"})
         self.assertEqual(answer["stdout"], "out\n")
@@ -42,12 +46,15 @@ class ExecOverTheWireTests(TestCase):
         self.assertIs(answer["stderr_truncated"], False)
 
     async def test_noActionFieldIsExec(self) -> None:
+        """A request with a command and no `action` field runs the command, as the reference
+        agent does."""
         agent = await startAgent(self)
         answer = await agent.call({"command": "echo plain"})
         self.assertEqual(answer["stdout"], "plain\n")
         self.assertEqual(answer["exit_code"], 0)
 
     async def test_unknownActionRunsNothing(self) -> None:
+        """A misspelt action is answered with an error and its command is never run."""
         agent = await startAgent(self)
         marker = agent.workspace / "ran"
         answer = await agent.call({"action": "exce", "command": f"touch {marker}"})
@@ -55,6 +62,7 @@ class ExecOverTheWireTests(TestCase):
         self.assertFalse(marker.exists())
 
     async def test_loginShell(self) -> None:
+        """Commands run in a login shell, so the `.profile` in the given HOME is read first."""
         # sh -lc: a login shell, which reads $HOME/.profile.
         agent = await startAgent(self)
         home = agent.workspace / "home"
@@ -64,11 +72,14 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(answer["stdout"], "yes\n")
 
     async def test_signalledShellExitCodeIsNegative(self) -> None:
+        """When the shell is killed by a signal, the exit code is the negative signal number."""
         agent = await startAgent(self)
         answer = await agent.call({"command": "kill -9 $$"})
         self.assertEqual(answer["exit_code"], -signal.SIGKILL)
 
     async def test_environment(self) -> None:
+        """Variables from the request's `env` reach the command, numbers as text, and the agent's
+        own environment is inherited beside them."""
         agent = await startAgent(self)
         os.environ["PYRO_TEST_INHERITED"] = "from the agent"
         self.addCleanup(os.environ.pop, "PYRO_TEST_INHERITED", None)
@@ -81,6 +92,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(answer["stdout"], "42|from the agent")
 
     async def test_environmentErrors(self) -> None:
+        """An invalid variable name, an `env` that is not an object or a non-integer timeout is
+        answered with an error instead of running the command."""
         agent = await startAgent(self)
         bad = await agent.call({"command": "true", "env": {"1BAD": "x"}})
         self.assertEqual(bad, {"error": "secret name is invalid"})
@@ -90,6 +103,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(badTimeout, {"error": "timeout_seconds must be an integer"})
 
     async def test_timeoutKillsTheWholeGroup(self) -> None:
+        """A command that outlives its timeout is answered with exit code 124 and a timeout
+        message, and its whole process group, background children included, is killed."""
         agent = await startAgent(self)
         pidFile = agent.workspace / "grandchild.pid"
         started = time.monotonic()
@@ -110,6 +125,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertTrue(await waitUntil(lambda: not alive(grandchild)))
 
     async def test_timeoutKillsWhatIgnoresSigterm(self) -> None:
+        """A command group that ignores SIGTERM is still killed after the grace period once its
+        timeout passes."""
         pidFile = Path(self.mktemp()).absolute()
         result = await runCommand(
             reactor,
@@ -122,7 +139,44 @@ class ExecOverTheWireTests(TestCase):
         grandchild = int(pidFile.read_text())
         self.assertTrue(await waitUntil(lambda: not alive(grandchild), seconds=2))
 
+    async def test_timeoutEndsChildrenThatLeftTheGroup(self) -> None:
+        """A timed-out command leaves nothing: not even a ``setsid`` child (own session) that
+        ignores SIGTERM, nor that child's own child."""
+        pidFile = Path(self.mktemp()).absolute()
+        script = (
+            f"setsid sh -c 'trap \"\" TERM; sleep 300 & echo $$ $! > {pidFile}; wait' & sleep 300"
+        )
+        result = await runCommand(reactor, script, timeoutSeconds=1, maxOutputBytes=1024)
+        self.assertTrue(result.timedOut)
+        self.assertTrue(await waitUntil(lambda: pidFile.exists() and pidFile.read_text()))
+        escaped = [int(pid) for pid in pidFile.read_text().split()]
+        self.assertEqual(len(escaped), 2)
+        self.assertTrue(await waitUntil(lambda: not any(alive(pid) for pid in escaped)))
+
+    async def test_timeoutHookIsPluggable(self) -> None:
+        """What a timeout ends is made by ``unitOf`` (a cgroup can take the tree's place)."""
+        signalled: list[tuple[int, int]] = []
+
+        class Recording:
+            def __init__(self, pgid: int) -> None:
+                self.pgid = pgid
+
+            def signal(self, signum: int) -> bool:
+                signalled.append((self.pgid, signum))
+                return signalGroup(self.pgid, signal.SIGKILL)
+
+            def alive(self) -> bool:
+                return False
+
+        result = await runCommand(
+            reactor, "sleep 300", timeoutSeconds=0.2, maxOutputBytes=64, unitOf=Recording
+        )
+        self.assertTrue(result.timedOut)
+        self.assertEqual([signum for _, signum in signalled], [signal.SIGTERM])
+
     async def test_agentStopEndsRunningCommands(self) -> None:
+        """Stopping the agent's command service ends running commands, even ones ignoring
+        SIGTERM, and still answers their requests."""
         agent = await startAgent(self)
         pidFile = agent.workspace / "grandchild.pid"
         # Both the shell and its child ignore SIGTERM: only the SIGKILL after the grace ends them.
@@ -141,6 +195,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertTrue(await waitUntil(lambda: not alive(grandchild)))
 
     async def test_backgroundChildDoesNotHoldTheAnswer(self) -> None:
+        """The answer comes as soon as the shell exits, and a child it started in the background
+        is left running, as in a terminal."""
         agent = await startAgent(self)
         started = time.monotonic()
         answer = await agent.call({"command": "sleep 30 & echo $!", "timeout_seconds": 20})
@@ -153,6 +209,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertTrue(alive(background))
 
     async def test_outputAfterShellExitWithinGraceIsKept(self) -> None:
+        """Output a background child writes shortly after the shell exits is still included in
+        the result."""
         result = await runCommand(
             reactor,
             "(sleep 0.05; echo late) & echo early",
@@ -162,6 +220,8 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(result.stdout, "early\nlate\n")
 
     async def test_invalidUtf8AndSplitCharacters(self) -> None:
+        """Output is decoded as UTF-8 with invalid bytes replaced, and a character split across
+        two writes comes out whole."""
         agent = await startAgent(self)
         answer = await agent.call({"command": r"printf 'a\377b\303'; sleep 0.1; printf '\251'"})
         self.assertEqual(answer["stdout"], "a\ufffdb\u00e9")
@@ -169,11 +229,14 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(trailing["stderr"], "x\ufffd")
 
     async def test_carriageReturnsKept(self) -> None:
+        """Carriage returns in output reach the host unchanged."""
         agent = await startAgent(self)
         answer = await agent.call({"command": r"printf 'a\r\nb\rc'"})
         self.assertEqual(answer["stdout"], "a\r\nb\rc")
 
     async def test_outputBounded(self) -> None:
+        """Output beyond the agent's limit is cut off and flagged as truncated, each stream on
+        its own, without failing the command."""
         agent = await startAgent(self, maxOutputBytes=10)
         answer = await agent.call(
             {"command": "head -c 1048576 /dev/zero | tr '\\0' x; echo short >&2"}
@@ -185,6 +248,7 @@ class ExecOverTheWireTests(TestCase):
         self.assertEqual(answer["exit_code"], 0)
 
     async def test_manyAtOnce(self) -> None:
+        """Many commands sent at once run side by side rather than one after another."""
         agent = await startAgent(self)
         started = time.monotonic()
         answers = await gatherResults(
@@ -196,11 +260,13 @@ class ExecOverTheWireTests(TestCase):
         self.assertLess(elapsed, 8)
 
     async def test_emptyCommand(self) -> None:
+        """An `exec` with no command succeeds with empty output and exit code 0."""
         agent = await startAgent(self)
         answer = await agent.call({"action": "exec"})
         self.assertEqual((answer["stdout"], answer["exit_code"]), ("", 0))
 
     async def test_nonPositiveTimeoutTimesOutAtOnce(self) -> None:
+        """A timeout of zero times the command out at once, with exit code 124."""
         agent = await startAgent(self)
         answer = await agent.call({"command": "sleep 5", "timeout_seconds": 0})
         self.assertEqual(answer["exit_code"], 124)
@@ -209,6 +275,8 @@ class ExecOverTheWireTests(TestCase):
 
 class RunCommandTests(TestCase):
     async def test_workingDirectoryAndEnvironment(self) -> None:
+        """A command runs in the given working directory with the given variables added to the
+        agent's inherited environment."""
         directory = Path(self.mktemp()).absolute()
         directory.mkdir()
         os.environ["PYRO_TEST_INHERITED"] = "kept"
@@ -226,16 +294,18 @@ class RunCommandTests(TestCase):
         self.assertFalse(result.timedOut)
 
     async def test_childReapedBeforeTheSpawnReturns(self) -> None:
+        """A command that exits before the spawn call returns still gives its output and exit
+        code, and is not left counted as running."""
         # On a busy machine a command can end before Twisted registers it, which reaps it at
         # once and clears transport.pid: make that happen every time.
-        spawnOnly = processes._SessionProcess._trySpawnInsteadOfFork
+        spawnOnly = SpawningProcess._trySpawnInsteadOfFork
 
         def spawnAndWaitForExit(process: Any, *args: Any) -> bool:
             spawned = spawnOnly(process, *args)
             os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
             return spawned
 
-        self.patch(processes._SessionProcess, "_trySpawnInsteadOfFork", spawnAndWaitForExit)
+        self.patch(SpawningProcess, "_trySpawnInsteadOfFork", spawnAndWaitForExit)
         running: set[int] = set()
         result = await runCommand(
             reactor, "echo quick", timeoutSeconds=5, maxOutputBytes=64, running=running
@@ -244,14 +314,17 @@ class RunCommandTests(TestCase):
         self.assertEqual(running, set())
 
     async def test_agentIsNeverForked(self) -> None:
+        """Commands are started with posix_spawn and the agent process is never forked, also when
+        a working directory is given."""
         # posix_spawn only: forking the agent (Twisted's other way) costs 4-6 ms per command.
+
         def forbidden() -> int:
             raise AssertionError("the agent forked")
 
         self.patch(os, "fork", forbidden)
         plain = await runCommand(reactor, "echo plain", timeoutSeconds=5, maxOutputBytes=64)
         self.assertEqual(plain.stdout, "plain\n")
-        if processes._chdirProgram() is not None:
+        if processes.probeChdirProgram() is not None:
             directory = Path(self.mktemp()).absolute()
             directory.mkdir()
             inside = await runCommand(
@@ -260,10 +333,12 @@ class RunCommandTests(TestCase):
             self.assertEqual(inside.stdout, f"{directory}\n")
 
     async def test_stdinIsEmpty(self) -> None:
+        """A command's stdin is empty, so a program reading it does not hang."""
         result = await runCommand(reactor, "cat; echo end", timeoutSeconds=5, maxOutputBytes=64)
         self.assertEqual(result.stdout, "end\n")
 
     async def test_missingWorkingDirectory(self) -> None:
+        """A working directory that does not exist is refused with an error naming it."""
         with self.assertRaises(ActionError) as caught:
             await runCommand(
                 reactor, "true", timeoutSeconds=5, cwd="/nonexistent/dir", maxOutputBytes=64
@@ -296,6 +371,8 @@ class RunCommandTests(TestCase):
         self.assertEqual(calls, ["exited", "refused"])
 
     async def test_timedOutResultKeepsOutputForCallers(self) -> None:
+        """A timed-out result still holds the output written before the timeout and the SIGTERM
+        exit code, for callers other than `exec`."""
         result = await runCommand(
             reactor, "echo begun; sleep 30", timeoutSeconds=0.3, maxOutputBytes=64
         )
@@ -306,6 +383,8 @@ class RunCommandTests(TestCase):
 
 class PiecesTests(SynchronousTestCase):
     def test_captureDecodesAcrossReadsAndBounds(self) -> None:
+        """Captured output decodes characters split across reads and stops at the byte limit,
+        marking itself truncated."""
         capture = _Capture(6)
         for piece in (b"\xc3", b"\xa9t\xe2\x82", b"\xacabc"):
             capture.feed(piece)
@@ -313,17 +392,23 @@ class PiecesTests(SynchronousTestCase):
         self.assertEqual(capture.text(), "\u00e9t\u20ac")
 
     def test_captureCutInsideACharacter(self) -> None:
+        """When the byte limit falls inside a character, the partial character becomes a
+        replacement character."""
         capture = _Capture(2)
         capture.feed("\u20ac".encode())
         self.assertTrue(capture.truncated)
         self.assertEqual(capture.text(), "\ufffd")
 
     def test_exitCodes(self) -> None:
+        """A normal exit gives its exit code and a death by signal gives the negative signal
+        number."""
         self.assertEqual(exitCodeOf(Failure(ProcessDone(0))), 0)
         self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=5))), 5)
         self.assertEqual(exitCodeOf(Failure(ProcessTerminated(signal=9))), -9)
 
     def test_environmentOverrides(self) -> None:
+        """Request variables override the inherited environment, no variables means the inherited
+        environment unchanged, and values are passed to the process as UTF-8 bytes."""
         env = commandEnvironment({"PYRO_X": "1", "PATH": "/nowhere"})
         self.assertEqual(env["PYRO_X"], "1")
         self.assertEqual(env["PATH"], "/nowhere")
@@ -333,6 +418,8 @@ class PiecesTests(SynchronousTestCase):
         self.assertEqual(raw[b"PATH"], os.environ["PATH"].encode())
 
     def test_timedOutAnswer(self) -> None:
+        """A timed-out command's answer matches the reference agent: empty stdout, the timeout
+        message in stderr and exit code 124."""
         result = CommandResult("out", "err", -15, 1500, timedOut=True, timeoutSeconds=1)
         self.assertEqual(
             result.execAnswer(),

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.capabilities.files import WORKSPACE_FILE_MAX_BYTES, WorkspaceFiles
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.workspace import TEMP_PREFIX, Workspace, processUmask
+from pyro_reactor.system.workspace import TEMP_PREFIX, Workspace, processUmask, walk
 from tests.helpers import RunningAgent, reactor, startAgent
 
 MiB = 1024 * 1024
@@ -56,6 +56,8 @@ class FilesOverTheWireTests(TestCase):
     # -- list_workspace ----------------------------------------------------------------------
 
     async def test_listDefaultIsWorkspaceRoot(self) -> None:
+        """With no path, `list_workspace` lists the workspace root sorted by name, giving each
+        symlink's target and size without following it."""
         agent = await self.setUpAgent()
         answer = await agent.call({"action": "list_workspace"})
         self.assertEqual(
@@ -76,6 +78,7 @@ class FilesOverTheWireTests(TestCase):
         )
 
     async def test_listRecursiveDepthFirstSorted(self) -> None:
+        """A recursive listing walks subdirectories depth first, each level sorted by name."""
         agent = await self.setUpAgent()
         answer = await agent.call({"action": "list_workspace", "path": "src", "recursive": True})
         self.assertEqual(
@@ -93,6 +96,8 @@ class FilesOverTheWireTests(TestCase):
         )
 
     async def test_listRecursiveDoesNotFollowSymlinks(self) -> None:
+        """A recursive listing never descends through symlinks, so nothing outside the workspace
+        is listed."""
         agent = await self.setUpAgent()
         answer = await agent.call({"action": "list_workspace", "recursive": True})
         paths = [item["path"] for item in answer["entries"]]
@@ -102,6 +107,7 @@ class FilesOverTheWireTests(TestCase):
         )
 
     async def test_listNonDirectory(self) -> None:
+        """Listing a file or a symlink answers with that one entry and its type."""
         agent = await self.setUpAgent()
         self.assertEqual(
             await agent.call({"action": "list_workspace", "path": "/workspace/hello.txt"}),
@@ -133,6 +139,9 @@ class FilesOverTheWireTests(TestCase):
         )
 
     async def test_listErrors(self) -> None:
+        """Listing a missing path, a path outside the workspace, a path through a symlink leading
+        out or a directory holding a FIFO fails with a clear error, as does a non-boolean
+        `recursive`."""
         agent = await self.setUpAgent()
         os.mkfifo(self.host / "src" / "fifo")
         cases = {
@@ -159,6 +168,8 @@ class FilesOverTheWireTests(TestCase):
     # -- read_workspace_file -------------------------------------------------------------------
 
     async def test_read(self) -> None:
+        """`read_workspace_file` returns any bytes as base64 with their size, and may read
+        through a symlinked directory that stays inside the workspace."""
         agent = await self.setUpAgent()
         content = bytes(range(256)) * 3
         (self.host / "bin.dat").write_bytes(content)
@@ -175,6 +186,8 @@ class FilesOverTheWireTests(TestCase):
         self.assertEqual(answer["content_b64"], base64.b64encode(b"x").decode())
 
     async def test_readLimits(self) -> None:
+        """Reads are refused past 1 MiB or past a smaller `max_bytes` the host gives, which must
+        be positive and at most 1 MiB."""
         agent = await self.setUpAgent()
         (self.host / "mib").write_bytes(b"a" * MiB)
         (self.host / "mibplus").write_bytes(b"a" * (MiB + 1))
@@ -207,6 +220,7 @@ class FilesOverTheWireTests(TestCase):
             )
 
     async def test_readRefusesTwoGiBWithoutReadingIt(self) -> None:
+        """A 2 GiB file is refused with the size error instead of being read."""
         agent = await self.setUpAgent()
         with (self.host / "huge").open("wb") as handle:
             handle.truncate(2 * 1024 * MiB)
@@ -217,6 +231,8 @@ class FilesOverTheWireTests(TestCase):
         )
 
     async def test_readErrors(self) -> None:
+        """Only regular files inside the workspace can be read: directories, symlinks, FIFOs,
+        missing paths and paths leaving the workspace are refused."""
         agent = await self.setUpAgent()
         os.mkfifo(self.host / "fifo")
         notRegular = "workspace file read only supports regular files"
@@ -243,6 +259,8 @@ class FilesOverTheWireTests(TestCase):
     # -- write_workspace_file ------------------------------------------------------------------
 
     async def test_writeNewFileCreatesParents(self) -> None:
+        """Writing a new file creates its missing parent directories, stores the text as UTF-8
+        with umask-default modes and leaves no temporary file behind."""
         agent = await self.setUpAgent()
         answer = await agent.call(
             {"action": "write_workspace_file", "path": "new/dir/n.txt", "text": "héllo"}
@@ -257,6 +275,7 @@ class FilesOverTheWireTests(TestCase):
         self.assertNoTemporaries(target.parent)
 
     async def test_writeKeepsModeOfExistingFile(self) -> None:
+        """Rewriting an existing file replaces its contents but keeps its permission bits."""
         agent = await self.setUpAgent()
         target = self.host / "hello.txt"
         for mode in (0o600, 0o755):
@@ -267,6 +286,7 @@ class FilesOverTheWireTests(TestCase):
         self.assertNoTemporaries(self.host)
 
     async def test_writeDefaultsAndCoercions(self) -> None:
+        """A write with no text makes an empty file, and a number is written as its text."""
         agent = await self.setUpAgent()
         answer = await agent.call({"action": "write_workspace_file", "path": "empty.txt"})
         self.assertEqual(answer["bytes_written"], 0)
@@ -275,6 +295,8 @@ class FilesOverTheWireTests(TestCase):
         self.assertEqual((self.host / "num.txt").read_text(), "5")
 
     async def test_writeSizeLimit(self) -> None:
+        """Text up to 1 MiB once encoded as UTF-8 is written, and anything larger is refused
+        without creating the file."""
         agent = await self.setUpAgent()
         answer = await agent.call(
             {"action": "write_workspace_file", "path": "exact", "text": "a" * MiB}
@@ -289,6 +311,9 @@ class FilesOverTheWireTests(TestCase):
         self.assertFalse((self.host / "big").exists())
 
     async def test_writeErrors(self) -> None:
+        """Writes go only to regular files inside the workspace, never through a symlinked or
+        non-directory parent, and text that cannot be encoded is refused, leaving everything
+        untouched."""
         agent = await self.setUpAgent()
         os.mkfifo(self.host / "fifo")
         regularOnly = "workspace file write only supports regular file targets"
@@ -334,6 +359,8 @@ class FilesOverTheWireTests(TestCase):
     # -- delete_workspace_path -------------------------------------------------------------------
 
     async def test_delete(self) -> None:
+        """`delete_workspace_path` removes a file, removes a symlink itself rather than its
+        target, and can delete through a symlinked directory inside the workspace."""
         agent = await self.setUpAgent()
         self.assertEqual(
             await agent.call({"action": "delete_workspace_path", "path": "hello.txt"}),
@@ -348,6 +375,8 @@ class FilesOverTheWireTests(TestCase):
         self.assertFalse((self.host / "src" / "a.py").exists())
 
     async def test_deleteErrors(self) -> None:
+        """Directories, FIFOs, missing paths and paths leading out of the workspace are not
+        deleted, and nothing outside is touched."""
         agent = await self.setUpAgent()
         (self.host / "out2").symlink_to(self.outside)
         os.mkfifo(self.host / "fifo")
@@ -376,18 +405,19 @@ class FilesOverTheWireTests(TestCase):
     # -- concurrency ---------------------------------------------------------------------------
 
     async def test_pingAnswersWhileAListingIsStuck(self) -> None:
+        """A listing stuck in a worker thread does not hold a ping back."""
         agent = await self.setUpAgent()
         release = threading.Event()
         self.addCleanup(release.set)
         entered: Deferred[None] = Deferred()
-        original = Workspace.children
+        original = walk.children
 
-        def slowChildren(workspace: Workspace, fd: int) -> Any:
+        def slowChildren(fd: int) -> Any:
             reactor.callFromThread(entered.callback, None)
             release.wait(10)
-            return original(workspace, fd)
+            return original(fd)
 
-        self.patch(Workspace, "children", slowChildren)
+        self.patch(walk, "children", slowChildren)
         answers: list[dict[str, Any]] = []
         listing = agent.call({"action": "list_workspace"}).addCallback(answers.append)
         await entered  # the listing is now under way in a worker thread
@@ -404,6 +434,8 @@ class ReadWithoutReadingTests(SynchronousTestCase):
     """The size check happens on the open descriptor, before a byte is read."""
 
     def test_tooLargeIsNeverRead(self) -> None:
+        """A file over the limit is refused from its size alone, without a single read of its
+        contents."""
         host = Path(self.mktemp()).absolute()
         host.mkdir()
         with (host / "huge").open("wb") as handle:
@@ -430,6 +462,7 @@ class ReadWithoutReadingTests(SynchronousTestCase):
         self.assertNotEqual(reads, [])
 
     def test_fileGrowingPastTheLimitWhileRead(self) -> None:
+        """A file that grows past the limit while it is being read is still refused."""
         host = Path(self.mktemp()).absolute()
         host.mkdir()
         (host / "growing").write_bytes(b"abc")
@@ -445,3 +478,49 @@ class ReadWithoutReadingTests(SynchronousTestCase):
             ActionError, WorkspaceFiles(Workspace(host)).readFile, "growing", maxBytes=5
         )
         self.assertEqual(str(error), "workspace file exceeds the maximum supported size of 5 bytes")
+
+
+class ListingLimitTests(SynchronousTestCase):
+    """``list_workspace`` stops at ``--max-list-entries`` with a clear error."""
+
+    def setUp(self) -> None:
+        self.host = Path(self.mktemp()).absolute()
+        (self.host / "a" / "b").mkdir(parents=True)
+        for name in ("one", "two", "a/three", "a/b/four"):
+            (self.host / name).write_text(name)
+
+    def test_atTheLimitIsAnswered(self) -> None:
+        """Exactly as many entries as the limit: answered whole, depth first in name order."""
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=6)
+        answer = files.listWorkspace("/workspace", recursive=True)
+        self.assertEqual(
+            [entry["path"] for entry in answer["entries"]],
+            [
+                "/workspace/a",
+                "/workspace/a/b",
+                "/workspace/a/b/four",
+                "/workspace/a/three",
+                "/workspace/one",
+                "/workspace/two",
+            ],
+        )
+
+    def test_overTheLimitIsRefused(self) -> None:
+        """One entry more than the limit: an error naming the option, no partial answer."""
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=5)
+        error = self.assertRaises(ActionError, files.listWorkspace, "/workspace", recursive=True)
+        self.assertEqual(
+            str(error),
+            "/workspace has more than 5 entries to list (the agent's --max-list-entries):"
+            " list a subdirectory, or not recursively",
+        )
+        # Not recursive: only the three top-level entries count.
+        flat = files.listWorkspace("/workspace", recursive=False)
+        self.assertEqual(len(flat["entries"]), 3)
+
+    def test_descriptorsAreClosedOnRefusal(self) -> None:
+        """A refused walk leaves no directory descriptor open."""
+        before = len(os.listdir("/proc/self/fd"))
+        files = WorkspaceFiles(Workspace(self.host), maxEntries=2)
+        self.assertRaises(ActionError, files.listWorkspace, "/workspace", recursive=True)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)

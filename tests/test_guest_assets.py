@@ -10,6 +10,7 @@ serial-port follower.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -124,7 +125,31 @@ class InitScriptTests(SynchronousTestCase):
         self.assertEqual(len(self.calls.read_text().splitlines()), 1)
         self.assertTrue(alive(agent))
 
+    def test_runRaisesTheDescriptorLimit(self) -> None:
+        """``run`` raises ``ulimit -n`` to 65536 (the systemd unit's limit) before twistd."""
+        twistd = self.root / "twistd"
+        twistd.write_text('#!/bin/sh\nulimit -n > "{}"\n'.format(self.root / "nofile"))
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+        def lowLimit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+        subprocess.run(
+            ["/bin/sh", str(INIT_SCRIPT), "run"],
+            env=self.env,
+            preexec_fn=lowLimit,
+            timeout=30,
+            check=True,
+        )
+        limit = int((self.root / "nofile").read_text())
+        if hard == resource.RLIM_INFINITY or hard >= 65536:
+            self.assertEqual(limit, 65536)
+        else:
+            # Raising the hard limit needs CAP_SYS_RESOURCE: without it, the hard limit.
+            self.assertIn(limit, (65536, hard))
+
     def test_unknownCommand(self) -> None:
+        """The init script refuses an unknown command with exit status 2 and its usage."""
         result = self.script("bounce")
         self.assertEqual(result.returncode, 2)
         self.assertIn("usage:", result.stderr)
@@ -134,6 +159,8 @@ class FollowerTests(SynchronousTestCase):
     """The runner reads serial-port files as QEMU writes them: whole lines only."""
 
     def test_linesAcrossWrites(self) -> None:
+        """The serial-port follower yields whole lines only, joining lines split across writes
+        and replacing invalid bytes."""
         path = Path(self.mktemp())
         follower = Follower(path)
         self.assertEqual(list(follower.lines()), [])

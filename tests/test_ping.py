@@ -11,6 +11,8 @@ from tests.helpers import startAgent
 
 class PingTests(TestCase):
     async def test_pingAnswersVersionActionsUptimeAndPid(self) -> None:
+        """ping answers pong with the agent's pid, its actions, its version and a non-negative
+        uptime."""
         agent = await startAgent(self)
         answer = await agent.call({"action": "ping"})
         self.assertEqual(answer["pong"], True)

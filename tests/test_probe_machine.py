@@ -5,25 +5,19 @@ Except L{CommandCheckTests}: the real ``command`` check, with real processes.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities.probes import (
-    Probe,
-    ProbeCore,
-    ProbeMachine,
-    commandCheck,
-    parseReadiness,
-)
+from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
+from pyro_reactor.capabilities.services.readiness import commandCheck, parseReadiness
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import WorkingDirectory, Workspace
-from tests.helpers import reactor
+from tests.helpers import reactor, waitUntil
 
 
 class FakeCheck:
@@ -59,30 +53,34 @@ class ProbeMachineTests(SynchronousTestCase):
             onReady=lambda: self.events.append("ready"),
             onTimeout=lambda: self.events.append("timeout"),
         )
-        self.probe: Probe = ProbeMachine(self.core)
+        self.probe: ProbeInput = ProbeMachine(self.core)
 
     def assertQuiet(self) -> None:
         """No timer is left behind."""
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_firstCheckRunsAtOnce(self) -> None:
+        """Starting runs the first check at once, and nothing is reported yet."""
         self.probe.start()
         self.assertEqual(self.check.runs, 1)
         self.assertEqual(self.events, [])
 
     def test_passingCheckMeansReady(self) -> None:
+        """A check that passes makes the probe ready, and no timer is left."""
         self.probe.start()
         self.check.pending[0].callback(True)
         self.assertEqual(self.events, ["ready"])
         self.assertQuiet()
 
     def test_synchronousPassIsReadyAtOnce(self) -> None:
+        """A check that has already passed when it returns makes the probe ready within start."""
         self.check.canned.append(succeed(True))
         self.probe.start()
         self.assertEqual(self.events, ["ready"])
         self.assertQuiet()
 
     def test_failedCheckIsRetriedAfterTheInterval(self) -> None:
+        """A failed check is run again only once the interval has passed."""
         self.probe.start()
         self.check.pending[0].callback(False)
         self.clock.advance(0.05)
@@ -95,6 +93,7 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertQuiet()
 
     def test_brokenCheckCountsAsNotReady(self) -> None:
+        """A check that fails with an error counts as not ready and is retried."""
         self.check.canned.append(fail(OSError("connection refused")))
         self.probe.start()
         self.assertEqual(self.events, [])
@@ -102,6 +101,8 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertEqual(self.check.runs, 1)
 
     def test_checkRaisingCountsAsNotReady(self) -> None:
+        """A check that raises counts as not ready: the retry and the deadline stay pending."""
+
         def broken() -> Deferred[bool]:
             raise RuntimeError("boom")
 
@@ -111,6 +112,7 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # retry and deadline
 
     def test_deadlineWhileWaiting(self) -> None:
+        """The deadline passing between two checks reports the timeout once and stops polling."""
         runs: list[None] = []
 
         def notYet() -> Deferred[bool]:
@@ -146,6 +148,7 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertQuiet()
 
     def test_stopWhileChecking(self) -> None:
+        """A stop while a check runs cancels it and reports nothing."""
         self.probe.start()
         self.probe.stop()
         self.assertEqual(self.check.cancelled, self.check.pending)
@@ -153,6 +156,7 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertQuiet()
 
     def test_stopWhileWaiting(self) -> None:
+        """A stop between two checks cancels the retry timer and reports nothing."""
         self.probe.start()
         self.check.pending[0].callback(False)
         self.probe.stop()
@@ -162,17 +166,19 @@ class ProbeMachineTests(SynchronousTestCase):
         self.assertQuiet()
 
     def test_stopBeforeStart(self) -> None:
+        """A probe stopped before it started never runs a check."""
         self.probe.stop()
         self.probe.start()
         self.assertEqual(self.check.runs, 0)
         self.assertQuiet()
 
     def test_lateEventsInTerminalStatesAreIgnored(self) -> None:
+        """Every input after ready, timeout or stop is ignored: no report, no check, no timer."""
         for finish in ("ready", "timeout", "stop"):
             self.events.clear()
             self.check = FakeCheck()
             self.core.check = self.check
-            probe: Probe = ProbeMachine(self.core)
+            probe: ProbeInput = ProbeMachine(self.core)
             probe.start()
             if finish == "ready":
                 self.check.pending[0].callback(True)
@@ -195,6 +201,7 @@ class ProbeMachineTests(SynchronousTestCase):
             self.assertQuiet()
 
     def test_startTwiceChecksOnce(self) -> None:
+        """A second start while checking does not run a second check."""
         self.probe.start()
         self.probe.start()
         self.assertEqual(self.check.runs, 1)
@@ -205,16 +212,19 @@ class ReadinessParsingTests(SynchronousTestCase):
         self.workspace = Workspace(Path(self.mktemp()))
 
     def test_unsupportedType(self) -> None:
+        """An unknown readiness type is refused with the reference's message."""
         error = self.assertRaises(
             ActionError, parseReadiness, {"type": "smoke-signal"}, self.workspace
         )
         self.assertEqual(str(error), "unsupported readiness type: smoke-signal")
 
     def test_missingType(self) -> None:
+        """A readiness object without a type is refused with the reference's message."""
         error = self.assertRaises(ActionError, parseReadiness, {}, self.workspace)
         self.assertEqual(str(error), "unsupported readiness type: None")
 
     def test_fileMustStayInTheWorkspace(self) -> None:
+        """A file path outside the workspace is refused; a relative one is under /workspace."""
         self.assertRaises(
             ActionError, parseReadiness, {"type": "file", "path": "/etc/passwd"}, self.workspace
         )
@@ -228,6 +238,7 @@ class ReadinessParsingTests(SynchronousTestCase):
         self.assertEqual(spec.target, "/workspace/ready")
 
     def test_tcpAddress(self) -> None:
+        """A tcp readiness address must be HOST:PORT with a port in 1..65535 (IPv6 in brackets)."""
         spec = parseReadiness({"type": "tcp", "address": "127.0.0.1:8080"}, self.workspace)
         self.assertEqual((spec.host, spec.port), ("127.0.0.1", 8080))
         spec = parseReadiness({"type": "tcp", "address": "[::1]:80"}, self.workspace)
@@ -239,6 +250,7 @@ class ReadinessParsingTests(SynchronousTestCase):
             self.assertIn("HOST:PORT", str(error))
 
     def test_httpUrl(self) -> None:
+        """An http readiness url must be an http:// or https:// URL with a host."""
         parseReadiness({"type": "http", "url": "http://127.0.0.1:1/x"}, self.workspace)
         for bad in ("file:///etc/passwd", "ftp://host/", "http://"):
             self.assertRaises(
@@ -246,6 +258,7 @@ class ReadinessParsingTests(SynchronousTestCase):
             )
 
     def test_missingField(self) -> None:
+        """A readiness object without its field, or with a blank one, is refused."""
         error = self.assertRaises(ActionError, parseReadiness, {"type": "command"}, self.workspace)
         self.assertEqual(str(error), "readiness command must be a string")
         error = self.assertRaises(
@@ -278,11 +291,13 @@ class CommandCheckTests(TestCase):
         self.marker = base / "ran-in"
 
     def check(self, command: str, cwd: str = "/workspace/sub") -> Deferred[bool]:
-        return commandCheck(
+        check: Deferred[bool] = commandCheck(
             reactor, command, workspace=self.workspace, inThread=self.inThread, cwd=cwd, env={}
         )()
+        return check
 
     async def test_runsInTheDirectoryAndLetsItGo(self) -> None:
+        """The command runs in the opened directory, closed once it exited; exit 1 is unready."""
         ready = await self.check(f"pwd > {self.marker}")
         self.assertTrue(ready)
         self.assertEqual(self.marker.read_text().strip(), str(self.workspace.root / "sub"))
@@ -290,19 +305,17 @@ class CommandCheckTests(TestCase):
         self.assertFalse(await self.check("false"))
 
     async def test_missingDirectoryFailsTheCheck(self) -> None:
+        """A working directory that does not exist fails the check before anything runs."""
         with self.assertRaises(ActionError):
             await self.check("true", cwd="/workspace/nope")
         self.assertEqual(self.opened, [])
 
     async def test_cancelledCheckKeepsTheDirectoryUntilTheCommandExits(self) -> None:
+        """Cancelling a check keeps its directory open until the command it started has exited."""
         pending = self.check(f"sleep 1; pwd > {self.marker}")
-        while not self.opened:
-            await deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(await waitUntil(lambda: bool(self.opened), 15))
         pending.cancel()
         self.failureResultOf(pending, CancelledError)
         self.assertFalse(self.opened[0].closed)
-        deadline = time.monotonic() + 15
-        while not self.opened[0].closed and time.monotonic() < deadline:
-            await deferLater(reactor, 0.05, lambda: None)
-        self.assertTrue(self.opened[0].closed)
+        self.assertTrue(await waitUntil(lambda: self.opened[0].closed, 15))
         self.assertEqual(self.marker.read_text().strip(), str(self.workspace.root / "sub"))

@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.system import processes
+from pyro_reactor.system import processes, procfs
 from pyro_reactor.system.processes import (
     groupAlive,
     sessionArgv,
@@ -70,6 +70,8 @@ class SpawnInSessionTests(TestCase):
         return transport, recorder
 
     async def test_childLeadsNewSessionAndGroup(self) -> None:
+        """A spawned command leads its own process group, apart from the agent's (and its own
+        session when one is asked for), so signalling that group reaches it."""
         transport, recorder = self._spawn(["sleep", "30"])
         pid = transport.pid
         self.assertEqual(os.getpgid(pid), pid)
@@ -81,6 +83,8 @@ class SpawnInSessionTests(TestCase):
         self.assertEqual(ended.signal, signal.SIGTERM)
 
     async def test_workingDirectoryAndSession(self) -> None:
+        """A working directory is entered (env --chdir once probed) in a new group/session."""
+        processes.probeChdirProgram()
         directory = Path(self.mktemp()).absolute()
         directory.mkdir()
         script = 'echo "$PWD $(ps -o pgid= -p $$) $(ps -o sid= -p $$) $$"'
@@ -92,11 +96,14 @@ class SpawnInSessionTests(TestCase):
         self.assertEqual(int(sid), int(pid) if self.newSession else os.getsid(0))
 
     async def test_workingDirectoryThroughFork(self) -> None:
+        """Without env --chdir (or before the probe), the fork path does the same."""
         # Without coreutils' env --chdir, Twisted forks and the child calls setsid() itself.
-        self.patch(processes, "_chdirProgram", lambda: None)
+        self.patch(processes, "chdirProgram", lambda: None)
         await self.test_workingDirectoryAndSession()
 
     async def test_programNameWithEqualsSign(self) -> None:
+        """A program whose path contains `=` still runs in the given working directory as the
+        leader of its own group."""
         # env --chdir would take "a=b/prog" for a variable: such a program goes the fork way.
         directory = Path(self.mktemp()).absolute()
         (directory / "a=b").mkdir(parents=True)
@@ -110,15 +117,20 @@ class SpawnInSessionTests(TestCase):
         self.assertEqual(pgid, pid)
 
     async def test_exitStatusIsTheProgramsOwn(self) -> None:
+        """The exit status reported is the program's own, not that of any helper started in front
+        of it."""
         _, recorder = self._spawn(["/bin/sh", "-c", "exit 7"])
         ended = await recorder.end()
         self.assertEqual(ended.exitCode, 7)
 
     def test_missingWorkingDirectoryRefused(self) -> None:
+        """A working directory that does not exist is refused before anything is spawned."""
         with self.assertRaises(NotADirectoryError):
             spawnInSession(reactor, ProcessProtocol(), ["true"], {}, cwd="/nonexistent/dir")
 
     async def test_groupSignalReachesGrandchildren(self) -> None:
+        """A signal to the command's group also reaches the children it started in the
+        background, so none outlive it."""
         _, recorder = self._spawn(["/bin/sh", "-c", "sleep 30 & echo $!; wait"])
         self.assertTrue(await waitUntil(lambda: recorder.output.endswith(b"\n")))
         grandchild = int(recorder.output)
@@ -130,6 +142,8 @@ class SpawnInSessionTests(TestCase):
         self.assertTrue(await waitUntil(lambda: not groupAlive(pgid)))
 
     async def test_terminateGroupKillsWhatIgnoresSigterm(self) -> None:
+        """Terminating a group that ignores SIGTERM sends SIGKILL once the grace period passes,
+        and a group already gone needs no terminating."""
         # "trap '' TERM" makes the shell and its sleep ignore SIGTERM: only SIGKILL ends them.
         clock = Clock()
         transport, recorder = self._spawn(["/bin/sh", "-c", "trap '' TERM; sleep 30; :"])
@@ -169,6 +183,8 @@ class FallbackTests(TestCase):
     """Reactors other than Twisted's POSIX ones get a trampoline in front of the argv."""
 
     def test_otherReactorsGetSessionArgv(self) -> None:
+        """On a reactor other than Twisted's POSIX one, the command is spawned behind a session
+        trampoline, with its environment unchanged."""
         memory = _SpawnRecorder()
         spawnInSession(memory, ProcessProtocol(), ["sh", "-c", "true"], {"A": "1"})
         [(executable, argv, env)] = memory.spawned
@@ -188,6 +204,8 @@ class FallbackTests(TestCase):
         return completed.stdout.split()
 
     def test_setsidProgram(self) -> None:
+        """When util-linux `setsid` is installed, the trampoline uses it and the command leads
+        its own session and group."""
         if processes._setsidProgram() is None:
             self.skipTest("util-linux setsid is not installed")
         argv = sessionArgv(["/bin/sh", "-c", "true"])
@@ -196,6 +214,8 @@ class FallbackTests(TestCase):
         self.assertEqual((pgid, sid), (pid, pid))
 
     def test_pythonTrampoline(self) -> None:
+        """Without `setsid`, a Python trampoline starts the command in its own session and group,
+        in the given working directory."""
         self.patch(processes, "_setsidProgram", lambda: None)
         directory = Path(self.mktemp()).absolute()
         directory.mkdir()
@@ -207,6 +227,8 @@ class FallbackTests(TestCase):
 
 class SignalGroupTests(SynchronousTestCase):
     def test_refusesTheAgentsOwnGroup(self) -> None:
+        """Signals are never sent to the agent's own group, to init, or to a zero, negative or
+        missing group id."""
         # If this were sent, the test run itself would stop.
         self.assertFalse(signalGroup(os.getpgrp(), signal.SIGSTOP))
         self.assertFalse(signalGroup(0, signal.SIGSTOP))
@@ -216,6 +238,8 @@ class SignalGroupTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
     def test_goneGroup(self) -> None:
+        """Signalling or terminating a group that has already exited does nothing and reports
+        that it is gone."""
         child = subprocess.Popen(["true"], start_new_session=True)
         child.wait()
         self.assertFalse(signalGroup(child.pid, signal.SIGTERM))
@@ -223,6 +247,7 @@ class SignalGroupTests(SynchronousTestCase):
         self.assertIsNone(terminateGroup(Clock(), child.pid))
 
     def test_groupAliveSeesAMember(self) -> None:
+        """A group counts as alive while any of its members runs, and as gone once it has exited."""
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
         try:
             self.assertTrue(groupAlive(child.pid))
@@ -230,3 +255,73 @@ class SignalGroupTests(SynchronousTestCase):
             child.kill()
             child.wait()
         self.assertFalse(groupAlive(child.pid))
+
+
+class ProcStatTests(SynchronousTestCase):
+    """The one ``/proc/<pid>/stat`` parser, and the walks built on it."""
+
+    def test_parsesAWeirdCommandName(self) -> None:
+        """A command name holding spaces and parentheses does not shift the fields."""
+        raw = b"42 (a) b (c) S 1 40 39 0 -1 4194560 " + b"0 " * 12 + b"12345 0 0\n"
+        info = processes.parseProcStat(42, raw)
+        assert info is not None
+        self.assertEqual(
+            (info.state, info.ppid, info.pgid, info.session, info.startTicks),
+            ("S", 1, 40, 39, 12345),
+        )
+        self.assertFalse(info.zombie)
+        self.assertIsNone(processes.parseProcStat(42, b"42 (short) S 1"))
+
+    def test_readsItself(self) -> None:
+        """The agent's own entry: its pid, group and session as the os module says."""
+        info = processes.readProcStat(os.getpid())
+        assert info is not None
+        self.assertEqual(
+            (info.ppid, info.pgid, info.session), (os.getppid(), os.getpgrp(), os.getsid(0))
+        )
+        self.assertIsNone(processes.readProcStat(2**22 + 1))
+
+    def test_descendantsIncludeThoseThatLeftTheGroup(self) -> None:
+        """A ``setsid`` grandchild is found as a descendant though not in the group."""
+        child = subprocess.Popen(
+            ["/bin/sh", "-c", "setsid sleep 30 & echo $!; wait"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        self.addCleanup(os.kill, grandchild, signal.SIGKILL)
+        found = {info.pid for info in processes.descendantsOf([child.pid])}
+        self.assertIn(grandchild, found)
+
+    def test_descendantsWithoutProcChildren(self) -> None:
+        """Where the kernel has no ``task/*/children``, one scan of ``/proc`` finds them."""
+        self.patch(procfs, "childrenOf", lambda pid, procRoot=None: None)
+        child = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & wait"], start_new_session=True)
+        self.addCleanup(child.wait)
+        self.addCleanup(os.killpg, child.pid, signal.SIGKILL)
+        deadline = 100
+        found: set[int] = set()
+        while not found and deadline:
+            found = {info.pid for info in processes.descendantsOf([child.pid])}
+            deadline -= 1
+            if not found:
+                import time
+
+                time.sleep(0.05)
+        self.assertEqual(len(found), 1)
+
+    def test_exitCodePrecedence(self) -> None:
+        """Exit status first, else minus the signal, ``ProcessDone`` 0, anything else -1."""
+        from twisted.internet.error import ProcessDone
+
+        exitCodeOf, processEndOf = processes.exitCodeOf, processes.processEndOf
+        self.assertEqual(exitCodeOf(Failure(ProcessDone(0))), 0)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=3))), 3)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(signal=9))), -9)
+        self.assertEqual(exitCodeOf(Failure(ProcessTerminated(exitCode=2, signal=9))), 2)
+        self.assertEqual(exitCodeOf(Failure(ValueError())), -1)
+        self.assertEqual(processEndOf(Failure(ProcessTerminated(signal=15))).exitCode, None)
+        self.assertEqual(processEndOf(Failure(ProcessTerminated(signal=15))).signal, 15)

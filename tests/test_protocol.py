@@ -107,16 +107,20 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.answer(), {"echo": {"command": "true"}})
 
     def test_unknownActionRunsNothing(self) -> None:
+        """An unknown action is answered with an error naming it, and no handler is called."""
         self.protocol.dataReceived(b'{"action": "rm-rf", "command": "true"}\n')
         self.assertEqual(self.answer(), {"error": "unknown action: 'rm-rf'"})
         self.assertEqual(self.recorder.requests, [])
 
     def test_badJson(self) -> None:
+        """A request line that is not valid JSON is answered with an error and the connection is
+        closed."""
         self.protocol.dataReceived(b"{nope\n")
         self.assertIn("not valid JSON", self.answer()["error"])
         self.assertTrue(self.transport.disconnecting)
 
     def test_notAnObject(self) -> None:
+        """A request that is valid JSON but not an object is refused with an error."""
         self.protocol.dataReceived(b"[1, 2]\n")
         self.assertEqual(self.answer(), {"error": "request must be a JSON object"})
 
@@ -136,10 +140,14 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.recorder.requests, [])
 
     def test_overlongLineWithNewline(self) -> None:
+        """A request line longer than the limit is refused with an error even when its newline
+        arrives."""
         self.protocol.dataReceived(b'{"x": "' + b"a" * 200 + b'"}\n')
         self.assertIn("exceeds the maximum", self.answer()["error"])
 
     def test_idleTimeoutCloses(self) -> None:
+        """A connection that sends only part of a request is closed without an answer once the
+        idle timeout passes, and not before."""
         self.protocol.dataReceived(b'{"action": ')
         self.clock.advance(59)
         self.assertFalse(self.transport.disconnecting)
@@ -157,6 +165,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.answer(), {"done": True})
 
     def test_handlerError(self) -> None:
+        """An error raised by an action's handler reaches the host as an `error` answer."""
         self.protocol.dataReceived(b'{"action": "fails"}\n')
         self.assertEqual(self.answer(), {"error": "it went wrong"})
 
@@ -176,6 +185,8 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.iterdir()), [])
 
     def test_emptyUpload(self) -> None:
+        """An upload declaring an `archive_size` of zero is handled at once, without waiting for
+        a body."""
         self.protocol.dataReceived(b'{"action": "upload", "archive_size": 0}\n')
         self.assertEqual(self.answer(), {"received": 0})
 
@@ -188,6 +199,8 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.iterdir()), [])
 
     def test_uploadSizeRefusedBeforeBody(self) -> None:
+        """An upload larger than the limit is refused from its declared size, before any of its
+        body is spooled or handed on."""
         self.protocol.dataReceived(b'{"action": "upload", "archive_size": 1001}\n')
         self.assertIn("exceeds the maximum of 1000 bytes", self.answer()["error"])
         self.protocol.dataReceived(b"x" * 1001)
@@ -195,6 +208,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.iterdir()), [])
 
     def test_negativeUploadSize(self) -> None:
+        """A negative `archive_size` is refused with an error."""
         self.protocol.dataReceived(b'{"action": "upload", "archive_size": -1}\n')
         self.assertEqual(self.answer(), {"error": "archive_size must not be negative"})
 
@@ -269,6 +283,8 @@ class ProtocolTests(SynchronousTestCase):
 
 class RequestFieldTests(SynchronousTestCase):
     def test_coercions(self) -> None:
+        """Request fields are coerced where the meaning is clear: numeric strings and whole
+        floats to integers, numbers to strings, and null to the default."""
         request = Request({"n": "30", "f": 2.0, "s": 5, "b": True, "none": None})
         self.assertEqual(request.integer("n", 0), 30)
         self.assertEqual(request.integer("f", 0), 2)
@@ -277,6 +293,8 @@ class RequestFieldTests(SynchronousTestCase):
         self.assertEqual(request.string("none", "default"), "default")
 
     def test_wrongTypes(self) -> None:
+        """A field of the wrong type is refused with an error naming the field and the type it
+        must be."""
         request = Request({"n": "x", "s": [], "b": "yes", "m": [1]})
         for call, message in [
             (lambda: request.integer("n", 0), "n must be an integer"),
@@ -305,6 +323,9 @@ class LargeAnswerTests(SynchronousTestCase):
     """Answers carrying a lot of text are encoded off the reactor thread."""
 
     def test_largeAnswerEncodedByTheEncoder(self) -> None:
+        """A large answer is encoded off the reactor by the given encoder and sent once it is
+        ready, while a small answer is encoded at once; both close the connection after
+        sending."""
         spool = Path(self.mktemp())
         spool.mkdir()
         big = "x" * 100_000
@@ -363,15 +384,21 @@ class HalfCloseTests(SynchronousTestCase):
         return result
 
     def test_lineWithoutNewline(self) -> None:
+        """A request without a trailing newline is still run when the host half-closes the
+        connection."""
         self.protocol.dataReceived(b'{"command": "echo nonl"}')
         self.protocol.readConnectionLost()
         self.assertEqual(self.answer(), {"ran": "echo nonl"})
 
     def test_nothingSent(self) -> None:
+        """A host that half-closes without sending anything gets an error saying the request is
+        empty."""
         self.protocol.readConnectionLost()
         self.assertIn("request is empty", self.answer()["error"])
 
     def test_bodyCutShort(self) -> None:
+        """An upload whose body ends before its declared size is refused, and nothing is handed
+        on or left in the spool."""
         self.protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
         self.protocol.readConnectionLost()
         self.assertEqual(self.answer(), {"error": "unexpected EOF while reading archive payload"})

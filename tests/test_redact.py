@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.capabilities.redact import MASK, StreamRedactor, redactText
+from pyro_reactor.capabilities.shells.redact import MASK, StreamRedactor, redactText
 
 
 def feedAll(redactor: StreamRedactor, pieces: list[str]) -> list[str]:
@@ -32,17 +32,21 @@ def cut(text: str, cuts: list[int]) -> list[str]:
 
 class WholeTextTests(SynchronousTestCase):
     def test_replacesEveryOccurrence(self) -> None:
+        """Every occurrence of a secret in a whole text is masked."""
         self.assertEqual(redactText("a=hunter2 b=hunter2", ["hunter2"]), f"a={MASK} b={MASK}")
 
     def test_longestSecretWinsAtTheSamePosition(self) -> None:
+        """Where two secrets start at the same place, the longer one is masked."""
         self.assertEqual(redactText("xabcdx", ["ab", "abcd"]), f"x{MASK}x")
 
     def test_emptySecretsAreIgnored(self) -> None:
+        """Empty secrets mask nothing."""
         self.assertEqual(redactText("text", ["", ""]), "text")
 
 
 class StreamTests(SynchronousTestCase):
     def test_secretInTwoPiecesIsNeverShownInPart(self) -> None:
+        """A secret arriving in two pieces is held back, then masked whole."""
         redactor = StreamRedactor(["s3cr3tvalue"])
         self.assertEqual(redactor.feed("token: s3cr"), "token: ")
         self.assertEqual(redactor.held, 4)
@@ -50,32 +54,38 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(redactor.finish(), "")
 
     def test_heldTextIsReleasedWhenItStopsLookingLikeASecret(self) -> None:
+        """Held text is released as soon as it can no longer be a secret."""
         redactor = StreamRedactor(["s3cr3t"])
         self.assertEqual(redactor.feed("s3c"), "")
         self.assertEqual(redactor.feed("ret"), "s3cret")
 
     def test_endOfStreamDecidesHeldText(self) -> None:
+        """The end of the stream releases a held prefix that never became a secret."""
         redactor = StreamRedactor(["s3cr3t"])
         self.assertEqual(redactor.feed("abc s3cr"), "abc ")
         self.assertEqual(redactor.finish(), "s3cr")
 
     def test_shortSecretMatchWaitsForAPossibleLongerOne(self) -> None:
+        """A short secret's match waits while a longer one could still match there."""
         redactor = StreamRedactor(["ab", "abcd"])
         self.assertEqual(redactor.feed("xab"), "x")
         self.assertEqual(redactor.feed("c"), "")
         self.assertEqual(redactor.feed("z"), f"{MASK}cz")
 
     def test_matchSwallowingAPossibleStartIsTaken(self) -> None:
+        """A match that covers a possible start of another secret is taken."""
         redactor = StreamRedactor(["abc", "cde"])
         self.assertEqual(redactor.feed("xabc"), f"x{MASK}")
         self.assertEqual(redactor.feed("de"), "de")
 
     def test_withoutSecretsTextPassesThrough(self) -> None:
+        """Without secrets, text passes through unchanged and nothing is held."""
         redactor = StreamRedactor([])
         self.assertEqual(redactor.feed("anything"), "anything")
         self.assertEqual(redactor.held, 0)
 
     def test_holdsAtMostTheLongestSecretLessOne(self) -> None:
+        """At most the longest secret's length less one character is held back."""
         redactor = StreamRedactor(["0123456789"])
         redactor.feed("x" * 1000 + "012345678")
         self.assertEqual(redactor.held, 9)
@@ -89,6 +99,8 @@ class StreamTests(SynchronousTestCase):
     def test_anyCuttingGivesTheWholeTextResultAndOnlyGrows(
         self, text: str, secrets: list[str], cuts: list[int]
     ) -> None:
+        """However a text is cut, the stream converges to the whole-text result and only
+        ever grows."""
         final = redactText(text, secrets)
         seen = feedAll(StreamRedactor(secrets), cut(text, cuts))
         self.assertEqual(seen[-1], final)
@@ -103,9 +115,61 @@ class StreamTests(SynchronousTestCase):
         split=st.integers(min_value=1, max_value=7),
     )
     def test_noPrefixOfASecretIsEverHandedOut(self, before: str, secret: str, split: int) -> None:
+        """No proper prefix of a secret is ever handed out."""
         split = min(split, len(secret) - 1)
         redactor = StreamRedactor([secret])
         shown = redactor.feed(before + secret[:split])
         # Whatever the rest turns out to be, the piece of the secret is not shown yet.
         self.assertEqual(shown, before)
         self.assertEqual(redactor.feed(secret[split:]), MASK)
+
+
+class LineBreakTests(SynchronousTestCase):
+    """Line breaks inside a secret match any line break of a terminal's output."""
+
+    def test_pemKeyShownWithCarriageReturnsIsMasked(self) -> None:
+        """A key with ``\\n`` breaks, shown by a terminal as ``\\r\\n``, is masked whole."""
+        key = "-----BEGIN KEY-----\nAAAA\nBBBB\n-----END KEY-----\n"
+        shown = key.replace("\n", "\r\n")
+        self.assertEqual(redactText(f"$ cat k\r\n{shown}$ ", [key]), f"$ cat k\r\n{MASK}$ ")
+
+    def test_everyBreakFormMatches(self) -> None:
+        """``\\n``, ``\\r\\n``, ``\\r\\r\\n`` (a CRLF secret through ONLCR) and a bare
+        ``\\r`` all match a break of the secret, whichever form the secret uses."""
+        for secret in ("ab\ncd", "ab\r\ncd", "ab\rcd"):
+            for shown in ("ab\ncd", "ab\r\ncd", "ab\r\r\ncd", "ab\rcd"):
+                self.assertEqual(redactText(f"<{shown}>", [secret]), f"<{MASK}>", (secret, shown))
+        self.assertEqual(redactText("ab\n\ncd", ["ab\ncd"]), "ab\n\ncd")
+
+    def test_breakAtTheEndOfAPieceIsHeldUntilDecided(self) -> None:
+        """A secret ending in a break: a ``\\r`` at the end of a piece may still become
+        ``\\r\\n``, so it is held (neither shown nor masked) until the next piece decides."""
+        redactor = StreamRedactor(["key\n"])
+        self.assertEqual(redactor.feed("a key\r"), "a ")
+        self.assertEqual(redactor.feed("\nb"), f"{MASK}b")
+        self.assertEqual(redactor.finish(), "")
+
+    def test_breakSplitBetweenPiecesIsNeverShownInPart(self) -> None:
+        """A multi-line secret arriving a character at a time is never shown in part."""
+        secret = "one\ntwo\nthree"
+        shown = "x " + secret.replace("\n", "\r\n") + " y"
+        redactor = StreamRedactor([secret])
+        out = "".join(redactor.feed(char) for char in shown) + redactor.finish()
+        self.assertEqual(out, f"x {MASK} y")
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        text=st.text(alphabet="ab\r\n", max_size=40),
+        secrets=st.lists(st.text(alphabet="ab\r\n", min_size=1, max_size=5), max_size=3),
+        cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
+    )
+    def test_anyCuttingWithBreaksGivesTheWholeTextResult(
+        self, text: str, secrets: list[str], cuts: list[int]
+    ) -> None:
+        """With line breaks in texts and secrets, any cutting converges to the whole-text
+        result and only ever grows."""
+        final = redactText(text, secrets)
+        seen = feedAll(StreamRedactor(secrets), cut(text, cuts))
+        self.assertEqual(seen[-1], final)
+        for partial in seen:
+            self.assertTrue(final.startswith(partial), (partial, final))

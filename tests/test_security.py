@@ -33,7 +33,7 @@ from twisted.logger import LogEvent, eventAsJSON, formatEvent
 from twisted.trial.unittest import TestCase
 
 from pyro_reactor.capabilities.archives import exchange
-from pyro_reactor.capabilities.redact import MASK
+from pyro_reactor.capabilities.shells.redact import MASK
 from tests.archive_helpers import (
     Member,
     dirMember,
@@ -205,12 +205,16 @@ class WorkspacePathTests(AgentTestCase):
     """The ``path`` of the four file actions, ``destination`` and export's ``path``."""
 
     async def test_readNeverLeavesTheWorkspace(self) -> None:
+        """No hostile path, whether absolute, climbing with `..` or going through a symlink out,
+        reads a file outside the workspace or leaks its contents in an answer."""
         for path in [*hostilePaths(self.layout.outside), *LOOKALIKES]:
             answer = await self.call({"action": "read_workspace_file", "path": path})
             self.assertIn("error", answer, path)
             self.layout.assertNoLeak(self, answer, path)
 
     async def test_listNeverLeavesTheWorkspace(self) -> None:
+        """No hostile path lists anything outside the workspace: at most a symlink itself is
+        described, never followed, recursive or not."""
         for path in [*hostilePaths(self.layout.outside), *LOOKALIKES]:
             for recursive in (False, True):
                 answer = await self.call(
@@ -224,6 +228,8 @@ class WorkspacePathTests(AgentTestCase):
                     self.assertNotIn("victim.txt", entry["path"].replace(path, ""), path)
 
     async def test_writeNeverLeavesTheWorkspace(self) -> None:
+        """No hostile path writes outside the workspace or into the agent's state directory, and
+        the symlinks it aims at are not replaced."""
         stateBefore = snapshot(self.layout.state)
         for path in hostilePaths(self.layout.outside):
             if path.startswith("/workspace/link-etc") or path == "/etc/hostname":
@@ -238,6 +244,8 @@ class WorkspacePathTests(AgentTestCase):
         self.assertEqual(os.readlink(self.layout.workspace / "link-out"), str(self.layout.outside))
 
     async def test_lookalikeNamesStayInside(self) -> None:
+        """Names that only look like escapes (Unicode dot look-alikes, backslashes, percent
+        escapes) are ordinary names inside the workspace that can be written and read back."""
         for path in LOOKALIKES:
             answer = await self.call(
                 {"action": "write_workspace_file", "path": path, "text": "fine"}
@@ -251,6 +259,8 @@ class WorkspacePathTests(AgentTestCase):
         )
 
     async def test_deleteNeverLeavesTheWorkspace(self) -> None:
+        """No hostile path deletes anything outside the workspace; where a delete succeeds it
+        removed a symlink itself, never its target."""
         for path in hostilePaths(self.layout.outside):
             if path.startswith("/workspace/link-etc") or path == "/etc/hostname":
                 continue
@@ -264,6 +274,8 @@ class WorkspacePathTests(AgentTestCase):
                 self.assertFalse(os.path.lexists(self.layout.workspace / name), path)
 
     async def test_extractDestinationNeverLeavesTheWorkspace(self) -> None:
+        """An archive aimed at a hostile destination is refused without writing outside the
+        workspace or into the state directory."""
         archive = makeTar([fileMember("victim.txt", b"PWNED"), fileMember("new.txt", b"x")])
         stateBefore = snapshot(self.layout.state)
         for path in hostilePaths(self.layout.outside):
@@ -275,6 +287,8 @@ class WorkspacePathTests(AgentTestCase):
         self.assertEqual(snapshot(self.layout.state), stateBefore)
 
     async def test_exportNeverLeavesTheWorkspace(self) -> None:
+        """No hostile path exports anything from outside the workspace: at most a symlink itself
+        goes out as a link member, and the spool is left empty."""
         for path in hostilePaths(self.layout.outside):
             raw = await self.agent.exchange({"action": "export_archive", "path": path})
             header = json.loads(raw.partition(b"\n")[0])
@@ -363,6 +377,8 @@ class ArchiveMemberTests(AgentTestCase):
         ]
 
     async def test_extractMembersNeverEscape(self) -> None:
+        """A hostile archive member is refused wherever the archive is extracted, nothing outside
+        is touched, and not even the harmless members before it are kept."""
         for destination in ("/workspace", "/workspace/dest"):
             before = snapshot(self.layout.workspace)
             for members in self.hostileArchives():
@@ -404,6 +420,8 @@ class ArchiveMemberTests(AgentTestCase):
         self.assertEqual((self.layout.workspace / "shared").stat().st_mode & 0o7022, 0)
 
     async def test_extractThroughExistingSymlinksRefused(self) -> None:
+        """Archive members are never written through a symlink already in the workspace, whether
+        it leads out, dangles or loops."""
         before = snapshot(self.layout.workspace)
         for name in ("link-out", "link-rel-out", "link-up", "link-state", "dangling", "loop"):
             for members in (
@@ -418,6 +436,8 @@ class ArchiveMemberTests(AgentTestCase):
         self.assertNotIn("victim.txt", os.listdir(self.layout.state))
 
     async def test_secretMembersNeverEscape(self) -> None:
+        """Hostile secret archives are refused without touching anything outside or the installed
+        secrets, and secret archives may contain no links at all."""
         secretRoot = self.agent.context.config.secretRoot
         first = await self.upload("install_secrets", makeTar([fileMember("API_KEY", b"v1")]))
         self.assertNotIn("error", first)
@@ -456,6 +476,8 @@ class StateFileNameTests(AgentTestCase):
         return {str(path.relative_to(self.layout.state)) for path in self.layout.state.rglob("*")}
 
     async def test_shellIdsStayPlainNames(self) -> None:
+        """A `shell_id` that could name a path is refused by every shell action, so no file is
+        made or touched outside the shell directory."""
         before = self.stateEntries()
         for shellId in self.hostileIds:
             answer = await self.call({"action": "open_shell", "shell_id": shellId})
@@ -491,7 +513,8 @@ class StateFileNameTests(AgentTestCase):
         self.assertFalse((root / "planted.json").is_symlink())
 
     async def test_serviceNamesStayPlainNames(self) -> None:
-        """Hostile service names are refused by every service action; nothing is created."""
+        """A `service_name` that is not a plain short name is refused by every service action,
+        its command never runs and no state file is made."""
         before = self.stateEntries()
         for name in [*self.hostileIds, "a\nb", "\uff41", "x" * 65, "-x", "a b"]:
             answer = await self.call(
@@ -513,6 +536,7 @@ class WorkingDirectoryTests(AgentTestCase):
     """``cwd`` of ``open_shell`` and ``start_service``, and readiness file paths."""
 
     async def test_shellCwdConfined(self) -> None:
+        """A shell is never opened with a working directory outside the workspace."""
         for path in hostilePaths(self.layout.outside):
             answer = await self.call({"action": "open_shell", "shell_id": "s", "cwd": path})
             self.assertIn("error", answer, path)
@@ -520,7 +544,8 @@ class WorkingDirectoryTests(AgentTestCase):
         self.assertEqual(listed["shells"], [])
 
     async def test_serviceCwdConfined(self) -> None:
-        """A service's cwd outside the workspace is refused; nothing runs there."""
+        """A service is never started with a working directory outside the workspace, so its
+        command never runs there."""
         for path in hostilePaths(self.layout.outside):
             answer = await self.call(
                 {
@@ -552,6 +577,8 @@ class WorkingDirectoryTests(AgentTestCase):
         return answer
 
     async def test_fileProbeDoesNotSeeOutside(self) -> None:
+        """A readiness file probe never sees a file outside the workspace, so such a service
+        fails its readiness, while files inside, even through an inside symlink, are seen."""
         paths = [
             path
             for path in hostilePaths(self.layout.outside)
@@ -578,6 +605,7 @@ class WorkingDirectoryTests(AgentTestCase):
             self.assertEqual(stopped["state"], "stopped")
 
     async def test_fileProbePathsOutsideRefusedUpFront(self) -> None:
+        """A readiness file path outside the workspace is refused when the service is started."""
         for path in ("/workspace/../outside/victim.txt", str(self.layout.outside), "/etc"):
             answer = await self.call(
                 {
@@ -659,6 +687,8 @@ class RaceTests(AgentTestCase):
         return results
 
     async def test_writeRace(self) -> None:
+        """Writes into a directory that is being swapped for a symlink to outside never land
+        outside."""
         flipper = self.flip()
 
         async def write(index: int) -> dict[str, Any]:
@@ -670,6 +700,8 @@ class RaceTests(AgentTestCase):
         self.layout.assertOutsideUntouched(self)
 
     async def test_deleteRace(self) -> None:
+        """Deletes in a directory that is being swapped for a symlink to outside never remove
+        anything outside."""
         flipper = self.flip(content={"victim.txt": "inside"})
 
         async def delete(index: int) -> dict[str, Any]:
@@ -679,6 +711,8 @@ class RaceTests(AgentTestCase):
         self.layout.assertOutsideUntouched(self)
 
     async def test_readAndListRace(self) -> None:
+        """Reads and listings of a directory that is being swapped for a symlink to outside never
+        show anything from outside."""
         flipper = self.flip(content={"victim.txt": "inside"})
 
         async def read(index: int) -> dict[str, Any]:
@@ -696,6 +730,8 @@ class RaceTests(AgentTestCase):
         await self.race(flipper, read)
 
     async def test_extractRace(self) -> None:
+        """Extracting into a destination that is being swapped for a symlink to outside never
+        writes outside."""
         flipper = self.flip()
         archive = makeTar([dirMember("sub2"), fileMember("sub2/new.txt", b"PWNED")])
 
@@ -706,6 +742,8 @@ class RaceTests(AgentTestCase):
         self.layout.assertOutsideUntouched(self)
 
     async def test_extractMemberParentRace(self) -> None:
+        """Extracting members whose parent directory is being swapped for a symlink to outside
+        never writes outside."""
         flipper = self.flip()
         archive = makeTar([fileMember("d/victim.txt", b"PWNED"), fileMember("d/new", b"x")])
 
@@ -716,6 +754,8 @@ class RaceTests(AgentTestCase):
         self.layout.assertOutsideUntouched(self)
 
     async def test_exportRace(self) -> None:
+        """Exporting a directory that is being swapped for a symlink to outside never sends
+        anything from outside, and leaves the spool empty."""
         flipper = self.flip(content={"inside.txt": "inside"})
 
         async def export(index: int) -> bytes:
@@ -759,6 +799,8 @@ class SecretTests(AgentTestCase):
         return {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
     async def test_installSecretsContentNeverLogged(self) -> None:
+        """Secret values never appear in answers or logs, whether an install succeeds or fails,
+        and failed installs leave no copy of them in the state directory."""
         value = self.secret.encode()
         good = await self.upload("install_secrets", makeTar([fileMember("TOKEN", value)]))
         self.assertNoSecret(good)
@@ -784,6 +826,8 @@ class SecretTests(AgentTestCase):
         self.assertLogsClean()
 
     async def test_execEnvNeverLogged(self) -> None:
+        """Secret values given in an `exec` environment never appear in answers or logs, also
+        when the environment is refused."""
         ok = await self.call({"action": "exec", "command": "true", "env": {"TOKEN": self.secret}})
         self.assertEqual(ok["exit_code"], 0)
         for env in (
@@ -799,6 +843,8 @@ class SecretTests(AgentTestCase):
         self.assertLogsClean()
 
     async def test_shellSecretsRedactedEverywhere(self) -> None:
+        """Values a shell is told to redact are masked in its output, even when printed in
+        pieces, and never appear in any answer, shell file or log."""
         opened = await self.call(
             {
                 "action": "open_shell",
@@ -842,6 +888,8 @@ class SecretTests(AgentTestCase):
         self.assertLogsClean()
 
     async def test_serviceEnvNeverStoredOrLogged(self) -> None:
+        """A service's environment reaches its command and probe but is never stored in its
+        files, shown in any answer or logged."""
         started = await self.call(
             {
                 "action": "start_service",
@@ -880,6 +928,8 @@ class LimitTests(AgentTestCase):
     agentOptions = {"maxRequestBytes": 4096, "requestTimeout": 1.0, "maxArchiveBytes": 2**62}
 
     async def test_requestLineLimit(self) -> None:
+        """An overlong request line is refused with a clear error, with or without a newline, and
+        the agent keeps answering afterwards."""
         for payload in (b"{" + b"a" * 10000, b'{"action": "ping", "x": "' + b"a" * 10000 + b'"}\n'):
             raw = await self.agent.exchange(payload)
             answer = json.loads(raw.partition(b"\n")[0])
@@ -895,12 +945,16 @@ class LimitTests(AgentTestCase):
             self.assertIn("not valid JSON", answer["error"])
 
     async def test_silentConnectionClosed(self) -> None:
+        """A connection that never finishes its request is closed without an answer instead of
+        being held open forever."""
         started = time.monotonic()
         raw = await self.agent.exchange(b'{"action": "ping"')
         self.assertEqual(raw, b"")
         self.assertLess(time.monotonic() - started, 30)
 
     async def test_uploadLargerThanFreeSpaceRefusedUpFront(self) -> None:
+        """Uploads larger than the spool's free space or with an impossible size are refused
+        before anything is spooled."""
         spool = self.agent.context.config.spoolRoot
         stats = os.statvfs(spool)
         free = stats.f_bavail * stats.f_frsize
@@ -911,6 +965,8 @@ class LimitTests(AgentTestCase):
         self.assertEqual(os.listdir(spool), [])
 
     async def test_hugeSparseFileRead(self) -> None:
+        """Reading a huge sparse file, or asking for an impossible `max_bytes`, fails quickly
+        without reading the file."""
         with open(self.layout.workspace / "huge", "wb") as handle:
             handle.truncate(8 * 2**30)
         started = time.monotonic()
@@ -943,6 +999,9 @@ class LimitTests(AgentTestCase):
         self.assertEqual(json.loads(fine.partition(b"\n")[0])["entry_count"], 1)
 
     async def test_fifoAndDevicesNeverRead(self) -> None:
+        """FIFOs and device files are never opened: reads, writes and extraction over them are
+        refused, a file probe only checks they exist, and an export describes them while their
+        archive is refused on the way back in."""
         special = self.layout.workspace / "special"
         special.mkdir()
         os.mkfifo(special / "fifo")
@@ -1039,6 +1098,8 @@ class WorkingDirectoryRaceTests(AgentTestCase):
         self.fail(f"service {name} never printed its directory")
 
     async def test_shellsNeverStartOutside(self) -> None:
+        """A shell whose working directory is being swapped for a symlink to outside is either
+        refused or starts inside the workspace."""
         flipper = self.flip()
         opened = 0
         started = time.monotonic()
@@ -1060,6 +1121,8 @@ class WorkingDirectoryRaceTests(AgentTestCase):
         self.assertGreater(opened, 3)
 
     async def test_servicesNeverStartOutside(self) -> None:
+        """A service whose working directory is being swapped for a symlink to outside is either
+        refused or runs inside the workspace."""
         flipper = self.flip()
         names = []
         started = time.monotonic()
@@ -1094,6 +1157,8 @@ class WorkingDirectoryRaceTests(AgentTestCase):
             self.assertEqual(record["cwd"], "/workspace/d")
 
     async def test_commandProbesNeverRunOutside(self) -> None:
+        """Readiness command probes never run outside the workspace while the service's working
+        directory is being swapped for a symlink to outside."""
         probeLogs = Path(self.mktemp()).absolute()
         probeLogs.mkdir()
         flipper = self.flip()

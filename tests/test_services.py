@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,14 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities import services
-from pyro_reactor.capabilities.services import STOP_GRACE, Services, processStat, tailText
+from pyro_reactor.capabilities.services import (
+    STOP_GRACE,
+    ServiceActions,
+    Services,
+    processStat,
+    records,
+)
+from pyro_reactor.capabilities.services.records import tailText
 from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.request import Request
@@ -75,6 +82,8 @@ def _pgid(pid: int) -> int | None:
 
 
 class ServiceTestCase(TestCase):
+    """Starts agents whose service groups are killed at the end of the test."""
+
     async def startAgent(self) -> RunningAgent:
         agent = await startAgent(self)
         self.addCleanup(killGroups, agent.stateDir)
@@ -116,6 +125,7 @@ class ReadinessTests(ServiceTestCase):
         self.assertTrue(groupGone(answer["pid"]))
 
     async def test_httpErrorStatusIsNotReady(self) -> None:
+        """An HTTP readiness URL answering 404 is never ready: failed/readiness_timeout."""
         agent = await self.startAgent()
         port = freePort()
         answer = await agent.call(
@@ -131,6 +141,7 @@ class ReadinessTests(ServiceTestCase):
         self.assertEqual((answer["state"], answer["stop_reason"]), ("failed", "readiness_timeout"))
 
     async def test_tcp(self) -> None:
+        """A tcp readiness check is ready once something listens on the address."""
         agent = await self.startAgent()
         port = freePort()
         listen = (
@@ -150,6 +161,7 @@ class ReadinessTests(ServiceTestCase):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
     async def test_file(self) -> None:
+        """A file readiness check is ready once the file exists in the workspace."""
         agent = await self.startAgent()
         answer = await agent.call(
             {
@@ -164,6 +176,7 @@ class ReadinessTests(ServiceTestCase):
         self.assertTrue((agent.workspace / "ready").exists())
 
     async def test_commandInTheServiceDirectoryAndEnvironment(self) -> None:
+        """A command readiness check runs in the service's directory with its environment."""
         agent = await self.startAgent()
         (agent.workspace / "sub").mkdir()
         answer = await agent.call(
@@ -181,6 +194,7 @@ class ReadinessTests(ServiceTestCase):
         self.assertEqual((agent.workspace / "sub" / "marker").read_text(), "up\n")
 
     async def test_readinessTimeout(self) -> None:
+        """A service never ready is stopped at its readiness deadline and answered failed."""
         agent = await self.startAgent()
         answer = await agent.call(
             {
@@ -198,6 +212,7 @@ class ReadinessTests(ServiceTestCase):
         self.assertEqual(status, answer)
 
     async def test_exitBeforeReadyAtOnceWithItsCode(self) -> None:
+        """A service exiting before ready is answered failed at once, with its exit code."""
         agent = await self.startAgent()
         started = time.monotonic()
         answer = await agent.call(
@@ -252,6 +267,7 @@ class ReadinessTests(ServiceTestCase):
 
 class LifecycleTests(ServiceTestCase):
     async def test_exitAfterReady(self) -> None:
+        """A ready service's exit ends it exited with its code, without a signal."""
         agent = await self.startAgent()
         answer = await agent.call(
             {"action": "start_service", "service_name": "brief", "command": "sleep 0.3; exit 5"}
@@ -272,6 +288,7 @@ class LifecycleTests(ServiceTestCase):
         self.assertEqual(record["exit_code"], 5)
 
     async def test_stopTermObeying(self) -> None:
+        """A service obeying SIGTERM is stopped/sigterm quickly, and nothing of it is left."""
         agent = await self.startAgent()
         answer = await agent.call(
             {"action": "start_service", "service_name": "obedient", "command": "sleep 60"}
@@ -298,6 +315,7 @@ class LifecycleTests(ServiceTestCase):
             self.assertLess(time.monotonic() - started, 2.0)
 
     async def test_stopTermIgnoring(self) -> None:
+        """A service ignoring SIGTERM is killed after the grace: stopped/sigkill, nothing left."""
         agent = await self.startAgent()
         answer = await agent.call(
             {
@@ -317,6 +335,7 @@ class LifecycleTests(ServiceTestCase):
         self.assertTrue(groupGone(answer["pid"]))
 
     async def test_startAgainReplacesAnEndedService(self) -> None:
+        """A running name refuses a second start; once stopped, a new start replaces it."""
         agent = await self.startAgent()
         first = await agent.call(
             {"action": "start_service", "service_name": "svc", "command": "echo one; sleep 60"}
@@ -337,6 +356,7 @@ class LifecycleTests(ServiceTestCase):
         self.assertEqual(logs["stdout"], "two\n")
 
     async def test_listServices(self) -> None:
+        """list_services shows every service, sorted by name."""
         agent = await self.startAgent()
         self.assertEqual(await agent.call({"action": "list_services"}), {"services": []})
         for name in ("b", "a"):
@@ -351,6 +371,7 @@ async def succeedWith(value: dict[str, Any]) -> dict[str, Any]:
 
 class RulesTests(ServiceTestCase):
     async def test_names(self) -> None:
+        """Every service action checks service_name with the reference's rule and messages."""
         agent = await self.startAgent()
         for fields, error in [
             ({}, "service_name is required"),
@@ -367,6 +388,7 @@ class RulesTests(ServiceTestCase):
             self.assertEqual(answer, {"error": "service 'nope' does not exist"})
 
     async def test_refusedRequestsStartNothing(self) -> None:
+        """A refused start_service runs nothing and leaves no service behind."""
         agent = await self.startAgent()
         cases: list[tuple[dict[str, Any], str]] = [
             ({"env": "A=1"}, "service env must be a JSON object"),
@@ -390,6 +412,7 @@ class RulesTests(ServiceTestCase):
         self.assertFalse((agent.workspace / "ran").exists())
 
     async def test_envAndCwdReachTheService(self) -> None:
+        """The env overrides and the working directory reach the service's command."""
         agent = await self.startAgent()
         (agent.workspace / "sub").mkdir()
         answer = await agent.call(
@@ -409,7 +432,28 @@ class RulesTests(ServiceTestCase):
         self.assertEqual(logs["stdout"], f"hello from {agent.workspace / 'sub'}\n")
         self.assertEqual(logs["exit_code"], 0)
 
+    async def test_theRunnerAddsNothingToTheEnvironment(self) -> None:
+        """The Python runner's locale coercion (PEP 538) never reaches the command."""
+        agent = await self.startAgent()
+        expected = {"C": os.environ.get("LC_CTYPE", "unset"), "POSIX": "POSIX"}
+        for name, (lang, ctype) in {"plain": ("C", None), "posix": ("C", "POSIX")}.items():
+            env = {"LANG": lang, **({"LC_CTYPE": ctype} if ctype else {})}
+            await agent.call(
+                {
+                    "action": "start_service",
+                    "service_name": name,
+                    "command": 'echo "ctype=${LC_CTYPE-unset}"',
+                    "env": env,
+                }
+            )
+            logs = await self.eventually(
+                partial(agent.call, {"action": "logs_service", "service_name": name}),
+                lambda answer: answer["state"] == "exited",
+            )
+            self.assertEqual(logs["stdout"], f"ctype={expected[ctype or 'C']}\n", name)
+
     async def test_logsTails(self) -> None:
+        """logs_service answers the whole logs or their last lines, as the reference counts them."""
         agent = await self.startAgent()
         await agent.call(
             {
@@ -450,7 +494,7 @@ class TailTests(SynchronousTestCase):
 
     def test_sameLinesAsTheReference(self) -> None:
         """Across block boundaries, CRLF, lone CR and multi-byte characters."""
-        self.patch(services, "TAIL_BLOCK", 3)
+        self.patch(records, "TAIL_BLOCK", 3)
         path = Path(self.mktemp())
         rng = random.Random(5)
         for _ in range(300):
@@ -464,6 +508,7 @@ class TailTests(SynchronousTestCase):
                 )
 
     def test_missingFile(self) -> None:
+        """The tail of a log that does not exist is empty."""
         self.assertEqual(tailText(Path(self.mktemp()), 3, 100), ("", False))
 
     def test_aHugeLogIsNotReadIntoMemory(self) -> None:
@@ -536,25 +581,27 @@ class AdoptionTests(ServiceTestCase):
         return registry
 
     def ask(self, registry: Services, handler: str, **fields: Any) -> Any:
-        return getattr(registry, handler)(Request(fields))
+        return getattr(ServiceActions(registry), handler)(Request(fields))
 
     async def test_liveServiceIsTakenBackAndStoppable(self) -> None:
+        """A live service recorded by an earlier agent is running again, refuses a start, stops."""
         context = self.context()
         process = self.spawnElsewhere()
         ticks = processStat(process.pid)
         assert ticks is not None
         self.record(context, "web", pid=process.pid, pid_start_ticks=ticks[1])
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="web")
+        status = self.ask(registry, "status", service_name="web")
         self.assertEqual((status["state"], status["pid"]), ("running", process.pid))
         refused = self.assertRaises(
-            ActionError, self.ask, registry, "startAction", service_name="web", command="true"
+            ActionError, self.ask, registry, "start", service_name="web", command="true"
         )
         self.assertEqual(str(refused), "service 'web' is already running")
-        stopped = await self.ask(registry, "stopAction", service_name="web")
+        stopped = await self.ask(registry, "stop", service_name="web")
         self.assertEqual((stopped["state"], stopped["stop_reason"]), ("stopped", "sigterm"))
 
     async def test_exitWhileAdoptedIsSeen(self) -> None:
+        """A taken-back service that exits is seen (pidfd) as exited with its recorded status."""
         context = self.context()
         process = self.spawnElsewhere()
         ticks = processStat(process.pid)
@@ -564,7 +611,7 @@ class AdoptionTests(ServiceTestCase):
         registry = self.registry(context)
         os.killpg(process.pid, signal.SIGKILL)
         status = await self.eventually(
-            lambda: succeedWith(self.ask(registry, "statusAction", service_name="web")),
+            lambda: succeedWith(self.ask(registry, "status", service_name="web")),
             lambda answer: answer["state"] != "running",
         )
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 3))
@@ -583,16 +630,17 @@ class AdoptionTests(ServiceTestCase):
         self.record(context, "web", pid=process.pid, pid_start_ticks=ticks[1])
         (context.config.serviceRoot / "web.status").write_text("6")
         registry = self.registry(context)
-        self.assertEqual(self.ask(registry, "statusAction", service_name="web")["state"], "running")
+        self.assertEqual(self.ask(registry, "status", service_name="web")["state"], "running")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         status = await self.eventually(
-            lambda: succeedWith(self.ask(registry, "statusAction", service_name="web")),
+            lambda: succeedWith(self.ask(registry, "status", service_name="web")),
             lambda answer: answer["state"] != "running",
         )
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 6))
 
     async def test_endedMeanwhileShowsExitedWithItsStatus(self) -> None:
+        """A service that ended while no agent watched is exited with the code it left."""
         context = self.context()
         process = self.spawnElsewhere()
         os.killpg(process.pid, signal.SIGKILL)
@@ -600,7 +648,7 @@ class AdoptionTests(ServiceTestCase):
         self.record(context, "gone", pid=process.pid)
         (context.config.serviceRoot / "gone.status").write_text("4")
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="gone")
+        status = self.ask(registry, "status", service_name="gone")
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         self.assertIsNotNone(status["ended_at"])
 
@@ -612,23 +660,22 @@ class AdoptionTests(ServiceTestCase):
         assert ticks is not None
         self.record(context, "old", pid=process.pid, pid_start_ticks=ticks[1] - 1)
         registry = self.registry(context)
-        status = self.ask(registry, "statusAction", service_name="old")
+        status = self.ask(registry, "status", service_name="old")
         self.assertEqual((status["state"], status["exit_code"]), ("exited", None))
-        await self.ask(registry, "stopAction", service_name="old")
+        await self.ask(registry, "stop", service_name="old")
         self.assertIsNone(process.poll())
 
     async def test_terminalAndInvalidRecords(self) -> None:
+        """Terminal records come back as they were; an invalid one is reported, its name free."""
         context = self.context()
         self.record(context, "done", state="stopped", stop_reason="sigkill", pid=12345)
         (context.config.serviceRoot / "broken.json").write_text("{not json")
         registry = self.registry(context)
-        done = self.ask(registry, "statusAction", service_name="done")
+        done = self.ask(registry, "status", service_name="done")
         self.assertEqual((done["state"], done["stop_reason"]), ("stopped", "sigkill"))
-        error = self.assertRaises(
-            ActionError, self.ask, registry, "statusAction", service_name="broken"
-        )
+        error = self.assertRaises(ActionError, self.ask, registry, "status", service_name="broken")
         self.assertEqual(str(error), "service record for 'broken' is invalid")
-        answer = await self.ask(registry, "startAction", service_name="broken", command="true")
+        answer = await self.ask(registry, "start", service_name="broken", command="true")
         self.assertEqual(answer["state"], "running")
 
 
@@ -650,6 +697,7 @@ class AgentRestartTests(TestCase):
         return ask(unixConnector(sock), request, deadline=20, timeout=20)
 
     def test_servicesOutliveTheAgent(self) -> None:
+        """Services survive the agent being killed or stopped, and a new agent takes them back."""
         base = Path(self.mktemp()).absolute()
         base.mkdir()
         self.addCleanup(killGroups, base / "state")
@@ -666,13 +714,22 @@ class AgentRestartTests(TestCase):
         self.assertEqual(web["state"], "running", web)
         brief = self.ask(
             sock,
-            {"action": "start_service", "service_name": "brief", "command": "sleep 1; exit 4"},
+            {
+                "action": "start_service",
+                "service_name": "brief",
+                "command": "echo begun; sleep 1; exit 4",
+            },
         )
         self.assertEqual(brief["state"], "running", brief)
 
         first.kill()
         first.wait()
-        time.sleep(1.5)  # "brief" ends while no agent watches it
+        # "brief" ends while no agent watches it: its runner leaves its status.
+        briefStatus = base / "state" / "pyro-services" / "brief.status"
+        deadline = time.monotonic() + 20
+        while not briefStatus.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertTrue(briefStatus.exists())
         second, sock = self.startTwistd(base)
 
         status = self.ask(sock, {"action": "status_service", "service_name": "web"})

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from pyro_reactor.capabilities.redact import MASK
 from pyro_reactor.capabilities.shells import Shells, sessionMembers
+from pyro_reactor.capabilities.shells.actions import ShellActions
+from pyro_reactor.capabilities.shells.redact import MASK
+from pyro_reactor.wire.request import Request
 from tests.helpers import RunningAgent, startAgent
 
 SECRET = "s3cr3tvalue"
+MAX = 128 * 1024 - 1
+RAISE = "close one, or raise --max-shells"
 
 
 def octal(text: str) -> str:
@@ -25,7 +31,18 @@ def octal(text: str) -> str:
 
 
 def sleep(seconds: float) -> Any:
+    """A pause between two looks at a condition (never a synchronisation by itself)."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    """Wait, looking every 20 ms, until ``condition()`` holds (``False`` after ``within`` s)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await sleep(0.02)
+    return True
 
 
 async def remainingMembers(sessionId: int, within: float = 5.0) -> list[int]:
@@ -101,6 +118,7 @@ class ShellTestCase(TestCase):
 
 class ShellTests(ShellTestCase):
     async def test_openWriteAndRead(self) -> None:
+        """A shell opens in its cwd with its size, runs input, and its output reads back."""
         (self.agent.workspace / "sub").mkdir()
         opened = await self.openShell(cwd="sub", cols=90, rows=20)
         self.assertEqual(
@@ -121,8 +139,13 @@ class ShellTests(ShellTestCase):
         record = json.loads((self.agent.stateDir / "pyro-shells" / "s.json").read_text())
         self.assertEqual(record["state"], "running")
         self.assertEqual(record["shell_id"], "s")
+        root = self.agent.stateDir / "pyro-shells"
+        paths = (root, root / "s.json", root / "s.log")
+        modes = {path.name: path.stat().st_mode & 0o777 for path in paths}
+        self.assertEqual(modes, {"pyro-shells": 0o700, "s.json": 0o600, "s.log": 0o600})
 
     async def test_cursorMaxCharsAndTruncated(self) -> None:
+        """Cursors, max_chars and truncated behave as the reference's."""
         await self.openShell()
         await self.write("echo 0123456789abcdef")
         text, last = await self.readUntil("0123456789abcdef\r\n")
@@ -147,6 +170,7 @@ class ShellTests(ShellTestCase):
         self.assertEqual((negative["cursor"], negative["output"]), (0, text[:3]))
 
     async def test_exitCodeAfterExit(self) -> None:
+        """A shell that exits reports stopped with its exit code and refuses input."""
         await self.openShell()
         await self.write("exit 3")
         _, answer = await self.readUntil("never printed")
@@ -162,6 +186,7 @@ class ShellTests(ShellTestCase):
         self.assertEqual((closed["closed"], closed["exit_code"]), (True, 3))
 
     async def test_backgroundJobHoldingTheTerminalDoesNotHoldTheEnd(self) -> None:
+        """A background job keeping the terminal open does not keep the shell from stopping."""
         await self.openShell()
         pid = self.shells().session("s").pid
         self.addCleanup(_killAll, pid)
@@ -172,6 +197,7 @@ class ShellTests(ShellTestCase):
         self.assertLess(time.monotonic() - started, 15)
 
     async def test_interruptStopsTheForegroundJobAndTheShellLivesOn(self) -> None:
+        """INT stops the foreground job; the shell goes on."""
         await self.openShell()
         pid = self.shells().session("s").pid
         await self.write("sleep 100")
@@ -191,6 +217,7 @@ class ShellTests(ShellTestCase):
         self.assertFalse(any(_command(member) == "sleep" for member in sessionMembers(pid)))
 
     async def test_resizeIsSeenByStty(self) -> None:
+        """A resize reaches the terminal (stty sees it) and the record."""
         await self.openShell(cols=80, rows=24)
         resized = await self.agent.call(
             {"action": "resize_shell", "shell_id": "s", "cols": 100, "rows": 40}
@@ -202,6 +229,7 @@ class ShellTests(ShellTestCase):
         self.assertEqual((record["cols"], record["rows"]), (100, 40))
 
     async def test_secretWrittenInTwoHalvesIsNeverShown(self) -> None:
+        """A secret printed in two halves a second apart is never shown, nor logged."""
         await self.openShell(redact_values=[SECRET])
         first, second = SECRET[:4], SECRET[4:]
         await self.write(
@@ -223,6 +251,7 @@ class ShellTests(ShellTestCase):
             self.assertNotIn(SECRET, text)
 
     async def test_waitMsReturnsWhenOutputArrives(self) -> None:
+        """A read with wait_ms waits for output, and returns as soon as it comes."""
         await self.openShell()
         await self.write('echo rea""dy')
         text, answer = await self.readUntil("ready\r\n")
@@ -239,7 +268,8 @@ class ShellTests(ShellTestCase):
         waiting = self.agent.call(
             {"action": "read_shell", "shell_id": "s", "cursor": cursor, "wait_ms": 20000}
         )
-        await sleep(0.2)
+        output = self.shells().session("s").output
+        self.assertTrue(await until(lambda: len(output.waiters) == 1))
         await self.write("echo woke")
         woken = await waiting
         self.assertLess(time.monotonic() - started, 10)
@@ -247,6 +277,7 @@ class ShellTests(ShellTestCase):
         self.assertNotEqual(woken["output"], "")
 
     async def test_errorsAsTheReference(self) -> None:
+        """Errors are the reference's messages."""
         call = self.agent.call
         self.assertEqual(await call({"action": "open_shell"}), {"error": "shell_id is required"})
         self.assertEqual(
@@ -285,12 +316,15 @@ class ShellTests(ShellTestCase):
         return summary
 
     async def test_envOverridesAndPrompt(self) -> None:
+        """env overrides reach the shell; the prompt is the plain one."""
         await self.openShell(env={"GREETING": "bonjour", "TERM": "dumb"})
         await self.write('echo "$GREETING/$TERM/[$PROMPT_COMMAND]"')
         text, _ = await self.readUntil("bonjour/dumb/[]\r\n")
         self.assertIn("pyro$ ", text)
 
     async def test_closeAnswersAndOtherRequestsAreNotHeldUp(self) -> None:
+        """close_shell kills a shell ignoring the hang-up after the timeout, without holding
+        up other requests."""
         self.shells().closeTimeout = 2.0
         await self.openShell()
         pid = self.shells().session("s").pid
@@ -323,7 +357,20 @@ class ShellTests(ShellTestCase):
         log = (self.agent.stateDir / "pyro-shells" / "s.log").read_bytes()
         self.assertNotIn(b"trapped", log)
 
+    async def test_shellMemoryGoesBackToTheBudgetWhenClosed(self) -> None:
+        """A shell's window draws from the agent's memory budget while open; closing it
+        gives every byte back."""
+        budget = self.agent.context.budget
+        before = budget.used
+        await self.openShell()
+        await self.write("echo budget-$((6*7))")
+        await self.readUntil("budget-42\r\n")
+        self.assertGreater(budget.used, before)
+        await self.agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(await until(lambda: budget.used == before), (budget.used, before))
+
     async def test_stoppingTheAgentClosesShells(self) -> None:
+        """Stopping the agent closes every shell and its processes."""
         await self.openShell("a")
         await self.openShell("b")
         pids = [self.shells().session(name).pid for name in ("a", "b")]
@@ -337,6 +384,7 @@ class BurstTests(ShellTestCase):
     agentOptions = {"shellBufferChars": 1 << 20}
 
     async def test_twentyMegabytesReadFullyAndExactly(self) -> None:
+        """20 MB of output read back fully and exactly, mostly from the log."""
         line = "abcdefghijklmnopqrstuvwxy\n"
         count = 769_231  # 20 000 006 bytes
         await self.openShell()
@@ -348,6 +396,205 @@ class BurstTests(ShellTestCase):
         body = text[text.index("START\r\n") : text.index("DONE\r\n") + len("DONE\r\n")]
         self.assertEqual(len(body), len("START\r\n") + (len(line) + 1) * count + len("DONE\r\n"))
         self.assertEqual(body, "START\r\n" + line.replace("\n", "\r\n") * count + "DONE\r\n")
+
+
+def sleepers(tag: str) -> list[int]:
+    """Live processes running ``sleep <tag>.N`` (zombies left out)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                state = stat.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        ours = argv[:1] == [b"sleep"] and argv[1:2] and argv[1].startswith(f"{tag}.".encode())
+        if ours and state not in (b"Z", b"X"):
+            found.append(int(entry))
+    return found
+
+
+class LimitTests(ShellTestCase):
+    """Shells hold up under abuse: counts, sizes, odd text, leftovers, secrets."""
+
+    agentOptions = {"maxShells": 3, "shellBufferChars": 65536}
+
+    async def test_oversizedEnvIsRefusedAndNothingStarts(self) -> None:
+        """An env the kernel would refuse is a clear error, and no shell starts."""
+        call = self.agent.call
+        one = await call({"action": "open_shell", "shell_id": "s", "env": {"BIG": "x" * 200_000}})
+        tooLong = f"shell env BIG is too long: 200004 bytes, at most {MAX} bytes for NAME=VALUE"
+        self.assertEqual(one, {"error": tooLong})
+        many = {f"V{index}": "y" * 100_000 for index in range(40)}
+        total = await call({"action": "open_shell", "shell_id": "s", "env": many})
+        self.assertTrue(total["error"].startswith("shell env is too large: "), total)
+        self.assertEqual(await call({"action": "list_shells"}), {"shells": []})
+        self.assertFalse((self.agent.stateDir / "pyro-shells" / "s.json").exists())
+
+    async def test_loneSurrogatesAreRefusedBeforeAnythingStarts(self) -> None:
+        """A lone surrogate in any text field is a clear error, never a traceback."""
+        call = self.agent.call
+        for fields, message in (
+            ({"shell_id": "a\ud800"}, "shell_id must be valid Unicode text"),
+            ({"cwd": "/workspace/\ud800"}, "cwd must be valid Unicode text"),
+            ({"env": {"A": "\udfff"}}, "shell env values must be valid Unicode text"),
+            ({"redact_values": ["x\ud800"]}, "redact_values must be valid Unicode text"),
+        ):
+            answer = await call({"action": "open_shell", "shell_id": "s", **fields})
+            self.assertEqual(answer, {"error": message}, fields)
+        self.assertEqual(await call({"action": "list_shells"}), {"shells": []})
+
+    async def test_shellsAreCapped(self) -> None:
+        """Beyond --max-shells, open_shell is refused with a clear error; closing frees a place."""
+        for name in ("a", "b", "c"):
+            await self.openShell(name)
+        refused = await self.agent.call({"action": "open_shell", "shell_id": "d"})
+        self.assertEqual(
+            refused,
+            {"error": f"too many shells: at most 3 may be open at once ({RAISE})"},
+        )
+        await self.agent.call({"action": "close_shell", "shell_id": "a"})
+        await self.openShell("d")
+
+    async def test_queuedInputIsBounded(self) -> None:
+        """Input into a shell that does not read is refused past the bound, not held."""
+        await self.openShell()
+        pid = self.shells().session("s").pid
+        await self.write("sleep 1000")
+        # Once sleep runs in the foreground, nobody reads the terminal.
+        self.assertTrue(
+            await until(lambda: any(_command(m) == "sleep" for m in sessionMembers(pid)))
+        )
+        chunk = "z" * (3 * 1024 * 1024)
+        first = await self.agent.call(
+            {"action": "write_shell", "shell_id": "s", "input": chunk, "append_newline": False}
+        )
+        self.assertEqual(first["input_length"], len(chunk))
+        second = await self.agent.call(
+            {"action": "write_shell", "shell_id": "s", "input": chunk, "append_newline": False}
+        )
+        self.assertIn("input is too large", second["error"])
+        closed = await self.agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(closed["closed"])
+
+    async def test_closeEndsWhatTheShellStarted(self) -> None:
+        """nohup, disown, trap '' HUP and setsid jobs do not outlive close_shell."""
+        tag = str(random.randrange(10_000, 100_000))
+        await self.openShell()
+        self.addCleanup(_killSleepers, tag)
+        await self.write(
+            f"nohup sleep {tag}.1 >/dev/null 2>&1 & sleep {tag}.2 & disown;"
+            f" (trap '' HUP; exec sleep {tag}.3) & setsid sleep {tag}.4 &"
+        )
+        self.assertTrue(await until(lambda: len(sleepers(tag)) == 4), sleepers(tag))
+        closed = await self.agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(closed["closed"])
+        self.assertTrue(await until(lambda: sleepers(tag) == []), sleepers(tag))
+
+    async def test_multiLineSecretShownByCatIsRedacted(self) -> None:
+        """A PEM key shown by ``cat`` (ONLCR makes its breaks \\r\\n) is redacted in
+        read_shell and in the log."""
+        key = "-----BEGIN TEST KEY-----\nQUFBQUFB\nQkJCQkJC\n-----END TEST KEY-----\n"
+        (self.agent.workspace / "key.pem").write_text(key)
+        await self.openShell(redact_values=[key])
+        await self.write(f"cat key.pem; printf '{octal('DONE')}\\n'")
+        text, _ = await self.readUntil("DONE\r\n")
+        self.assertIn(MASK, text)
+        log = (self.agent.stateDir / "pyro-shells" / "s.log").read_text()
+        for shown in (text, log):
+            self.assertNotIn("QUFBQUFB", shown)
+            self.assertNotIn("QkJCQkJC", shown)
+
+    async def test_readAnswerIsBoundedByItsEncodedSize(self) -> None:
+        """Emoji cost 12 bytes each in an answer: one read carries at most
+        --shell-buffer-chars bytes of encoded output, and the rest follows."""
+        await self.openShell()
+        await self.write(
+            f"printf '\\360\\237\\230\\200%.0s' {{1..20000}}; printf '{octal('DONE')}\\n'"
+        )
+        await self.readUntil("DONE\r\n")
+        whole = await self.agent.call(
+            {"action": "read_shell", "shell_id": "s", "cursor": 0, "max_chars": 10**6}
+        )
+        self.assertLessEqual(len(json.dumps(whole["output"])) - 2, 65536)
+        self.assertTrue(whole["truncated"])
+        self.assertGreater(whole["output"].count("😀"), 1000)
+
+    async def test_cancelledReadRemovesItsWaiterAndTimer(self) -> None:
+        """A read_shell waiting with wait_ms, cancelled (its client left), leaves no waiter
+        nor timer behind."""
+        await self.openShell()
+        output = self.shells().session("s").output
+        await self.write('echo rea""dy')
+        await self.readUntil("ready\r\n")
+        self.assertTrue(
+            await until(
+                lambda: "pyro$ " in output.window.slice(output.windowStart, output.length)[-10:]
+            )
+        )
+        handlers = ShellActions(self.shells())
+        cursor = output.length
+        reading = handlers.readShell(
+            Request({"action": "read_shell", "shell_id": "s", "cursor": cursor, "wait_ms": 30000})
+        )
+        assert isinstance(reading, Deferred)
+        self.assertEqual(len(output.waiters), 1)
+        [timer] = output.waiters.timers
+        reading.cancel()
+        self.failureResultOf(reading, CancelledError)
+        self.assertEqual(len(output.waiters), 0)
+        self.assertFalse(timer.active())
+
+    async def test_openCancelledBeforeItStartsStartsNothing(self) -> None:
+        """An open_shell whose client left before the shell started (its answer cancelled)
+        starts no shell and frees the id."""
+        handlers = ShellActions(self.shells())
+        opening = handlers.openShell(Request({"action": "open_shell", "shell_id": "gone"}))
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        self.assertTrue(await until(lambda: not self.shells().reserved))
+        self.assertEqual(await self.agent.call({"action": "list_shells"}), {"shells": []})
+        self.assertFalse((self.agent.stateDir / "pyro-shells" / "gone.json").exists())
+        await self.openShell("gone")
+
+
+class LogCapTests(ShellTestCase):
+    """``--log-bytes`` caps each shell log file; it is rotated once."""
+
+    agentOptions = {"logBytes": 64 * 1024, "shellBufferChars": 65536}
+
+    async def test_logIsCappedRotatedAndTheTailReadable(self) -> None:
+        """400 KB of output leave at most two 64 KiB files; a read from 0 starts at the
+        first character kept, and the stream reads on to the end from there."""
+        await self.openShell()
+        await self.write(f"yes 0123456789 | head -c 400000; printf '{octal('DONE')}\\n'")
+        output = self.shells().session("s").output
+        # Not followed with reads: a reader falling behind the rotation would see a jump.
+        self.assertTrue(
+            await until(
+                lambda: "DONE\r\n" in output.window.slice(output.windowStart, output.length), 60
+            )
+        )
+        root = self.agent.stateDir / "pyro-shells"
+        self.assertLessEqual((root / "s.log").stat().st_size, 64 * 1024)
+        self.assertLessEqual((root / "s.log.1").stat().st_size, 64 * 1024)
+        first = await self.agent.call(
+            {"action": "read_shell", "shell_id": "s", "cursor": 0, "max_chars": 100}
+        )
+        self.assertGreater(first["cursor"], 0)
+        self.assertEqual(len(first["output"]), 100)
+        self.assertIn(first["output"], "0123456789\r\n" * 20)
+
+
+def _killSleepers(tag: str) -> None:
+    for pid in sleepers(tag):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def _killAll(sessionId: int) -> None:

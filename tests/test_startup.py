@@ -21,6 +21,9 @@ ON_DEMAND = (
     "pyro_reactor.system.vsock",
     "twisted.web.client",
     "tarfile",
+    "pyro_reactor.capabilities.ports.relay",
+    "pyro_reactor.capabilities.watch.tree",
+    "twisted.internet.inotify",
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.system._linux import openat2Function, probedOpenat2
 from pyro_reactor.system.workspace import (
     RESOLVE_BENEATH,
     RESOLVE_NO_SYMLINKS,
@@ -28,11 +29,10 @@ from pyro_reactor.system.workspace import (
     SymlinkInPath,
     Workspace,
     WorkspaceError,
-    _openat2Function,
-    _probedOpenat2,
     openat2Available,
     processUmask,
     resolveGuestPath,
+    walkTree,
 )
 
 ROOT = Path("/srv/ws")
@@ -51,31 +51,41 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(str(error), message)
 
     def test_absolute(self) -> None:
+        """An absolute `/workspace/...` path resolves to the same place inside the workspace."""
         self.assertResolves("/workspace/a/b.txt", "/workspace/a/b.txt", ("a", "b.txt"))
 
     def test_relativeIsUnderWorkspace(self) -> None:
+        """A relative path is taken under `/workspace`, even one that is itself named
+        `workspace`."""
         self.assertResolves("a/b", "/workspace/a/b", ("a", "b"))
         self.assertResolves("workspace", "/workspace/workspace", ("workspace",))
 
     def test_emptyAndDotPartsDropped(self) -> None:
+        """`.` parts, doubled and trailing slashes and surrounding spaces are dropped from a
+        path."""
         self.assertResolves("/workspace/./a//b/.", "/workspace/a/b", ("a", "b"))
         self.assertResolves("  a/b/  ", "/workspace/a/b", ("a", "b"))
 
     def test_root(self) -> None:
+        """Every spelling of the workspace root resolves to the root itself."""
         for guest in ("/workspace", "/workspace/", ".", "/workspace/.", "./"):
             path = resolveGuestPath(ROOT, guest)
             self.assertEqual((path.text, path.parts, path.hostPath), ("/workspace", (), ROOT))
             self.assertTrue(path.isRoot)
 
     def test_empty(self) -> None:
+        """An empty or blank path is refused."""
         self.assertRefused("", "destination must not be empty")
         self.assertRefused("  ", "destination must not be empty")
 
     def test_outside(self) -> None:
+        """Paths outside `/workspace`, including look-alike prefixes such as `/workspacex`, are
+        refused."""
         for guest in ("/", "/etc/hostname", "/workspacex/a", "/work", "//workspace/a"):
             self.assertRefused(guest, "destination must stay inside /workspace")
 
     def test_dotDotRefused(self) -> None:
+        """Any `..` part is refused, even one that would end up back inside the workspace."""
         for guest in (
             "/workspace/../etc/hostname",
             "..",
@@ -89,9 +99,12 @@ class ResolveTests(SynchronousTestCase):
             )
 
     def test_nul(self) -> None:
+        """A path containing a NUL byte is refused."""
         self.assertRefused("a\x00b", "destination must not contain NUL bytes")
 
     def test_child(self) -> None:
+        """A child name extends a resolved path by one plain component, and names that are empty,
+        dots, nested or hold NUL are refused."""
         path = resolveGuestPath(ROOT, "a").child("b")
         self.assertEqual(path, GuestPath("/workspace/a/b", ("a", "b"), ROOT / "a" / "b"))
         for bad in ("", ".", "..", "x/y", "x\x00"):
@@ -102,7 +115,7 @@ class Openat2Tests(SynchronousTestCase):
     """The raw ``openat2`` call: the kernel itself keeps us beneath the directory."""
 
     def setUp(self) -> None:
-        function = _openat2Function()
+        function = openat2Function()
         if function is None:
             raise self.skipTest("openat2 is not available on this machine")
         self.openat2 = function
@@ -122,6 +135,8 @@ class Openat2Tests(SynchronousTestCase):
         return 0
 
     def test_beneath(self) -> None:
+        """The kernel's RESOLVE_BENEATH lets a lookup move around beneath the directory but
+        refuses any path, absolute, `..` or through a symlink, that leaves it."""
         self.assertEqual(self.openErrno(b"d", RESOLVE_BENEATH), 0)
         self.assertEqual(self.openErrno(b"inner/../d", RESOLVE_BENEATH), 0)
         self.assertEqual(self.openErrno(b"../ws/d", RESOLVE_BENEATH), errno.EXDEV)
@@ -130,6 +145,8 @@ class Openat2Tests(SynchronousTestCase):
         self.assertEqual(self.openErrno(b"up/ws", RESOLVE_BENEATH), errno.EXDEV)
 
     def test_noSymlinks(self) -> None:
+        """With RESOLVE_NO_SYMLINKS the kernel refuses every symlink, including ones that stay
+        inside."""
         strict = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
         self.assertEqual(self.openErrno(b"etc/hostname", strict), errno.ELOOP)
         self.assertEqual(self.openErrno(b"inner", strict), errno.ELOOP)
@@ -175,12 +192,15 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     # -- openDirectory -------------------------------------------------------------------
 
     def test_openDirectory(self) -> None:
+        """Directories in the workspace, the root included, can be opened by their parts."""
         self.assertEqual(self.openDirectory(()).st_ino, self.host.stat().st_ino)
         self.assertEqual(
             self.openDirectory(("d", "e")).st_ino, (self.host / "d" / "e").stat().st_ino
         )
 
     def test_openDirectoryRefusesSymlinks(self) -> None:
+        """A symlinked directory is never opened or passed through, wherever it points, and the
+        error says which."""
         for name in ("abs", "rel", "etc", "inner"):
             error = self.assertRaises(SymlinkInPath, self.openDirectory, (name,))
             self.assertEqual(str(error), f"workspace path is a symlink: /workspace/{name}")
@@ -191,6 +211,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
             )
 
     def test_openDirectoryMissingOrNotADirectory(self) -> None:
+        """Opening a missing directory, or a path below or at a file, fails with an error naming
+        the path."""
         error = self.assertRaises(MissingPath, self.openDirectory, ("d", "nope"))
         self.assertEqual(str(error), "workspace path does not exist: /workspace/d/nope")
         error = self.assertRaises(MissingPath, self.openDirectory, ("d", "f.txt", "x"))
@@ -199,6 +221,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertEqual(str(error), "workspace path is not a directory: /workspace/d/f.txt")
 
     def test_openDirectoryCreates(self) -> None:
+        """Missing directories can be created on the way with umask-default modes, and existing
+        ones are simply opened."""
         made = self.openDirectory(("n", "e", "w"), create=True)
         self.assertEqual(made.st_ino, (self.host / "n" / "e" / "w").stat().st_ino)
         self.assertEqual(stat.S_IMODE(made.st_mode), 0o777 & ~processUmask())
@@ -208,6 +232,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         )
 
     def test_createRefusesSymlinksAndFiles(self) -> None:
+        """Creating directories never goes through a symlink or below a file, so nothing is made
+        outside the workspace."""
         self.assertRaises(SymlinkInPath, self.openDirectory, ("abs", "new"), True)
         self.assertRaises(SymlinkInPath, self.openDirectory, ("etc", "new"), True)
         error = self.assertRaises(
@@ -221,10 +247,12 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertFalse(os.path.lexists("/etc/new"))
 
     def test_badComponentsRefused(self) -> None:
+        """Empty, dot, `..` and slash-holding path components are refused."""
         for parts in (("..",), ("d", ".."), ("",), ("a/b",), (".",)):
             self.assertRaises(WorkspaceError, self.openDirectory, parts)
 
     def test_missingRoot(self) -> None:
+        """A workspace whose root directory is gone reports that `/workspace` does not exist."""
         workspace = Workspace(self.host / "gone", useOpenat2=self.useOpenat2)
         error = self.assertRaises(MissingPath, workspace.openRoot)
         self.assertEqual(str(error), "workspace path does not exist: /workspace")
@@ -232,6 +260,7 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     # -- openFile, lstat, readlink ---------------------------------------------------------
 
     def test_openFile(self) -> None:
+        """A file inside the workspace can be opened and read."""
         fd = self.workspace.openFile(self.path("d/f.txt"), os.O_RDONLY)
         try:
             self.assertEqual(os.read(fd, 100), b"hello")
@@ -239,12 +268,15 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
             os.close(fd)
 
     def test_openFileCreates(self) -> None:
+        """A new file can be created and written inside the workspace."""
         fd = self.workspace.openFile(self.path("d/new.txt"), os.O_WRONLY | os.O_CREAT, 0o640)
         os.write(fd, b"x")
         os.close(fd)
         self.assertEqual((self.host / "d" / "new.txt").read_bytes(), b"x")
 
     def test_openFileRefusesSymlinks(self) -> None:
+        """A file is never opened through a symlink, whether it is the file itself or a parent,
+        for reading or creating, so nothing outside is touched."""
         error = self.assertRaises(
             SymlinkInPath, self.workspace.openFile, self.path("tofile"), os.O_RDONLY
         )
@@ -264,12 +296,15 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertOutsideUntouched()
 
     def test_openFileMissing(self) -> None:
+        """Opening a missing file fails with an error naming the path."""
         error = self.assertRaises(
             MissingPath, self.workspace.openFile, self.path("d/x"), os.O_RDONLY
         )
         self.assertEqual(str(error), "workspace path does not exist: /workspace/d/x")
 
     def test_lstat(self) -> None:
+        """Paths can be stat'ed without following the last symlink, while a symlinked parent is
+        refused."""
         self.assertTrue(stat.S_ISDIR(self.workspace.lstat(self.path("/workspace")).st_mode))
         self.assertEqual(self.workspace.lstat(self.path("d/f.txt")).st_size, 5)
         link = self.workspace.lstat(self.path("abs"))
@@ -280,6 +315,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertRaises(SymlinkInPath, self.workspace.lstat, self.path("inner/f.txt"))
 
     def test_readlink(self) -> None:
+        """A symlink's target can be read without following it, through an inside symlinked
+        parent only when asked."""
         self.assertEqual(self.workspace.readlink(self.path("rel")), "../outside")
         self.assertEqual(self.workspace.readlink(self.path("etc")), "/etc")
         self.assertRaises(SymlinkInPath, self.workspace.readlink, self.path("inner/x"))
@@ -289,6 +326,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     # -- listing ---------------------------------------------------------------------------
 
     def test_children(self) -> None:
+        """A directory's children are listed sorted by name, each with its stat and, for a
+        symlink, its target."""
         with self.workspace.openedDirectory(()) as fd:
             children = self.workspace.children(fd)
         self.assertEqual(
@@ -301,6 +340,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertIsNone(byName["d"].linkTarget)
 
     def test_openChildDirectory(self) -> None:
+        """A child directory can be opened from its parent, while a symlinked or missing child
+        gives nothing and `..` is refused."""
         with self.workspace.openedDirectory(()) as fd:
             self.assertIsNone(self.workspace.openChildDirectory(fd, "abs"))
             self.assertIsNone(self.workspace.openChildDirectory(fd, "nope"))
@@ -318,6 +359,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         )
 
     def test_replaceNewFile(self) -> None:
+        """Replacing a missing file creates it and its parents with umask-default modes and
+        leaves no temporary file."""
         self.workspace.replaceFile(self.path("a/b/new.txt"), b"content")
         target = self.host / "a" / "b" / "new.txt"
         self.assertEqual(target.read_bytes(), b"content")
@@ -325,6 +368,7 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertNoTemporaries(target.parent)
 
     def test_replaceKeepsMode(self) -> None:
+        """Replacing an existing file keeps its permission bits."""
         for mode in (0o600, 0o755, 0o640):
             target = self.host / "d" / "f.txt"
             target.chmod(mode)
@@ -333,6 +377,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
             self.assertEqual(stat.S_IMODE(target.stat().st_mode), mode)
 
     def test_replaceExplicitModeAndWriter(self) -> None:
+        """A file can be written by a callback with an explicit mode."""
+
         def writer(fd: int) -> None:
             os.write(fd, b"#!/bin/sh\n")
 
@@ -342,6 +388,9 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o700)
 
     def test_replaceFailureLeavesOldContent(self) -> None:
+        """A write that fails part way leaves the old contents in place and no temporary file,
+        with an error naming the path."""
+
         def failing(fd: int) -> None:
             os.write(fd, b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -356,6 +405,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertNoTemporaries(self.host / "d")
 
     def test_replaceRefusesNonRegularTargets(self) -> None:
+        """Symlinks, directories, the root and FIFOs are never replaced by a file write, and
+        nothing outside is touched."""
         for guest in ("tofile", "abs", "d", "/workspace"):
             error = self.assertRaises(
                 NotARegularFile, self.workspace.replaceFile, self.path(guest), b"x"
@@ -373,6 +424,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertNoTemporaries(self.host)
 
     def test_replaceRefusesSymlinkedParents(self) -> None:
+        """A file is never written below a symlinked parent, even one that stays inside the
+        workspace."""
         for guest in ("abs/secret.txt", "rel/new.txt", "abs/sub/new.txt", "inner/f.txt"):
             error = self.assertRaises(
                 SymlinkInPath, self.workspace.replaceFile, self.path(guest), b"x"
@@ -404,6 +457,7 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     # -- unlink ----------------------------------------------------------------------------
 
     def test_unlink(self) -> None:
+        """Deleting removes a file, or a symlink itself without touching its target."""
         self.workspace.unlink(self.path("d/f.txt"))
         self.assertFalse((self.host / "d" / "f.txt").exists())
         self.workspace.unlink(self.path("abs"))
@@ -411,6 +465,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertOutsideUntouched()
 
     def test_unlinkRefused(self) -> None:
+        """Deleting a missing path, a directory, the root or anything below a symlink is refused
+        and nothing else is removed."""
         self.assertRaises(MissingPath, self.workspace.unlink, self.path("nope"))
         self.assertRaises(SymlinkInPath, self.workspace.unlink, self.path("abs/secret.txt"))
         self.assertRaises(SymlinkInPath, self.workspace.unlink, self.path("inner/f.txt"))
@@ -423,6 +479,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
     # -- directory, fileExists --------------------------------------------------------------
 
     def test_openWorkingDirectory(self) -> None:
+        """A working directory inside the workspace is held open and given to commands as a
+        `/proc` path, while symlinks, files, missing paths and escapes are refused."""
         cases = (
             ("/workspace", "/workspace", self.host),
             ("d/e", "/workspace/d/e", self.host / "d" / "e"),
@@ -458,6 +516,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         self.assertRaises(OSError, os.fstat, fd)
 
     def test_fileExists(self) -> None:
+        """A file readiness check sees paths inside the workspace, through inside links too, but
+        never anything outside, dangling or looping, and refuses paths outside."""
         self.makeInsideLinks()
         for present in ("d/f.txt", "/workspace/d/e", "/workspace", "tofile", "inner/f.txt"):
             self.assertTrue(self.workspace.fileExists(present), present)
@@ -498,6 +558,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
             os.close(fd)
 
     def test_followInside(self) -> None:
+        """When asked, symlinks that stay inside the workspace are followed, including chains of
+        them."""
         self.makeInsideLinks()
         d, e = (self.host / "d").stat().st_ino, (self.host / "d" / "e").stat().st_ino
         self.assertEqual(self.openFollowing("inner"), d)
@@ -512,6 +574,8 @@ class WorkspacePrimitiveTests(SynchronousTestCase):
         os.close(parent)
 
     def test_followInsideRefusesEscapes(self) -> None:
+        """Following symlinks never leaves the workspace: links out or in loops are refused,
+        dangling ones or ones to files are missing, and creation never follows links."""
         self.makeInsideLinks()
         for name in ("abs", "rel", "etc", "esc", "up"):
             error = self.assertRaises(EscapingSymlink, self.openFollowing, name)
@@ -542,6 +606,7 @@ class WalkFallbackTests(WorkspacePrimitiveTests):
 
 class ForcedOpenat2Tests(SynchronousTestCase):
     def test_requireOpenat2(self) -> None:
+        """Asking for openat2 works where the kernel has it and fails at once where it does not."""
         if openat2Available():
             self.assertTrue(Workspace(Path("/"), useOpenat2=True).usesOpenat2)
         else:
@@ -557,11 +622,67 @@ class ForcedOpenat2Tests(SynchronousTestCase):
             ctypes.set_errno(refusals[len(calls) - 1])
             return -1
 
-        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
-        self.assertIsNone(_probedOpenat2(refusingSyscall, 437))
+        self.assertIsNone(probedOpenat2(refusingSyscall, 437))
+        self.assertIsNone(probedOpenat2(refusingSyscall, 437))
         self.assertEqual(calls, [437, 437])
 
     def test_umaskUnchanged(self) -> None:
+        """Reading the process umask leaves it unchanged."""
         before = os.umask(0o027)
         os.umask(before)
         self.assertEqual(processUmask(), before)
+
+
+class WalkTreeTests(SynchronousTestCase):
+    """The one descriptor walker (listings and exports)."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        (self.root / "b" / "c").mkdir(parents=True)
+        (self.root / "a").write_text("a")
+        (self.root / "b" / "c" / "d").write_text("d")
+        (self.root / "b" / "link").symlink_to("c")
+        self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.fd)
+
+    def test_depthFirstInNameOrder(self) -> None:
+        """Directories before their content, each level sorted, links described not followed."""
+        found = [(entry.path, entry.child.linkTarget) for entry in walkTree(self.fd, "top")]
+        self.assertEqual(
+            found,
+            [
+                ("top/a", None),
+                ("top/b", None),
+                ("top/b/c", None),
+                ("top/b/c/d", None),
+                ("top/b/link", "c"),
+            ],
+        )
+        flat = [entry.path for entry in walkTree(self.fd, recursive=False)]
+        self.assertEqual(flat, ["a", "b"])
+
+    def test_closesWhatItOpened(self) -> None:
+        """Stopping a walk early closes its descriptors; the top one stays the caller's."""
+        before = len(os.listdir("/proc/self/fd"))
+        walker = walkTree(self.fd)
+        next(walker), next(walker), next(walker)
+        self.assertGreater(len(os.listdir("/proc/self/fd")), before)
+        walker.close()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        os.fstat(self.fd)
+
+    def test_deepTreeWithoutRecursion(self) -> None:
+        """A tree deeper than Python's recursion limit is walked."""
+        import sys
+
+        depth = sys.getrecursionlimit() + 50
+        current = self.fd
+        opened = []
+        for _ in range(depth):
+            os.mkdir("deep", dir_fd=current)
+            current = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=current)
+            opened.append(current)
+        for fd in opened:
+            os.close(fd)
+        count = sum(1 for entry in walkTree(self.fd) if entry.name == "deep")
+        self.assertEqual(count, depth)

@@ -12,8 +12,11 @@ L{pyro_reactor.system.processes.spawnInGroup}) and collects its output:
   pipes are closed after L{PIPE_GRACE} seconds and the answer carries what was read so far.
   Such a child is left running, as it would be in a terminal.
 - On timeout the whole process group gets SIGTERM, then SIGKILL after L{KILL_GRACE} seconds
-  if anything of it is left; the answer comes once the shell has ended and nothing alive is
-  left in the group (so at most ``KILL_GRACE`` after the timeout, plus the pipe grace).
+  if anything of it is left; so does every descendant of the shell found in ``/proc`` (one
+  that left the group with ``setsid``, say: see L{pyro_reactor.system.processes.ProcessTree}
+  for what can still escape without cgroups). The answer comes once the shell has ended and
+  nothing alive is left of it (so at most ``KILL_GRACE`` after the timeout, plus the pipe
+  grace).
 - When the agent stops, L{RunningCommands} ends the groups of the exec commands still running
   the same way (SIGTERM, SIGKILL after ``KILL_GRACE``).
 
@@ -30,11 +33,10 @@ import time
 from collections.abc import Callable, Mapping, MutableSet
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -43,7 +45,13 @@ from twisted.python.failure import Failure
 
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.processes import groupAlive, signalGroup, spawnInGroup
+from pyro_reactor.system._twisted import environmentBytes
+from pyro_reactor.system.processes import (
+    ProcessTree,
+    exitCodeOf,
+    probeChdirProgram,
+    spawnInGroup,
+)
 from pyro_reactor.wire.dispatch import Action
 from pyro_reactor.wire.request import Request
 
@@ -124,17 +132,14 @@ class _Capture:
         return "".join(self._parts)
 
 
-def exitCodeOf(reason: Failure) -> int:
-    """The exit code ``subprocess`` would report for a child that ended with C{reason}."""
-    value = reason.value
-    if isinstance(value, ProcessTerminated):
-        if value.exitCode is not None:
-            return int(value.exitCode)
-        if value.signal is not None:
-            return -int(value.signal)
-    if isinstance(value, ProcessDone):
-        return 0
-    return -1
+class Unit(Protocol):
+    """What ends a timed-out command: everything it started (a process tree, or a cgroup)."""
+
+    def signal(self, signum: int) -> bool:
+        """Send C{signum} to all of it; whether anything was there."""
+
+    def alive(self) -> bool:
+        """Whether anything of it is still running."""
 
 
 class _CommandProtocol(ProcessProtocol):
@@ -148,8 +153,11 @@ class _CommandProtocol(ProcessProtocol):
         timeoutSeconds: float,
         maxOutputBytes: int,
         now: Callable[[], float],
+        unitOf: Callable[[int], Unit] = ProcessTree,
     ) -> None:
         self._clock = clock
+        self._unitOf = unitOf
+        self._unit: Unit | None = None
         self._timeoutSeconds = timeoutSeconds
         self._now = now
         self._started = now()
@@ -197,7 +205,7 @@ class _CommandProtocol(ProcessProtocol):
             self._exitCode = exitCodeOf(reason)
         self._timeout = _cancel(self._timeout)
         self._pipeGrace = _cancel(self._pipeGrace)
-        if self._killer is not None and not groupAlive(self.pgid):
+        if self._killer is not None and self._unit is not None and not self._unit.alive():
             # Everything went with the SIGTERM: no need to wait for the SIGKILL.
             self._killer = _cancel(self._killer)
         self._maybeFinish()
@@ -205,12 +213,18 @@ class _CommandProtocol(ProcessProtocol):
     def _timeUp(self) -> None:
         self._timeout = None
         self._timedOut = True
-        if signalGroup(self.pgid, signal.SIGTERM):
+        if self.pgid is None:
+            return
+        # Made now, not at the spawn (a /proc read off the hot path): the shell has not been
+        # reaped yet, so its pid still names it.
+        self._unit = self._unitOf(self.pgid)
+        if self._unit.signal(signal.SIGTERM):
             self._killer = self._clock.callLater(KILL_GRACE, self._kill)
 
     def _kill(self) -> None:
         self._killer = None
-        signalGroup(self.pgid, signal.SIGKILL)
+        if self._unit is not None:
+            self._unit.signal(signal.SIGKILL)
         self._maybeFinish()
 
     def _closePipes(self) -> None:
@@ -267,8 +281,7 @@ def _spawnEnvironment(overrides: Mapping[str, str] | None) -> dict[bytes, bytes]
     per command, a tenth of the per-request budget. Copying the environment's own bytes
     mapping costs under a microsecond.
     """
-    raw = getattr(os.environ, "_data", None)
-    env: dict[bytes, bytes] = dict(raw) if isinstance(raw, dict) else dict(os.environb)
+    env = environmentBytes()
     if overrides:
         for name, value in overrides.items():
             env[os.fsencode(name)] = os.fsencode(value)
@@ -286,6 +299,7 @@ def runCommand(
     now: Callable[[], float] = time.monotonic,
     running: MutableSet[int] | None = None,
     onExited: Callable[[], object] | None = None,
+    unitOf: Callable[[int], Unit] = ProcessTree,
 ) -> Deferred[CommandResult]:
     """Run C{/bin/sh -lc command} in a new process group and collect its result.
 
@@ -298,9 +312,11 @@ def runCommand(
     (L{RunningCommands} uses it to end what is left when the agent stops). C{onExited}, if
     given, is called once the shell process has exited, or at once if it could not be
     started, even when the returned Deferred was cancelled: what keeps C{cwd} valid (an open
-    L{pyro_reactor.system.workspace.WorkingDirectory}) is let go there.
+    L{pyro_reactor.system.workspace.WorkingDirectory}) is let go there. C{unitOf} makes, from
+    the shell's pid, what a timeout ends (default: its L{ProcessTree}; a cgroup's handle can
+    take its place).
     """
-    protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now)
+    protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now, unitOf)
     protocol.onExited = onExited
     try:
         spawnInGroup(
@@ -334,8 +350,9 @@ def runCommand(
 class RunningCommands(Service):
     """The process groups of the exec commands in flight; ended when the agent stops.
 
-    On stop, each group still there gets SIGTERM, and SIGKILL L{KILL_GRACE} seconds later; the
-    stop waits for that, so nothing started by an exec outlives the agent (under systemd the
+    On stop, each group still there (and every descendant of its shell, as on a timeout) gets
+    SIGTERM, and SIGKILL L{KILL_GRACE} seconds later; the stop waits for that, so nothing
+    started by an exec outlives the agent (under systemd the
     unit's cgroup would be killed anyway; under a plain init it would not).
     """
 
@@ -347,14 +364,17 @@ class RunningCommands(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        signalled = [pgid for pgid in sorted(self.groups) if signalGroup(pgid, signal.SIGTERM)]
+        # Each shell is still running (its group is discarded when it ends), so its pid still
+        # names it: the trees are taken now, descendants that left the group included.
+        trees = [ProcessTree(pgid) for pgid in sorted(self.groups)]
+        signalled = [tree for tree in trees if tree.signal(signal.SIGTERM)]
         if not signalled:
             return None
         log.info("agent stopping: ending {count} running commands", count=len(signalled))
 
         def kill() -> None:
-            for pgid in signalled:
-                signalGroup(pgid, signal.SIGKILL)
+            for tree in signalled:
+                tree.signal(signal.SIGKILL)
 
         return deferLater(self.clock, KILL_GRACE, kill)
 
@@ -370,6 +390,8 @@ class ExecCapability:
     def __init__(self, context: AgentContext) -> None:
         self._context = context
         self.service = RunningCommands(context.reactor)
+        # Found out once, off the reactor; children with a working directory fork until then.
+        context.inThread(probeChdirProgram)
         self.actions = [Action("exec", self._execute)]
 
     def _execute(self, request: Request) -> Deferred[dict[str, Any]]:
@@ -393,6 +415,7 @@ __all__ = [
     "CommandResult",
     "ExecCapability",
     "RunningCommands",
+    "Unit",
     "commandEnvironment",
     "exitCodeOf",
     "runCommand",

@@ -17,6 +17,7 @@ import base64
 import errno
 import os
 import stat
+from contextlib import closing
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -24,12 +25,12 @@ from twisted.internet.defer import Deferred
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import (
-    Child,
     GuestPath,
     MissingPath,
     Workspace,
     WorkspaceError,
     processUmask,
+    walkTree,
 )
 from pyro_reactor.wire.dispatch import Action, EncodedAnswer
 from pyro_reactor.wire.request import Request
@@ -65,8 +66,9 @@ def _entry(text: str, info: os.stat_result, linkTarget: str | None) -> dict[str,
 class WorkspaceFiles:
     """The blocking work behind the four actions; run each method in a worker thread."""
 
-    def __init__(self, workspace: Workspace) -> None:
+    def __init__(self, workspace: Workspace, maxEntries: int = 100_000) -> None:
         self.workspace = workspace
+        self.maxEntries = maxEntries
 
     def _describe(self, path: GuestPath) -> tuple[dict[str, Any], int | None]:
         """The entry of ``path`` and, if it is a directory, an open descriptor of it."""
@@ -103,30 +105,19 @@ class WorkspaceFiles:
         if fd is None:
             return {"path": path.text, "artifact_type": entry["artifact_type"], "entries": [entry]}
         entries: list[dict[str, Any]] = []
-        # Each level: an open directory, its guest path, and its children still to visit
-        # (reversed, so that pop() takes them in order).
-        stack: list[tuple[int, str, list[Child]]] = [(fd, path.text, [])]
         try:
-            stack[-1] = (fd, path.text, self.workspace.children(fd)[::-1])
-            while stack:
-                directory, text, pending = stack[-1]
-                if not pending:
-                    stack.pop()
-                    os.close(directory)
-                    continue
-                child = pending.pop()
-                childText = f"{text}/{child.name}"
-                childEntry = _entry(childText, child.stat, child.linkTarget)
-                entries.append(childEntry)
-                if recursive and childEntry["artifact_type"] == "directory":
-                    sub = self.workspace.openChildDirectory(directory, child.name)
-                    if sub is not None:
-                        # On the stack before it is listed, so that a failure closes it too.
-                        stack.append((sub, childText, []))
-                        stack[-1] = (sub, childText, self.workspace.children(sub)[::-1])
+            with closing(walkTree(fd, path.text, recursive=recursive)) as walker:
+                for found in walker:
+                    if len(entries) >= self.maxEntries:
+                        raise ActionError(
+                            f"{path.text} has more than {self.maxEntries} entries to list"
+                            " (the agent's --max-list-entries): list a subdirectory, or not"
+                            " recursively"
+                        )
+                    child = found.child
+                    entries.append(_entry(found.path, child.stat, child.linkTarget))
         finally:
-            for directory, _, _ in stack:
-                os.close(directory)
+            os.close(fd)
         return {"path": path.text, "artifact_type": "directory", "entries": entries}
 
     def readFile(self, guestPath: str, *, maxBytes: int) -> dict[str, Any]:
@@ -236,7 +227,7 @@ class FilesCapability:
         processUmask()  # read once now, before worker threads start creating files
         self._inThread = context.inThread
         self._answerInThread = context.answerInThread
-        self._files = WorkspaceFiles(context.workspace)
+        self._files = WorkspaceFiles(context.workspace, context.config.maxListEntries)
         self.actions = [
             Action("list_workspace", self._listWorkspace),
             Action("read_workspace_file", self._readWorkspaceFile),
@@ -256,7 +247,7 @@ class FilesCapability:
 
     def _writeWorkspaceFile(self, request: Request) -> Deferred[dict[str, Any]]:
         path = request.string("path", "/workspace")
-        text = request.string("text", "")
+        text = request.string("text", "", codecMessage=True)
         return self._inThread(self._files.writeFile, path, text=text)
 
     def _deleteWorkspacePath(self, request: Request) -> Deferred[dict[str, Any]]:

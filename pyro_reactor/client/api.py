@@ -67,6 +67,7 @@ from pyro_reactor.client.results import (
     ShellOutput,
     WriteResult,
 )
+from pyro_reactor.client.watching import WorkspaceWatch
 
 log = Logger(namespace="pyro_reactor.client")
 
@@ -625,6 +626,55 @@ class AgentClient:
             {"action": "list_services"},
             lambda answer: [ServiceInfo.fromAnswer(s) for s in _items(answer, "services")],
         )
+
+    # -- TCP into the guest and workspace watches ----------------------------------------
+
+    def connectTCP(
+        self, port: int, host: str | None = None, timeout: int | None = None
+    ) -> IStreamClientEndpoint:
+        """An endpoint reaching guest TCP ``port`` (on ``host``, default the guest's
+        127.0.0.1) through the agent: each ``connect`` is one ``connect_tcp`` relay."""
+        from pyro_reactor.client.tcp import GuestTCPEndpoint  # noqa: PLC0415 (on demand)
+
+        return GuestTCPEndpoint(self.endpoint, port, host, timeout)
+
+    def listPorts(self) -> Deferred[list[dict[str, Any]]]:
+        """The guest's listening TCP sockets (``port``, ``host``, ``family``, ``pid``,
+        ``command``)."""
+        return self._simple({"action": "list_ports"}, lambda answer: _items(answer, "ports"))
+
+    def watchWorkspace(
+        self,
+        onEvent: Callable[[dict[str, Any]], None],
+        path: str = "/workspace",
+        recursive: bool = True,
+    ) -> Deferred[WorkspaceWatch]:
+        """Watch a workspace directory: fires once every watch is in place, then calls
+        ``onEvent`` with each event until the stream ends (``WorkspaceWatch.ended``)."""
+        from pyro_reactor.client.watching import WatchFactory, WatchProtocol  # noqa: PLC0415
+
+        request = {"action": "watch_workspace", "path": path, "recursive": recursive}
+        protocol = WatchProtocol(request, onEvent)
+
+        async def start() -> WorkspaceWatch:
+            try:
+                await self._bounded(
+                    self.endpoint.connect(WatchFactory(protocol)),
+                    self.connectTimeout,
+                    lambda: AgentTimeoutError(
+                        f"could not connect to {self.where} within {self.connectTimeout:g} s",
+                        "watch_workspace",
+                    ),
+                )
+            except AgentError:
+                raise
+            except Exception as reason:
+                raise AgentUnavailableError(
+                    f"could not connect to {self.where}: {_describe(reason)}", "watch_workspace"
+                ) from reason
+            return await protocol.started
+
+        return Deferred.fromCoroutine(start())
 
 
 def _items(answer: dict[str, Any], key: str) -> list[dict[str, Any]]:

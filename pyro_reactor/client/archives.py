@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
+from pyro_reactor.system.tarnames import UnsafeMemberName, memberParts
+
 _CHUNK = 256 * 1024
 
 
@@ -106,13 +108,16 @@ def _addOne(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 
 
 def _memberParts(name: str) -> tuple[str, ...]:
-    candidate = PurePosixPath(name.strip())
-    if candidate.is_absolute():
-        raise UnsafeArchiveError(f"refusing archive member with an absolute path: {name}")
-    parts = tuple(p for p in candidate.parts if p not in ("", "."))
-    if ".." in parts:
-        raise UnsafeArchiveError(f"refusing archive member that leaves the directory: {name}")
-    return parts
+    try:
+        return memberParts(name)
+    except UnsafeMemberName as unsafe:
+        if unsafe.absolute:
+            raise UnsafeArchiveError(
+                f"refusing archive member with an absolute path: {name}"
+            ) from None
+        raise UnsafeArchiveError(
+            f"refusing archive member that leaves the directory: {name}"
+        ) from None
 
 
 def _linkStaysInside(parts: tuple[str, ...], target: str) -> bool:

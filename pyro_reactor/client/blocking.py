@@ -119,3 +119,4 @@ class BlockingClient:
     logsService = _blocking(AgentClient.logsService)
     stopService = _blocking(AgentClient.stopService)
     listServices = _blocking(AgentClient.listServices)
+    listPorts = _blocking(AgentClient.listPorts)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
 from pyro_reactor._version import __version__
 from pyro_reactor.client.api import (
@@ -174,6 +174,23 @@ def buildParser() -> argparse.ArgumentParser:
     logs.add_argument("name")
     logs.add_argument("--tail", type=int, default=None, metavar="LINES")
     actions.add_parser("list", help="list the services")
+
+    forward = commands.add_parser(
+        "forward",
+        help="relay host ports to guest ports (like ssh -L) until Ctrl-C",
+    )
+    forward.add_argument(
+        "specs",
+        nargs="+",
+        metavar="[BIND_ADDR:]LOCAL_PORT:GUEST_PORT",
+        help="bind defaults to 127.0.0.1",
+    )
+    commands.add_parser("ports", help="list the guest's listening TCP ports")
+    watchCommand = commands.add_parser(
+        "watch", help="print workspace changes as they happen until Ctrl-C"
+    )
+    watchCommand.add_argument("path", nargs="?", default="/workspace")
+    watchCommand.add_argument("--no-recursive", action="store_true", help="only PATH itself")
     return parser
 
 
@@ -468,6 +485,70 @@ class Runner:
                 self.console.stderr.write(logs.stderr)
         return EXIT_OK
 
+    async def do_forward(self) -> int:
+        from pyro_reactor.client.forward import listenForward, parseForward  # noqa: PLC0415
+
+        try:
+            specs = [parseForward(text) for text in self.options.specs]
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+
+        def report(line: str) -> None:
+            self.say(line)
+            self.console.stdout.flush()
+
+        for spec in specs:
+            try:
+                port = await listenForward(
+                    self.reactor, spec, self.client.connectTCP(spec.guest), report
+                )
+            except Exception as error:
+                raise AgentUnavailableError(
+                    f"cannot listen on {spec}: {error}", "forward"
+                ) from error
+            address = port.getHost()
+            report(f"forwarding {address.host}:{address.port} -> guest port {spec.guest}")
+        await Deferred()  # until Ctrl-C stops the reactor
+        return EXIT_OK
+
+    async def do_ports(self) -> int:
+        ports = await self.client.listPorts()
+        if self.options.json:
+            self.emit({"ports": ports})
+            return EXIT_OK
+        for entry in ports:
+            host = entry.get("host", "")
+            address = f"[{host}]" if ":" in str(host) else str(host)
+            owner = f"{entry.get('command')} (pid {entry.get('pid')})" if entry.get("pid") else "-"
+            self.say(f"{entry.get('family', ''):5} {address}:{entry.get('port')}  {owner}")
+        return EXIT_OK
+
+    async def do_watch(self) -> int:
+        def show(event: dict[str, Any]) -> None:
+            if self.options.json:
+                self.emit(event)
+            else:
+                kind = event.get("event", "?")
+                path = event.get("path", "")
+                if "from" in event:
+                    path = f"{event['from']} -> {path}"
+                elif kind == "error":
+                    path = f"{path}: {event.get('error', '')}"
+                slash = "/" if event.get("is_dir") else ""
+                self.say(f"{kind:8} {path}{slash}")
+            self.console.stdout.flush()
+
+        watch = await self.client.watchWorkspace(
+            show, self.options.path, recursive=not self.options.no_recursive
+        )
+        if not self.options.json:
+            self.say(f"watching {watch.path} (Ctrl-C stops)")
+        else:
+            self.emit({"watching": watch.path})
+        self.console.stdout.flush()
+        await watch.ended
+        return EXIT_OK
+
     def _showService(self, info: ServiceInfo) -> None:
         if self.options.json:
             self.emit(info.raw)
@@ -550,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(sys.stdin, sys.stdout, sys.stderr)
 
     async def start(reactor: Any) -> None:
+        # react() calls this before reactor.run() installs the SIGINT/SIGTERM handlers whose
+        # shutdown triggers remove spool files: begin only once the reactor runs.
+        await deferLater(reactor, 0)
         code = await run(reactor, arguments, console)
         if code:
             raise SystemExit(code)

@@ -17,10 +17,7 @@ works anywhere, next to Twisted's own ``tcp:`` and ``unix:``. The server side's 
 parser is a different interface (``IStreamServerEndpointStringParser``); both live together.
 
 The AF_VSOCK transport reuses Twisted's TCP client (``tcp.BaseClient``) with the socket's family
-changed and no name resolution; it relies on ``BaseClient``'s ``_finishInit`` /
-``_requiresResolution`` / ``_setRealAddress`` hooks and on ``endpoints._WrappingFactory``, all
-present across the Twisted range setup.cfg allows (``tests/test_client_endpoints.py`` keeps a
-test on them).
+changed and no name resolution, through the hooks of ``pyro_reactor/client/_twisted.py``.
 """
 
 from __future__ import annotations
@@ -29,12 +26,13 @@ import re
 import socket
 from typing import Any
 
-from twisted.internet import base, error, tcp
+from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, _WrappingFactory
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
     IReactorCore,
@@ -46,6 +44,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pyro_reactor.client._twisted import StreamClient, StreamConnector, connectWrapped
 from pyro_reactor.system.vsock import AF_VSOCK, VSockAddress, cidName
 
 _MAX_U32 = 0xFFFFFFFF
@@ -67,8 +66,13 @@ class VSockConnectError(error.ConnectError):
 # -- Firecracker hybrid vsock ------------------------------------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class _HandshakeProtocol(Protocol):
-    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol."""
+    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol.
+
+    A half-close reaches the real protocol when it takes half-closes (a relayed guest TCP
+    connection does); otherwise the connection is closed, as it would be without us.
+    """
 
     def __init__(self, endpoint: FirecrackerVSockClientEndpoint, factory: IProtocolFactory) -> None:
         self.endpoint = endpoint
@@ -124,6 +128,18 @@ class _HandshakeProtocol(Protocol):
                     f" port {self.endpoint.port}?)"
                 )
             )
+
+    def readConnectionLost(self) -> None:
+        wrapped = self.wrapped
+        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+            wrapped.readConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        wrapped = self.wrapped
+        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+            wrapped.writeConnectionLost()
 
     def _refused(self, said: str) -> None:
         self._abandon(
@@ -223,11 +239,10 @@ class FirecrackerVSockClientEndpoint:
 # -- AF_VSOCK --------------------------------------------------------------------------------
 
 
-class VSockClient(tcp.BaseClient):
+class VSockClient(StreamClient):
     """An outgoing ``AF_VSOCK`` stream: Twisted's TCP client with vsock addresses."""
 
     socketType = socket.SOCK_STREAM
-    _requiresResolution = False
 
     def __init__(self, cid: int, port: int, connector: VSockConnector, reactor: Any) -> None:
         self.connector = connector
@@ -244,7 +259,7 @@ class VSockClient(tcp.BaseClient):
         except OSError as se:
             err = error.ConnectBindError(se.args[0], se.args[1])
             whenDone = None
-        self._finishInit(whenDone, skt, err, reactor)
+        self.finishInit(whenDone, skt, err, reactor)
 
     def getHost(self) -> VSockAddress:
         cid, port = self.socket.getsockname()
@@ -255,7 +270,7 @@ class VSockClient(tcp.BaseClient):
         return VSockAddress(cid, port)
 
 
-class VSockConnector(base.BaseConnector):
+class VSockConnector(StreamConnector):
     """Drives one L{VSockClient} connection attempt (with the connect timeout)."""
 
     def __init__(
@@ -263,9 +278,9 @@ class VSockConnector(base.BaseConnector):
     ) -> None:
         self.cid = cid
         self.port = port
-        base.BaseConnector.__init__(self, factory, timeout, reactor)
+        StreamConnector.__init__(self, factory, timeout, reactor)
 
-    def _makeTransport(self) -> VSockClient:  # type: ignore[override]
+    def makeTransport(self) -> VSockClient:
         return VSockClient(self.cid, self.port, self, self.reactor)
 
     def getDestination(self) -> VSockAddress:
@@ -286,11 +301,10 @@ class VSockClientEndpoint:
         self.timeout = timeout
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        wrapping = _WrappingFactory(protocolFactory)
-        connector = VSockConnector(self.cid, self.port, wrapping, self.timeout, self.reactor)
-        connector.connect()
-        connected: Deferred[IProtocol] = wrapping._onConnection
-        return connected
+        def connect(wrapping: IProtocolFactory) -> None:
+            VSockConnector(self.cid, self.port, wrapping, self.timeout, self.reactor).connect()
+
+        return connectWrapped(protocolFactory, connect)
 
     def __repr__(self) -> str:
         return f"VSockClientEndpoint(cid={cidName(self.cid)}, port={self.port})"

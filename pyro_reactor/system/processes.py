@@ -17,12 +17,11 @@ How the new session is made, fastest first (numbers in docs/actions/exec.md):
    coreutils ``env --chdir=DIR`` goes in front of the argv (one more ``execve``, under a
    millisecond), because Twisted's other way, forking the agent and running Python in the
    child, costs 4-6 ms more (measured: no directory 5.06 ms, ``env --chdir`` 5.29 ms, fork
-   9.13 ms for ``sh -lc true``). Without such an ``env``, that fork path is taken, and its
-   ``_setupChild`` calls ``os.setsid()`` in the child. This overrides one
-   private method of ``twisted.internet.process.Process`` and uses two private helpers; the
-   Twisted range is pinned in setup.cfg and ``tests/test_processes.py`` checks ``pid == pgid``
-   on this path, so a Twisted change that breaks it fails the tests, and a Twisted without
-   those helpers falls back to (2).
+   9.13 ms for ``sh -lc true``). Whether ``env`` knows ``--chdir`` is found out once, in a
+   worker thread at start-up (L{probeChdirProgram}); until then, and without such an ``env``,
+   the fork path is taken, and the child calls ``os.setsid()`` before its exec. The hooks
+   into Twisted's ``Process`` are L{pyro_reactor.system._twisted.SpawningProcess}'s; a
+   Twisted without them falls back to (2).
 2. Any other reactor: ``reactor.spawnProcess`` with util-linux ``setsid`` in front of the argv
    (it calls ``setsid(2)`` and execs the program in the same process: it only forks when it is
    already a group leader, which a freshly spawned child never is), so the pid is the program's
@@ -32,8 +31,8 @@ How the new session is made, fastest first (numbers in docs/actions/exec.md):
 Pitfalls for users of these children. ``transport.pid`` becomes ``None`` once Twisted has
 reaped the child, and a child that exits at once on a busy machine can be reaped *before*
 ``spawnInSession`` returns (Twisted reaps once when it registers the child): read the pid in
-the protocol's ``connectionMade`` (``self.transport.pid`` is set there) and keep it. And (see
-STYLE.md) ``processExited`` fires when the child is reaped, ``processEnded`` only once every
+the protocol's ``connectionMade`` (``self.transport.pid`` is set there) and keep it. And
+``processExited`` fires when the child is reaped, ``processEnded`` only once every
 pipe is closed too. A background grandchild that keeps
 stdout open (``sleep 30 & echo hi``) holds ``processEnded`` back; after ``processExited`` give
 a short grace and then close the pipes yourself (``execute.runCommand`` does).
@@ -41,30 +40,37 @@ a short grace and then close the pipes yourself (``execute.runCommand`` does).
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import process as _twistedProcess
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IProcessTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyro_reactor.system._twisted import SPAWN_HOOKS, SpawningProcess
+from pyro_reactor.system.procfs import (
+    ProcStat,
+    allProcesses,
+    childrenOf,
+    descendantsOf,
+    parseProcStat,
+    readProcStat,
+)
 
 try:
     from twisted.internet.posixbase import PosixReactorBase
-    from twisted.internet.process import _PS_CLOSE, _PS_DUP2, _getFileActions, _listOpenFDs
-except ImportError:  # pragma: no cover - a Twisted without them: use the setsid program
-    _SPAWN_INTERNALS = False
-else:
-    _SPAWN_INTERNALS = hasattr(os, "posix_spawnp") and hasattr(
-        _twistedProcess.Process, "_trySpawnInsteadOfFork"
-    )
+except ImportError:  # pragma: no cover - not a POSIX Twisted
+    PosixReactorBase = None  # type: ignore[assignment,misc]
 
 log = Logger(namespace="pyro_reactor.system.processes")
 
@@ -78,38 +84,46 @@ _PYTHON_TRAMPOLINE = (
 )
 
 
-#: Every signal the child starts with at its default action. Twisted lists the ones the agent
-#: ignores (Python ignores SIGPIPE and SIGXFSZ) at each spawn, which costs 80 us; resetting
-#: all of them is the same for the child (handled ones are reset by exec anyway) and free.
-_DEFAULT_SIGNALS = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
-
-
 @cache
 def _setsidProgram() -> str | None:
     return shutil.which("setsid")
 
 
-@cache
-def _chdirProgram() -> str | None:
-    """coreutils ``env``, if it knows ``--chdir`` (coreutils 8.28, 2017, and newer).
+_chdir: dict[str, str | None] = {}
 
-    Found out once, by running it (a millisecond, the first time a child needs a directory).
+
+def probeChdirProgram() -> str | None:
+    """Find coreutils ``env`` if it knows ``--chdir`` (coreutils 8.28, 2017, and newer).
+
+    Blocking (it runs ``env --chdir=/ true`` once, a millisecond): call it in a worker thread
+    at start-up. Until it has answered, L{chdirProgram} says ``None`` and children with a
+    working directory take the (slower, equally correct) fork path.
     """
+    if "program" in _chdir:
+        return _chdir["program"]
     program = shutil.which("env")
-    if program is None:
-        return None
-    try:
-        probe = subprocess.run(  # a fixed argv, run once
-            [program, "--chdir=/", "true"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return program if probe.returncode == 0 else None
+    found: str | None = None
+    if program is not None:
+        try:
+            probe = subprocess.run(  # a fixed argv, run once
+                [program, "--chdir=/", "true"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
+        else:
+            found = program if probe.returncode == 0 else None
+    _chdir["program"] = found
+    return found
+
+
+def chdirProgram() -> str | None:
+    """The ``env`` that knows ``--chdir``, if L{probeChdirProgram} found one; never blocks."""
+    return _chdir.get("program")
 
 
 def sessionArgv(argv: Sequence[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:
@@ -134,73 +148,13 @@ def sessionArgv(argv: Sequence[str], cwd: str | os.PathLike[str] | None = None) 
     ]
 
 
-def _openFDs() -> list[tuple[int, bool]]:
-    """Every descriptor open in the agent, with its close-on-exec flag, for the spawn.
-
-    What Twisted's spawn lists too (the spawn closes in the child each one not marked
-    close-on-exec), in one pass over ``/proc/self/fd``: Twisted's detector adds a
-    ``getpid`` and a second list (with 20 descriptors open: 19 us instead of 28 us).
-    """
-    try:
-        names: list[str] | list[int] = os.listdir("/proc/self/fd")
-    except OSError:
-        names = list(_listOpenFDs())
-    state = []
-    for name in names:
-        fd = int(name)
-        try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            continue  # the listing's own descriptor, closed by now
-        state.append((fd, bool(flags & fcntl.FD_CLOEXEC)))
-    return state
-
-
-class _SessionProcess(_twistedProcess.Process):
-    """Twisted's POSIX process transport, with the child made a session or group leader.
-
-    Without a working directory Twisted spawns with ``posix_spawnp``: we make the same call
-    with ``setsid=True`` (or ``setpgroup=0``). With one it forks: ``_setupChild`` runs in the
-    child before the exec. ``newSession`` is set on the class by the two subclasses below
-    because Twisted's ``Process.__init__`` spawns before a subclass could set an attribute.
-    """
+class _SessionProcess(SpawningProcess):
+    """The child leads a new session (and process group)."""
 
     newSession = True
 
-    def _trySpawnInsteadOfFork(  # noqa: PLR0917 - Twisted's signature
-        self,
-        path: object,
-        uid: object,
-        gid: object,
-        executable: str,
-        args: list[str],
-        environment: dict[str, str] | None,
-        kwargs: dict[str, Any],
-    ) -> bool:
-        if path is not None or uid is not None or gid is not None:
-            return False
-        self.pid = os.posix_spawnp(
-            executable,
-            args,
-            os.environ if environment is None else environment,
-            file_actions=_getFileActions(
-                _openFDs(), kwargs["fdmap"], doClose=_PS_CLOSE, doDup2=_PS_DUP2
-            ),
-            setsigdef=_DEFAULT_SIGNALS,
-            **({"setsid": True} if self.newSession else {"setpgroup": 0}),
-        )
-        self.status = -1
-        return True
 
-    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
-        if self.newSession:
-            os.setsid()
-        else:
-            os.setpgid(0, 0)
-        super()._setupChild(*args, **kwargs)
-
-
-class _GroupProcess(_SessionProcess):
+class _GroupProcess(SpawningProcess):
     """The child leads a new process group in the agent's session."""
 
     newSession = False
@@ -255,7 +209,7 @@ def spawnInGroup(  # noqa: PLR0917 - the spawnProcess order, as callers expect
 
 
 def _spawn(  # noqa: PLR0917
-    kind: type[_SessionProcess],
+    kind: type[SpawningProcess],
     reactor: Any,
     processProtocol: IProcessProtocol,
     argv: Sequence[str],
@@ -268,9 +222,9 @@ def _spawn(  # noqa: PLR0917
     if cwd is not None and not Path(cwd).is_dir():
         raise NotADirectoryError(f"working directory does not exist: {os.fspath(cwd)}")
     fds = None if childFDs is None else dict(childFDs)
-    if _SPAWN_INTERNALS and isinstance(reactor, PosixReactorBase):
+    if SPAWN_HOOKS and PosixReactorBase is not None and isinstance(reactor, PosixReactorBase):
         program, path = list(argv), None if cwd is None else os.fspath(cwd)
-        chdir = None if path is None else _chdirProgram()
+        chdir = None if path is None else chdirProgram()
         # env would read a program name holding "=" as a variable to set.
         if path is not None and chdir is not None and "=" not in program[0]:
             program, path = [chdir, f"--chdir={path}", *program], None
@@ -325,23 +279,110 @@ def groupAlive(pgid: int | None) -> bool:
     """
     if pgid is None or pgid <= 1 or not signalGroup(pgid, 0):
         return False
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+    if not os.path.isdir("/proc/self"):
         return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return any(info.pgid == pgid and not info.zombie for info in allProcesses())
+
+
+class ProcessTree:
+    """Everything a unit started: its process group, and each descendant seen so far.
+
+    A group signal misses a descendant that moved to a group or session of its own
+    (``setsid``, a daemon); this also signals each descendant of the group's leader found
+    in ``/proc``, and remembers them (with their start time, so that a reused pid is never
+    signalled), because once their parent is gone they are re-parented and no walk from the
+    leader finds them again. What can still escape: a process that was already re-parented
+    away before the first signal (a daemon's double fork that completed), and processes
+    started by one in the instant between the walk and the signal. The hook a cgroup plugs
+    into: something with the same ``signal`` and ``alive`` methods.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self._seen: dict[int, int] = {}
+        leader = readProcStat(pgid)
+        self._leaderTicks = None if leader is None else leader.startTicks
+
+    def _collect(self) -> list[int]:
+        """The remembered descendants still alive and still the same processes."""
+        leader = readProcStat(self.pgid)
+        sameLeader = leader is not None and leader.startTicks == self._leaderTicks
+        roots = [self.pgid] if sameLeader else []
+        roots.extend(self._seen)
+        for found in descendantsOf(roots):
+            self._seen.setdefault(found.pid, found.startTicks)
+        live = []
+        for pid, ticks in list(self._seen.items()):
+            info = readProcStat(pid)
+            if info is None or info.zombie or info.startTicks != ticks:
+                del self._seen[pid]
+            else:
+                live.append(pid)
+        return live
+
+    def signal(self, signum: int) -> bool:
+        """Send C{signum} to the group and every descendant; whether anything was there."""
+        members = self._collect()
+        sent = signalGroup(self.pgid, signum)
+        for pid in members:
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, signum)
+            except OSError as error:
+                if error.errno not in (errno.ESRCH, errno.EPERM):
+                    raise
+            else:
+                sent = True
+        return sent
+
+    def alive(self) -> bool:
+        """Whether the group or a remembered descendant still has a live process."""
+        return groupAlive(self.pgid) or bool(self._collect())
+
+
+@dataclass(frozen=True)
+class ProcessEnd:
+    """How a child ended: its exit status, or the signal that killed it."""
+
+    exitCode: int | None
+    signal: int | None
+
+    @property
+    def code(self) -> int:
+        """The ``subprocess`` convention: the exit status, or minus the signal's number."""
+        if self.exitCode is not None:
+            return self.exitCode
+        if self.signal is not None:
+            return -self.signal
+        return -1
+
+
+def processEndOf(reason: Failure) -> ProcessEnd:
+    """The L{ProcessEnd} that C{reason} (given to ``processExited``/``processEnded``) tells.
+
+    ``ProcessDone`` is status 0. ``ProcessTerminated`` carries either an exit status (the
+    child exited) or a signal (it was killed); if it ever carries both, the exit status wins.
+    Anything else (not a process's end) is neither.
+    """
+    value = reason.value
+    if isinstance(value, ProcessTerminated):
+        exitCode = None if value.exitCode is None else int(value.exitCode)
+        signum = None if value.signal is None else int(value.signal)
+        return ProcessEnd(exitCode, None if exitCode is not None else signum)
+    if isinstance(value, ProcessDone):
+        return ProcessEnd(0, None)
+    return ProcessEnd(None, None)
+
+
+def exitCodeOf(reason: Failure) -> int:
+    """The exit code ``subprocess`` would report for a child that ended with C{reason}.
+
+    Precedence: the exit status if the child exited (``ProcessDone`` is 0), else minus the
+    number of the signal that killed it, else ``-1`` (a reason that is no process end). Use
+    L{processEndOf} to tell "killed" from "exited" (a service's record keeps no code then).
+    """
+    return processEndOf(reason).code
 
 
 def terminateGroup(clock: Any, pgid: int | None, grace: float = 0.5) -> IDelayedCall | None:
@@ -357,7 +398,19 @@ def terminateGroup(clock: Any, pgid: int | None, grace: float = 0.5) -> IDelayed
 
 
 __all__ = [
+    "ProcStat",
+    "ProcessEnd",
+    "ProcessTree",
+    "allProcesses",
+    "chdirProgram",
+    "childrenOf",
+    "descendantsOf",
+    "exitCodeOf",
     "groupAlive",
+    "parseProcStat",
+    "probeChdirProgram",
+    "processEndOf",
+    "readProcStat",
     "sessionArgv",
     "signalGroup",
     "spawnInGroup",

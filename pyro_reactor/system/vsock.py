@@ -26,11 +26,10 @@ reference agent does and as the VM test tier needs (its in-guest checks connect 
 loopback transport, CID 1); production guests with no in-guest client should say
 ``peers=HOST`` (see ``docs/vsock.md`` and ``docs/security.md``).
 
-This leans on three internals of ``tcp.Port``, all present from Twisted 24.7 to 26.10 (the
-range setup.cfg allows, and ``tests/test_vsock.py`` checks them): ``_preexistingSocket`` (a
-socket that ``startListening`` adopts instead of creating one), ``_buildAddr`` (the address
-handed to ``buildProtocol`` for each accepted connection) and the ``transport`` class
-attribute (the connection class built around each accepted socket).
+The port leans on internals of ``tcp.Port`` (a socket adopted instead of created, the address
+built for each accepted connection); they are wrapped by
+L{pyro_reactor.system._twisted.PreboundPort}, with the agent's other private Twisted hooks, and
+checked by ``tests/test_twisted_hooks.py``.
 """
 
 from __future__ import annotations
@@ -58,6 +57,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+from pyro_reactor.system._twisted import PreboundPort
 
 AF_VSOCK: socket.AddressFamily | None = getattr(socket, "AF_VSOCK", None)
 """The address family, or ``None`` on a platform without vsock (the module still imports)."""
@@ -172,7 +173,7 @@ class _AllowedPeers:
         return type(self.factory).__name__
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        # VSockPort._buildAddr makes every address a VSockAddress; anything else is refused.
+        # VSockPort.buildAddress makes every address a VSockAddress; anything else is refused.
         peer = addr if isinstance(addr, VSockAddress) else VSockAddress(VMADDR_CID_ANY, 0)
         if peer.cid not in self.peers:
             log.warn(
@@ -189,11 +190,11 @@ class _AllowedPeers:
 
 
 @implementer(IListeningPort)
-class VSockPort(tcp.Port):
+class VSockPort(PreboundPort):
     """A Twisted TCP port that listens on an ``AF_VSOCK`` socket bound to ``(cid, port)``."""
 
     transport = VSockServer
-    _type = "VSOCK"
+    portType = "VSOCK"
 
     def __init__(
         self,
@@ -223,15 +224,13 @@ class VSockPort(tcp.Port):
         self.factory = cast("Factory[Any]", listening)
         self.backlog = backlog
 
-    def startListening(self) -> None:
-        if self._preexistingSocket is None:
-            try:
-                self._preexistingSocket = _listeningSocket(self.cid, self.vsockPort, self.backlog)
-            except OSError as error:
-                raise CannotListenError(f"vsock cid {self.interface}", self.port, error) from error
-        super().startListening()
+    def makeSocket(self) -> socket.socket:
+        try:
+            return _listeningSocket(self.cid, self.vsockPort, self.backlog)
+        except OSError as error:
+            raise CannotListenError(f"vsock cid {self.interface}", self.port, error) from error
 
-    def _buildAddr(self, address: tuple[int, int]) -> VSockAddress:
+    def buildAddress(self, address: tuple[int, int]) -> VSockAddress:
         return VSockAddress(*address)
 
     def getHost(self) -> VSockAddress:
@@ -240,11 +239,12 @@ class VSockPort(tcp.Port):
 
     def listeningPortNumber(self) -> int:
         """The port number listened on (the kernel's choice for port ANY, once listening)."""
-        number = self._realPortNumber
-        return self.vsockPort if number is None else int(number)
+        number = self.realPortNumber
+        return self.vsockPort if number is None else number
 
     def __repr__(self) -> str:
-        state = "not listening" if self._realPortNumber is None else str(self._realPortNumber)
+        number = self.realPortNumber
+        state = "not listening" if number is None else str(number)
         name = type(self.servedFactory).__name__
         return f"<VSockPort of {name} on {self.interface}:{state} peers={peersName(self.peers)}>"
 

@@ -28,19 +28,22 @@ INTEGER_LIMIT = 2**63 - 1
 """The largest magnitude an integer field may have (a C ``long``); beyond it, a clear error."""
 
 
-def checkText(name: str, text: str) -> str:
+def checkText(name: str, text: str, *, codecMessage: bool = False) -> str:
     """``text``, unless it holds a lone surrogate (``"\\ud800"`` in the JSON).
 
     Such a string cannot be encoded as UTF-8, so it could reach neither a file, a path, a
-    terminal nor a child's arguments: refused here, before anything starts. The message is
-    the codec's, as the reference answers it for ``write_workspace_file``'s text (it names
-    the character and its position, never the rest of the value).
+    terminal nor a child's arguments: refused here, before anything starts, with a message
+    naming the field (never the value). ``codecMessage`` answers the codec's own message
+    instead (it names the character and its position), as the reference answers it for
+    ``write_workspace_file``'s text.
     """
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ActionError(str(error)) from None
+            if codecMessage:
+                raise ActionError(str(error)) from None
+            raise ActionError(f"{name} must be valid Unicode text") from None
     return text
 
 
@@ -103,11 +106,14 @@ class Request:
         value = self.fields.get(name)
         return default if value is None else value
 
-    def string(self, name: str, default: str = "") -> str:
-        """A string field; numbers are accepted and turned to text as the reference does."""
+    def string(self, name: str, default: str = "", *, codecMessage: bool = False) -> str:
+        """A string field; numbers are accepted and turned to text as the reference does.
+
+        A lone surrogate is refused (see L{checkText}, which ``codecMessage`` is passed to).
+        """
         value = self._get(name, default)
         if isinstance(value, str):
-            return checkText(name, value)
+            return checkText(name, value, codecMessage=codecMessage)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ActionError(f"{name} must be a string")
         return str(value)

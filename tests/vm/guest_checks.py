@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import signal
@@ -56,6 +57,7 @@ HOST_DONE = WORKSPACE / ".pyro-vm-host-done"
 HOST_PHASE_MARKER = "@@ host-phase"
 READY_TIMEOUT = 90.0
 HOST_PHASE_TIMEOUT = 240.0
+AGENT_TCP_PORT = 5006  # the test image's second listener (--listen tcp:5006)
 
 
 class Report:
@@ -230,6 +232,80 @@ class Checks:
         assert started.pid is not None
         expect(not alive(started.pid), f"pid {started.pid} still runs after stop")
         return f"ready through its HTTP probe, then stopped ({stopped.stopReason})"
+
+    async def tcpRelay(self) -> str:
+        """connect_tcp over vsock to the agent's own TCP listener (5006 in the test image):
+        a ping through the relay, half-close included; list_ports shows that listener."""
+        from twisted.internet.endpoints import connectProtocol
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from twisted.internet.protocol import Protocol
+        from zope.interface import implementer
+
+        from pyro_reactor.client.tcp import GuestTCPEndpoint
+
+        @implementer(IHalfCloseableProtocol)
+        class Ping(Protocol):
+            def __init__(self) -> None:
+                self.received = b""
+                self.done: Deferred[bytes] = Deferred()
+
+            def connectionMade(self) -> None:
+                transport: Any = self.transport
+                transport.write(b'{"action": "ping"}\n')
+                transport.loseWriteConnection()
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+
+            def readConnectionLost(self) -> None:
+                assert self.transport is not None
+                self.transport.loseConnection()
+
+            def writeConnectionLost(self) -> None:
+                pass
+
+            def connectionLost(self, reason: object = None) -> None:
+                self.done.callback(self.received)
+
+        endpoint = self.client.connectTCP(AGENT_TCP_PORT)
+        expect(isinstance(endpoint, GuestTCPEndpoint), f"endpoint {endpoint!r}")
+        ping = Ping()
+        await connectProtocol(endpoint, ping)
+        answer = json.loads(await ping.done)
+        expect(answer.get("pong") is True, f"through the relay: {answer}")
+        ports = await self.client.listPorts()
+        mine = [entry for entry in ports if entry.get("port") == AGENT_TCP_PORT]
+        expect(bool(mine), f"list_ports has no {AGENT_TCP_PORT}: {ports}")
+        expect(mine[0].get("pid") == answer.get("pid"), f"{AGENT_TCP_PORT} listed as {mine[0]}")
+        return (
+            f"ping relayed to 127.0.0.1:{AGENT_TCP_PORT}, list_ports names pid {answer.get('pid')}"
+        )
+
+    async def watch(self) -> str:
+        """watch_workspace over vsock sees a file written by an exec, and a new directory
+        tree made at once."""
+        (WORKSPACE / "vm-watch").mkdir(exist_ok=True)
+        events: list[dict[str, Any]] = []
+        watch = await self.client.watchWorkspace(events.append, "/workspace/vm-watch")
+        try:
+            result = await self.client.execute(
+                f"cd {WORKSPACE} && echo hi > vm-watch/by-exec && mkdir -p vm-watch/a/b"
+                " && touch vm-watch/a/b/c"
+            )
+            expect(result.exitCode == 0, f"exec: {result.stderr}")
+            wanted = [
+                {"event": "modified", "path": "/workspace/vm-watch/by-exec", "is_dir": False},
+                {"event": "created", "path": "/workspace/vm-watch/a/b/c", "is_dir": False},
+            ]
+            deadline = time.monotonic() + 30
+            while not all(item in events for item in wanted):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"events seen: {events}")
+                await task.deferLater(self.reactor, 0.1, lambda: None)
+        finally:
+            watch.stop()
+            await watch.ended
+        return f"{len(events)} events, the exec's write and a/b/c among them"
 
     async def restartUnderSystemd(self) -> str:
         survivor = await self.startSurvivor()
@@ -435,6 +511,8 @@ async def main(reactor: Any, options: argparse.Namespace) -> int:
                 ["start_service", "status_service", "stop_service"],
                 checks.service,
             )
+            await checks.run("vsock.tcp", ["connect_tcp", "list_ports"], checks.tcpRelay)
+            await checks.run("vsock.watch", ["watch_workspace", "exec"], checks.watch)
         await checks.run("host-phase", [], checks.waitForHost)
         if checks.actions:
             await checks.run("restart.systemd", [], checks.restartUnderSystemd)

@@ -17,10 +17,13 @@ import hashlib
 import io
 import json
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
@@ -254,6 +257,43 @@ class HostChecks:
         expect(stopped.get("state") == "stopped", f"after stop: {stopped.get('state')}")
         return f"ready through its HTTP probe, logs read, stopped ({stopped.get('stop_reason')})"
 
+    def forward(self) -> str:
+        """``pyro-agent-client forward`` through the hostfwd port: a guest HTTP service's page
+        fetched from a host port."""
+        marker = f"forwarded page {time.time()}\n"
+        self.call("write_workspace_file", workspace_path="/workspace/fwd/index.txt", text=marker)
+        name = "host-fwd-http"
+        started = self.call(
+            "start_service",
+            service_name=name,
+            command="exec python3 -m http.server 8767 --bind 127.0.0.1",
+            cwd="/workspace/fwd",
+            readiness={"type": "tcp", "address": "127.0.0.1:8767"},
+            ready_timeout_seconds=60,
+            ready_interval_ms=200,
+        )
+        expect(started.get("state") == "running", f"service: {started}")
+        client = Path(sys.executable).with_name("pyro-agent-client")
+        forwarder = subprocess.Popen(
+            [str(client), "--connect", f"tcp:host=127.0.0.1:port={self.port}", "forward", "0:8767"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert forwarder.stdout is not None
+            first = forwarder.stdout.readline()
+            expect(first.startswith("forwarding 127.0.0.1:"), f"forward said {first!r}")
+            local = int(first.split()[1].rsplit(":", 1)[1])
+            with urllib.request.urlopen(f"http://127.0.0.1:{local}/index.txt", timeout=30) as page:
+                body = page.read().decode()
+            expect(body == marker, f"the page is {body!r}")
+        finally:
+            forwarder.terminate()
+            forwarder.wait(timeout=10)
+            self.call("stop_service", service_name=name)
+        return f"guest 127.0.0.1:8767 served its page on host port {local}"
+
     def finish(self, verdict: str) -> None:
         """Tell the in-guest driver the host phase is over (it waits for this file)."""
         result = self.call(
@@ -292,6 +332,11 @@ def runHostChecks(
             "host.service",
             ["start_service", "status_service", "logs_service", "stop_service"],
             checks.service,
+        )
+        checks.run(
+            "host.forward",
+            ["connect_tcp", "start_service", "stop_service", "write_workspace_file"],
+            checks.forward,
         )
     failed = [name for name, outcome in checks.results.items() if outcome == "FAIL"]
     try:

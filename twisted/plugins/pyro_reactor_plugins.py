@@ -24,3 +24,6 @@ firecrackerVSockClientParser = LazyClientParser(
     "fcvsock", "pyro_reactor.client.endpoints", "FirecrackerVSockClientParser"
 )
 vsockClientParser = LazyClientParser("vsock", "pyro_reactor.client.endpoints", "VSockClientParser")
+
+# A guest TCP port through the agent: pyro:<agent endpoint>:guest_port=PORT.
+pyroClientParser = LazyClientParser("pyro", "pyro_reactor.client.tcp", "PyroClientParser")

@@ -1,14 +1,9 @@
-"""Readiness probes: one automat machine per probe, and the four checks a probe can poll.
+"""The readiness checks a probe can poll, and the ``readiness`` object of a request.
 
-A service started with a ``readiness`` object is not answered until its probe says it is ready
-(or gives up). The probe is its own small machine (L{ProbeMachine}): it runs its check at once,
-then again every ``ready_interval_ms`` after each failed check, until a check passes or the
-deadline of ``ready_timeout_seconds`` (counted from ``start``) passes. A check still running at
-the deadline is cancelled: the answer never waits beyond the deadline, and a result that comes
-in afterwards is a late event the terminal states ignore.
-
-The checks (L{parseReadiness} validates the request's object, L{ReadinessSpec.check} builds
-the callable) never block the reactor:
+L{parseReadiness} validates the request's object completely before anything is started;
+L{ReadinessSpec.check} builds the callable the probe machine
+(L{pyro_reactor.capabilities.services._probe_machine}) polls. The checks never block the
+reactor:
 
   - ``file``: something exists at a workspace path, looked up in a worker thread through the
     kernel-confined L{Workspace} (a path outside the workspace is refused up front);
@@ -25,25 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from automat import TypeMachineBuilder
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as WireProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyro_reactor.capabilities.execute import CommandResult, runCommand
+from pyro_reactor.capabilities.services._probe_machine import Check
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IResponse
 
-log = Logger(namespace="pyro_reactor.capabilities.probes")
+log = Logger(namespace="pyro_reactor.capabilities.services.readiness")
 
 #: Seconds a TCP check waits for the connection (the reference's socket timeout).
 TCP_TIMEOUT = 1.0
@@ -57,144 +51,6 @@ COMMAND_OUTPUT_BYTES = 64 * 1024
 HTTP_BODY_BYTES = 64 * 1024
 
 READINESS_TYPES = ("file", "tcp", "http", "command")
-
-Check = Callable[[], "Deferred[bool]"]
-
-
-class Probe(Protocol):
-    """The inputs of a readiness probe machine."""
-
-    def start(self) -> None:
-        "Run the first check now and start the deadline."
-
-    def stop(self) -> None:
-        "Stop polling (the service ended or is being stopped); nothing is reported."
-
-    def _tick(self) -> None:
-        "The wait between two checks is over."
-
-    def _passed(self) -> None:
-        "The running check says ready."
-
-    def _failed(self) -> None:
-        "The running check says not ready (or broke)."
-
-    def _expired(self) -> None:
-        "The deadline passed."
-
-
-@dataclass
-class ProbeCore:
-    """What a probe needs from the world.
-
-    ``onReady`` / ``onTimeout`` are called once, when the probe reaches ``ready`` or
-    ``expired``; never after ``stop``.
-    """
-
-    clock: IReactorTime
-    check: Check
-    interval: float
-    timeout: float
-    onReady: Callable[[], None]
-    onTimeout: Callable[[], None]
-    deadline: IDelayedCall | None = None
-    attempts: int = 0
-
-    def cancelDeadline(self) -> None:
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
-        self.deadline = None
-
-
-def _runCheck(probe: Probe, core: ProbeCore) -> Deferred[None]:
-    core.attempts += 1
-    pending: Deferred[bool] = maybeDeferred(core.check)
-
-    def report(ready: bool) -> None:
-        if ready:
-            probe._passed()
-        else:
-            probe._failed()
-
-    def broken(failure: Failure) -> None:
-        probe._failed()
-
-    return pending.addCallbacks(report, broken)
-
-
-def _scheduleTick(probe: Probe, core: ProbeCore) -> IDelayedCall:
-    return core.clock.callLater(core.interval, probe._tick)
-
-
-builder = TypeMachineBuilder(Probe, ProbeCore)
-idle = builder.state("idle")
-checking = builder.state("checking", _runCheck)
-waiting = builder.state("waiting", _scheduleTick)
-ready = builder.state("ready")
-expired = builder.state("expired")
-stopped = builder.state("stopped")
-
-
-@idle.upon(Probe.start).to(checking)
-def _startDeadline(probe: Probe, core: ProbeCore) -> None:
-    core.deadline = core.clock.callLater(core.timeout, probe._expired)
-
-
-idle.upon(Probe.stop).to(stopped).returns(None)
-checking.upon(Probe._failed, nodata=True).to(waiting).returns(None)
-waiting.upon(Probe._tick, nodata=True).to(checking).returns(None)
-
-
-@checking.upon(Probe._passed).to(ready)
-def _becomeReady(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
-    core.cancelDeadline()
-    core.onReady()
-
-
-@checking.upon(Probe._expired).to(expired)
-def _expireWhileChecking(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
-    core.deadline = None
-    pending.cancel()
-    core.onTimeout()
-
-
-@waiting.upon(Probe._expired).to(expired)
-def _expireWhileWaiting(probe: Probe, core: ProbeCore, timer: IDelayedCall) -> None:
-    core.deadline = None
-    timer.cancel()
-    core.onTimeout()
-
-
-@checking.upon(Probe.stop).to(stopped)
-def _stopWhileChecking(probe: Probe, core: ProbeCore, pending: Deferred[None]) -> None:
-    core.cancelDeadline()
-    pending.cancel()
-
-
-@waiting.upon(Probe.stop).to(stopped)
-def _stopWhileWaiting(probe: Probe, core: ProbeCore, timer: IDelayedCall) -> None:
-    core.cancelDeadline()
-    timer.cancel()
-
-
-for _busy in (checking, waiting):
-    _busy.upon(Probe.start).loop().returns(None)
-# Events that cannot happen (each timer and check belongs to one state and is cancelled when it
-# is left), accepted anyway so that the machine is total.
-for _state, _impossible in (
-    (idle, (Probe._tick, Probe._passed, Probe._failed, Probe._expired)),
-    (checking, (Probe._tick,)),
-    (waiting, (Probe._passed, Probe._failed)),
-):
-    for _input in _impossible:
-        _state.upon(_input).loop().returns(None)
-for _terminal in (ready, expired, stopped):
-    # A cancelled check reports later; a stop may race the outcome: all of it is ignored.
-    for _late in (Probe.start, Probe.stop, Probe._tick, Probe._passed, Probe._failed):
-        _terminal.upon(_late).loop().returns(None)
-    _terminal.upon(Probe._expired).loop().returns(None)
-
-ProbeMachine = builder.build()
 
 
 # -- the readiness object of a request --------------------------------------------------------
@@ -239,7 +95,18 @@ def _field(readiness: Mapping[str, Any], name: str) -> str:
         raise ActionError(f"readiness {name} is required")
     if "\x00" in text:
         raise ActionError(f"readiness {name} must not contain NUL bytes")
+    if not isValidText(text):
+        raise ActionError(f"readiness {name} must be valid Unicode text")
     return text
+
+
+def isValidText(text: str) -> bool:
+    """Whether C{text} can be encoded (no lone surrogate, as a JSON ``\\ud800`` makes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parseReadiness(readiness: Mapping[str, Any], workspace: Workspace) -> ReadinessSpec:
@@ -410,13 +277,11 @@ def commandCheck(
 
 
 __all__ = [
-    "Probe",
-    "ProbeCore",
-    "ProbeMachine",
     "ReadinessSpec",
     "commandCheck",
     "fileCheck",
     "httpCheck",
+    "isValidText",
     "parseReadiness",
     "tcpCheck",
 ]

@@ -1,0 +1,426 @@
+"""The registry of services by name: starts, stops, re-adopts and reports on them.
+
+Services outlive the agent. Nothing is stopped when the agent stops; a new agent reads every
+record at start-up (L{Services.startService}, synchronously, before any request is served, so
+that no name can be started twice) and takes each service back: a live one is watched again,
+one that ended meanwhile becomes ``exited`` with the code from ``NAME.status``.
+
+A start is four steps (L{Services.start}): claim the name (a machine in ``idle``), sweep what
+an ended service of the same name left running (SIGKILL, waiting until it is gone; a start is
+refused if it is not gone after the stop grace), prepare
+the files and open the working directory (in a worker thread), then spawn the runner and hand
+it to the machine. A failed step gives the name back. Whether a name is free, and whether a
+start was overtaken by a stop, is asked of the machine (``hasEnded``, ``canStart``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyro_reactor.capabilities.services._machine import (
+    STOP_GRACE,
+    TERMINAL_STATES,
+    ProbeFactory,
+    ServiceCore,
+    ServiceInput,
+    adoptedService,
+    endedService,
+    newService,
+)
+from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
+from pyro_reactor.capabilities.services._runner import DIRECTORY_FD
+from pyro_reactor.capabilities.services.records import (
+    RecordWriter,
+    ServiceFiles,
+    makePrivateRoot,
+    prepareFiles,
+    readExitStatus,
+    runnerScript,
+    tailText,
+)
+from pyro_reactor.capabilities.services.units import (
+    AdoptedProcess,
+    ChildProcess,
+    RunnerProtocol,
+    ServiceProcess,
+    SessionUnit,
+    UnitGroup,
+    processStat,
+    sameProcessAlive,
+    sweep,
+)
+from pyro_reactor.context import AgentContext
+from pyro_reactor.errors import ActionError
+from pyro_reactor.system.processes import spawnInSession
+from pyro_reactor.system.workspace import WorkingDirectory
+
+if TYPE_CHECKING:  # the actions module imports this one
+    from pyro_reactor.capabilities.services.actions import StartSpec
+
+log = Logger(namespace="pyro_reactor.capabilities.services")
+
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+Record = dict[str, Any]
+
+
+def normalizeServiceName(text: str) -> str:
+    """A request's ``service_name``, checked with the reference's rule and messages."""
+    name = text.strip()
+    if name == "":
+        raise ActionError("service_name is required")
+    if SERVICE_NAME_RE.fullmatch(name) is None:
+        raise ActionError("service_name is invalid")
+    return name
+
+
+@dataclass
+class ServiceHandle:
+    """A service the registry knows: its machine and the core holding its record."""
+
+    machine: ServiceInput
+    core: ServiceCore
+    files: ServiceFiles
+
+    def leftovers(self) -> UnitGroup | None:
+        """What may be left running of this (ended) service: its unit, if it had one."""
+        process = self.core.process
+        if process is not None:
+            # Without a start time, a reused pid could not be told from the runner.
+            if process.startTicks is None:
+                return None
+            return SessionUnit(process.pid, process.startTicks)
+        pid, ticks = self.core.record.get("pid"), self.core.record.get("pid_start_ticks")
+        if isinstance(pid, int) and pid > 1 and isinstance(ticks, int):
+            return SessionUnit(pid, ticks)
+        return None
+
+
+def _startError(name: str, error: OSError) -> ActionError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ActionError(f"cannot start service {name!r}: the state directory is full")
+    return ActionError(f"cannot start service {name!r}: {error.strerror or error}")
+
+
+class Services(Service):
+    """Every service of this agent by name.
+
+    Started with the agent (a child of ``context.services``), it re-adopts the services an
+    earlier agent left in the service root. Stopped with the agent, it lets them go: the
+    processes keep running for the next agent.
+    """
+
+    def __init__(self, context: AgentContext, *, stopGrace: float = STOP_GRACE) -> None:
+        self.context = context
+        self.reactor = context.reactor
+        self.root = context.config.serviceRoot
+        self.workspace = context.workspace
+        self.stopGrace = stopGrace
+        self.logBytes = context.config.logBytes
+        self.handles: dict[str, ServiceHandle] = {}
+        self.writers: dict[str, RecordWriter] = {}
+        self.invalid: set[str] = set()
+
+    # -- agent lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        # Synchronous on purpose: before the reactor serves a request, every recorded service
+        # is known, so none can be started twice. A few small files on a tmpfs.
+        makePrivateRoot(self.root)
+        for path in sorted(self.root.glob("*.json")):
+            name = path.name[: -len(".json")]
+            if SERVICE_NAME_RE.fullmatch(name) is None:
+                continue
+            try:
+                self._adopt(ServiceFiles(self.root, name))
+            except Exception as error:
+                self.invalid.add(name)
+                log.warn(
+                    "cannot take service {service} back: {error}", service=name, error=str(error)
+                )
+        for temporary in self.root.glob(".*.tmp"):
+            temporary.unlink(missing_ok=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for handle in list(self.handles.values()):
+            handle.machine.detach()
+        for writer in self.writers.values():
+            writer.stop()
+
+    def _adopt(self, files: ServiceFiles) -> None:
+        record = json.loads(files.record.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("the record is not a JSON object")
+        state = record.get("state")
+        core = self._core(files, record, None)
+        pid = record.get("pid")
+        ticks = record.get("pid_start_ticks")
+        startTicks = ticks if isinstance(ticks, int) else None
+        if state == "running":
+            if isinstance(pid, int) and pid > 1 and sameProcessAlive(pid, startTicks):
+                process = AdoptedProcess(
+                    self.reactor,
+                    pid,
+                    startTicks,
+                    lambda: self.context.inThread(readExitStatus, files),
+                )
+                machine = adoptedService(core, process)
+                self.handles[files.name] = ServiceHandle(machine, core, files)
+                process.watch(machine._exited)
+                log.info("service {service} (pid {pid}) taken back", service=files.name, pid=pid)
+                return
+            machine = endedService(core, "exited")
+            core.publish(
+                state="exited",
+                exit_code=readExitStatus(files),
+                ended_at=record.get("ended_at") or core.now(),
+            )
+            self.handles[files.name] = ServiceHandle(machine, core, files)
+            log.info("service {service} ended while no agent watched it", service=files.name)
+            return
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        self.handles[files.name] = ServiceHandle(endedService(core, state), core, files)
+
+    def _core(
+        self, files: ServiceFiles, record: Record, makeProbe: ProbeFactory | None
+    ) -> ServiceCore:
+        # One writer per name, shared by the records that follow each other under it: a
+        # late write of an ended service never lands after its successor's.
+        writer = self.writers.get(files.name)
+        if writer is None:
+            writer = self.writers[files.name] = RecordWriter(
+                files, self.context.inThread, self.reactor
+            )
+        return ServiceCore(
+            clock=self.reactor,
+            record=record,
+            makeProbe=makeProbe,
+            save=writer.save,
+            stopGrace=self.stopGrace,
+        )
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def lookup(self, text: str) -> ServiceHandle:
+        name = normalizeServiceName(text)
+        handle = self.handles.get(name)
+        if handle is None:
+            if name in self.invalid:
+                raise ActionError(f"service record for {name!r} is invalid")
+            raise ActionError(f"service {name!r} does not exist")
+        return handle
+
+    def checkNameFree(self, name: str) -> None:
+        previous = self.handles.get(name)
+        if previous is not None and not previous.machine.hasEnded():
+            raise ActionError(f"service {name!r} is already running")
+
+    def snapshots(self) -> list[Record]:
+        return [self.handles[name].core.snapshot() for name in sorted(self.handles)]
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, spec: StartSpec) -> Deferred[Record]:
+        """Start a checked request's service; fires with its record once it has settled."""
+        self.checkNameFree(spec.name)
+        previous = self.handles.get(spec.name)
+        handle = self._claim(spec)
+        swept: Deferred[bool] = succeed(True)
+        leftovers = None if previous is None else previous.leftovers()
+        if leftovers is not None:
+            swept = sweep(self.reactor, leftovers, self.stopGrace)
+
+        def prepare(gone: bool) -> Deferred[WorkingDirectory]:
+            if not gone:
+                raise ActionError(
+                    f"cannot start service {spec.name!r}: processes of its last run do not end"
+                )
+            return self.context.inThread(self._prepare, handle.files, spec)
+
+        def giveBack(failure: Failure) -> Failure:
+            self._giveBack(handle, previous)
+            if failure.check(OSError):
+                error = failure.value
+                assert isinstance(error, OSError)
+                raise _startError(spec.name, error)
+            return failure
+
+        prepared = swept.addCallback(prepare).addErrback(giveBack)
+        return prepared.addCallback(self._launch, handle, spec, previous)
+
+    def _claim(self, spec: StartSpec) -> ServiceHandle:
+        """A machine in ``idle`` takes the name: a second start is refused from here on."""
+        files = ServiceFiles(self.root, spec.name)
+        record: Record = {
+            "service_name": spec.name,
+            "command": spec.command,
+            "cwd": spec.cwd,
+            "state": "running",
+            "started_at": None,
+            "readiness": spec.readiness,
+            "ready_at": None,
+            "ended_at": None,
+            "exit_code": None,
+            "pid": None,
+            "stop_reason": None,
+        }
+        core = self._core(files, record, self._probeFactory(spec))
+        handle = ServiceHandle(newService(core), core, files)
+        self.handles[spec.name] = handle
+        return handle
+
+    def _probeFactory(self, spec: StartSpec) -> ProbeFactory | None:
+        if spec.probe is None:
+            return None
+        check = spec.probe.check(
+            self.reactor,
+            workspace=self.workspace,
+            inThread=self.context.inThread,
+            cwd=spec.cwd,
+            env=spec.env,
+        )
+
+        def makeProbe(onReady: Any, onTimeout: Any) -> ProbeInput:
+            return ProbeMachine(
+                ProbeCore(
+                    clock=self.reactor,
+                    check=check,
+                    interval=spec.interval,
+                    timeout=float(spec.readyTimeout),
+                    onReady=onReady,
+                    onTimeout=onTimeout,
+                )
+            )
+
+        return makeProbe
+
+    def _prepare(self, files: ServiceFiles, spec: StartSpec) -> WorkingDirectory:
+        """Open the working directory and write the service's files (in a worker thread)."""
+        directory = self.workspace.openWorkingDirectory(spec.cwd)
+        try:
+            prepareFiles(files, runnerScript(files, spec.command, self.logBytes))
+        except BaseException:
+            directory.close()
+            raise
+        return directory
+
+    def _launch(
+        self,
+        directory: WorkingDirectory,
+        handle: ServiceHandle,
+        spec: StartSpec,
+        previous: ServiceHandle | None,
+    ) -> Deferred[Record]:
+        """Spawn the runner in the prepared directory, unless a stop came first."""
+        if not handle.machine.canStart():
+            directory.close()  # stopped (or the agent stopped) while preparing
+            return handle.machine.whenSettled()
+        try:
+            process = self._spawn(handle.files, directory, spec.env, handle.machine)
+        except OSError as error:
+            self._giveBack(handle, previous)
+            raise _startError(spec.name, error) from None
+        handle.machine.start(process)
+        return handle.machine.whenSettled()
+
+    def _giveBack(self, handle: ServiceHandle, previous: ServiceHandle | None) -> None:
+        name = handle.files.name
+        if self.handles.get(name) is handle:
+            if previous is None:
+                del self.handles[name]
+            else:
+                self.handles[name] = previous
+
+    def _spawn(
+        self,
+        files: ServiceFiles,
+        directory: WorkingDirectory,
+        env: Mapping[str, str],
+        machine: ServiceInput,
+    ) -> ServiceProcess:
+        """Start the runner, handing it the directory it runs in; C{directory} is let go.
+
+        The runner gets the opened directory as its descriptor L{DIRECTORY_FD} and enters it
+        itself (``fchdir``): the start never depends on this agent still being alive (a path
+        through ``/proc/<agent pid>/fd`` would stop working the moment the agent dies, and an
+        agent killed just after answering would leave a service that never started).
+        """
+        protocol = RunnerProtocol(self.reactor, machine._exited)
+        # The runner writes the command's output to the log files itself; its own standard
+        # streams go nowhere, so the service never depends on this agent's pipes.
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                held = os.open(directory.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except BaseException:
+                os.close(null)
+                raise
+        finally:
+            directory.close()
+        try:
+            transport = spawnInSession(
+                self.reactor,
+                protocol,
+                [str(files.runner)],
+                env,
+                childFDs={0: null, 1: null, 2: null, DIRECTORY_FD: held},
+            )
+        finally:
+            os.close(null)
+            os.close(held)
+            protocol.spawning = False
+        pid = protocol.pid if protocol.pid is not None else transport.pid
+        assert pid is not None
+        stat = processStat(pid)
+        return ChildProcess(self.reactor, pid, None if stat is None else stat[1], protocol)
+
+    # -- stop and logs -----------------------------------------------------------------------
+
+    def stop(self, handle: ServiceHandle) -> Deferred[Record]:
+        """Stop a service; for an ended one, kill what it left running."""
+        if handle.machine.hasEnded():
+            leftovers = handle.leftovers()
+            if leftovers is not None:
+                return sweep(self.reactor, leftovers, self.stopGrace).addCallback(
+                    lambda _: handle.machine.whenEnded()
+                )
+        handle.machine.stop()
+        return handle.machine.whenEnded()
+
+    def logs(self, handle: ServiceHandle, tailLines: int | None) -> Deferred[Record]:
+        answer = handle.core.snapshot()
+        limit = self.context.config.maxOutputBytes
+
+        def read() -> Record:
+            stdout, stdoutCut = tailText(handle.files.stdout, tailLines, limit)
+            stderr, stderrCut = tailText(handle.files.stderr, tailLines, limit)
+            return {
+                "stdout": stdout,
+                "stderr": stderr,
+                "tail_lines": tailLines,
+                "truncated": stdoutCut or stderrCut,
+            }
+
+        def combine(tails: Record) -> Record:
+            answer.update(tails)
+            return answer
+
+        tails: Deferred[Record] = self.context.inThread(read)
+        return tails.addCallback(combine)
+
+
+__all__ = ["SERVICE_NAME_RE", "ServiceHandle", "Services", "normalizeServiceName"]
