@@ -269,8 +269,21 @@ class BudgetTests(SynchronousTestCase):
         protocol, transport = harness.connect()
         line = b'{"x": [' + b"{}," * 400_000 + b"{}]}\n"
         protocol.dataReceived(line)
+        self.assertEqual(transport.value(), b"")  # big lines are parsed on a later turn
+        harness.clock.advance(0)
         self.assertIn("memory budget", answerOf(transport)["error"])
         self.assertEqual(harness.budget.used, 0)
+
+    def test_bigLineThenBody(self) -> None:
+        """A big upload line's body bytes that come with it or during its parse are kept,
+        in order, for the body."""
+        harness = Harness(self)
+        protocol, transport = harness.connect()
+        line = b'{"action": "upload", "archive_size": 6, "pad": "' + b"p" * 100_000 + b'"}\n'
+        protocol.dataReceived(line + b"abc")
+        protocol.dataReceived(b"def")
+        harness.clock.advance(0)
+        self.assertEqual(answerOf(transport), {"got": True})
 
     def test_parseCostOfText(self) -> None:
         """Text costs about its size: a 4 MiB string is not refused by a 64 MiB budget."""
