@@ -229,8 +229,8 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_factoryCounts(self) -> None:
-        """The factory makes overflow protocols past the cap, and a closed connection frees
-        its place."""
+        """Connections past the cap are overflow ones, a closed connection frees its place,
+        and a protocol built but never connected takes none."""
         harness = Harness(self)
         factory = RequestFactory(
             harness.dispatcher,
@@ -238,11 +238,17 @@ class ConnectionCapTests(SynchronousTestCase):
             harness.spool,
             limits=WireLimits(maxConnections=2),
         )
+        factory.buildProtocol(None)  # built but never connected: not counted
         protocols = [factory.buildProtocol(None) for _ in range(3)]
+        for protocol in protocols:
+            protocol.makeConnection(StringTransport())
         self.assertEqual([p.overflow for p in protocols], [False, False, True])
-        protocols[0].makeConnection(StringTransport())
         protocols[0].connectionLost()
-        self.assertFalse(factory.buildProtocol(None).overflow)
+        protocols[2].connectionLost()
+        self.assertEqual((factory.connections, factory.overflowing), (1, 0))
+        again = factory.buildProtocol(None)
+        again.makeConnection(StringTransport())
+        self.assertFalse(again.overflow)
 
 
 class BudgetTests(SynchronousTestCase):

@@ -171,14 +171,14 @@ class RequestProtocol(Protocol):
         self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
-        # An overflow connection may only ping: a few bytes, within a second.
-        self.maxRequestBytes = (
-            min(maxRequestBytes, OVERFLOW_LINE_BYTES) if overflow else maxRequestBytes
-        )
-        self.timeout = min(timeout, limits.overflowTimeout) if overflow else timeout
+        self.maxRequestBytes = maxRequestBytes
+        self.timeout = timeout
         self.limits = limits
         self.budget = budget if budget is not None else MemoryBudget()
-        self.overflow = overflow
+        self.overflow = False
+        self._counted = False
+        if overflow:
+            self._overflow()
         self.writeInThread = writeInThread
         self._phase = _READING_LINE
         self._buffer = bytearray()
@@ -200,7 +200,19 @@ class RequestProtocol(Protocol):
 
     # -- connection events ---------------------------------------------------------------
 
+    def _overflow(self) -> None:
+        """This connection is beyond the cap: it may only ping, a few bytes within a second."""
+        self.overflow = True
+        self.maxRequestBytes = min(self.maxRequestBytes, OVERFLOW_LINE_BYTES)
+        self.timeout = min(self.timeout, self.limits.overflowTimeout)
+
     def connectionMade(self) -> None:
+        factory = self.factory
+        if isinstance(factory, RequestFactory):
+            # Counted once connected (never for a protocol built and dropped).
+            self._counted = True
+            if not factory.admit(self):
+                self._overflow()
         self._deadline = self.clock.seconds() + self.timeout
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
 
@@ -263,7 +275,8 @@ class RequestProtocol(Protocol):
             pending.cancel()
         self._answered()
         factory = self.factory
-        if isinstance(factory, RequestFactory):
+        if self._counted and isinstance(factory, RequestFactory):
+            self._counted = False
             factory.connectionClosed(self)
 
     def _logCutOff(self) -> None:
@@ -684,7 +697,6 @@ class RequestFactory(Factory):
         self.parseQueue = TurnQueue(clock)
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
-        overflow = self.connections >= self.limits.maxConnections
         protocol = RequestProtocol(
             self.dispatcher,
             self.clock,
@@ -694,16 +706,19 @@ class RequestFactory(Factory):
             encodeInThread=self.encodeInThread,
             limits=self.limits,
             budget=self.budget,
-            overflow=overflow,
             writeInThread=self.writeInThread,
             parseQueue=self.parseQueue,
         )
         protocol.factory = self
-        if overflow:
-            self.overflowing += 1
-        else:
-            self.connections += 1
         return protocol
+
+    def admit(self, protocol: RequestProtocol) -> bool:
+        """Count a new connection; whether it has a place (else it is an overflow one)."""
+        if self.connections >= self.limits.maxConnections:
+            self.overflowing += 1
+            return False
+        self.connections += 1
+        return True
 
     def connectionClosed(self, protocol: RequestProtocol) -> None:
         """A connection of this factory ended: its place is free again."""
