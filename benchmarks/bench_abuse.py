@@ -170,7 +170,7 @@ def _threads(jobs: list[Callable[[], None]]) -> list[threading.Thread]:
     return threads
 
 
-def measureUpload(agent: Agent, rounds: int = 3) -> tuple[Pinger, Pinger, float]:
+def measureUpload(agent: Agent, rounds: int = 8) -> tuple[Pinger, Pinger, float]:
     """Pings on the idle agent, then pings during 200 MiB uploads; an upload's duration."""
     with Pinger(agent.port) as busy:
         started = time.monotonic()

@@ -22,6 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire import spool as spoolModule
 from pyro_reactor.wire.budget import MemoryBudget, parseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
@@ -228,8 +229,8 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_factoryCounts(self) -> None:
-        """The factory makes overflow protocols past the cap, and a closed connection frees
-        its place."""
+        """Connections past the cap are overflow ones, a closed connection frees its place,
+        and a protocol built but never connected takes none."""
         harness = Harness(self)
         factory = RequestFactory(
             harness.dispatcher,
@@ -237,11 +238,17 @@ class ConnectionCapTests(SynchronousTestCase):
             harness.spool,
             limits=WireLimits(maxConnections=2),
         )
+        factory.buildProtocol(None)  # built but never connected: not counted
         protocols = [factory.buildProtocol(None) for _ in range(3)]
+        for protocol in protocols:
+            protocol.makeConnection(StringTransport())
         self.assertEqual([p.overflow for p in protocols], [False, False, True])
-        protocols[0].makeConnection(StringTransport())
         protocols[0].connectionLost()
-        self.assertFalse(factory.buildProtocol(None).overflow)
+        protocols[2].connectionLost()
+        self.assertEqual((factory.connections, factory.overflowing), (1, 0))
+        again = factory.buildProtocol(None)
+        again.makeConnection(StringTransport())
+        self.assertFalse(again.overflow)
 
 
 class BudgetTests(SynchronousTestCase):
@@ -268,8 +275,21 @@ class BudgetTests(SynchronousTestCase):
         protocol, transport = harness.connect()
         line = b'{"x": [' + b"{}," * 400_000 + b"{}]}\n"
         protocol.dataReceived(line)
+        self.assertEqual(transport.value(), b"")  # big lines are parsed on a later turn
+        harness.clock.advance(0)
         self.assertIn("memory budget", answerOf(transport)["error"])
         self.assertEqual(harness.budget.used, 0)
+
+    def test_bigLineThenBody(self) -> None:
+        """A big upload line's body bytes that come with it or during its parse are kept,
+        in order, for the body."""
+        harness = Harness(self)
+        protocol, transport = harness.connect()
+        line = b'{"action": "upload", "archive_size": 6, "pad": "' + b"p" * 100_000 + b'"}\n'
+        protocol.dataReceived(line + b"abc")
+        protocol.dataReceived(b"def")
+        harness.clock.advance(0)
+        self.assertEqual(answerOf(transport), {"got": True})
 
     def test_parseCostOfText(self) -> None:
         """Text costs about its size: a 4 MiB string is not refused by a 64 MiB budget."""
@@ -401,7 +421,13 @@ class SpoolTests(SynchronousTestCase):
 
 
 class ThreadedSpoolTests(SynchronousTestCase):
-    """Upload bodies are written off the reactor, in order, with backpressure."""
+    """Once a write on the reactor stalls, upload bodies are written off the reactor, in
+    order, with backpressure."""
+
+    def setUp(self) -> None:
+        # Every write counts as a stall: the first chunk is written on the reactor, the rest
+        # by the worker.
+        self.patch(spoolModule, "STALL_SECONDS", -1.0)
 
     def test_writesOffTheReactorInOrder(self) -> None:
         """Chunks are written by the worker in order; the connection pauses above the high
@@ -419,7 +445,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
             done, function, args = jobs.pop(0)
             done.callback(function(*args))
 
-        size = 6 * 1024 * 1024
+        size = 8 * 1024 * 1024
         protocol = RequestProtocol(
             harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
         )
@@ -429,7 +455,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
         body = bytes(range(256)) * (size // 256)
         for offset in range(0, size, 1024 * 1024):
             protocol.dataReceived(body[offset : offset + 1024 * 1024])
-            if offset == 4 * 1024 * 1024:
+            if offset == 6 * 1024 * 1024:
                 self.assertEqual(transport.producerState, "paused")
         self.assertEqual(transport.value(), b"")
         while jobs:
@@ -437,6 +463,24 @@ class ThreadedSpoolTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(list(harness.spool.iterdir()), [])
+
+    def test_quickWritesStayOnTheReactor(self) -> None:
+        """While writes are quick, the worker is never asked."""
+        self.patch(spoolModule, "STALL_SECONDS", 60.0)
+        harness = Harness(self)
+        protocol = RequestProtocol(
+            harness.dispatcher,
+            harness.clock,
+            harness.spool,
+            1000,
+            10.0,
+            writeInThread=lambda *args: self.fail("a worker was asked"),
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabcde')
+        protocol.dataReceived(b"fghij")
+        self.assertEqual(answerOf(transport), {"got": True})
 
     def test_clientGoneWhileWriting(self) -> None:
         """A client that leaves while its body is being written leaves no file behind, and
@@ -454,6 +498,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
         )
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
+        protocol.dataReceived(b"def")
         protocol.connectionLost()
         self.assertEqual(list(harness.spool.iterdir()), [])
         done, function, args = jobs.pop()

@@ -16,6 +16,7 @@ dropped after ``answerTimeout`` seconds without progress. A connection beyond th
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ __all__ = [
 
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
-_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE = range(6)
+_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE, _PARSING = range(7)
 
 EARLY_BYTES_LIMIT = 1024 * 1024
 """Bytes a client may send after its request line while the answer is being prepared.
@@ -104,6 +105,29 @@ class WireLimits:
     overflowTimeout: float = 1.0
 
 
+class TurnQueue:
+    """Runs the jobs submitted to it one per reactor turn, in order (``callLater(0)``)."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._scheduled = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.append(job)
+        if not self._scheduled:
+            self._scheduled = True
+            self.clock.callLater(0, self._runOne)
+
+    def _runOne(self) -> None:
+        job = self._jobs.popleft()
+        if self._jobs:
+            self.clock.callLater(0, self._runOne)
+        else:
+            self._scheduled = False
+        job()
+
+
 def _encodedEstimate(answer: dict[str, Any]) -> int:
     """About the size of an answer's JSON line: non-ASCII text costs 6 bytes a character."""
     return 256 + sum(
@@ -139,20 +163,22 @@ class RequestProtocol(Protocol):
         budget: MemoryBudget | None = None,
         overflow: bool = False,
         writeInThread: InThread | None = None,
+        parseQueue: TurnQueue | None = None,
     ) -> None:
         limits = limits if limits is not None else WireLimits()
+        self.parseQueue = parseQueue if parseQueue is not None else TurnQueue(clock)
         self.dispatcher = dispatcher
         self.encodeInThread = encodeInThread
         self.clock = clock
         self.spoolDirectory = spoolDirectory
-        # An overflow connection may only ping: a few bytes, within a second.
-        self.maxRequestBytes = (
-            min(maxRequestBytes, OVERFLOW_LINE_BYTES) if overflow else maxRequestBytes
-        )
-        self.timeout = min(timeout, limits.overflowTimeout) if overflow else timeout
+        self.maxRequestBytes = maxRequestBytes
+        self.timeout = timeout
         self.limits = limits
         self.budget = budget if budget is not None else MemoryBudget()
-        self.overflow = overflow
+        self.overflow = False
+        self._counted = False
+        if overflow:
+            self._overflow()
         self.writeInThread = writeInThread
         self._phase = _READING_LINE
         self._buffer = bytearray()
@@ -174,7 +200,19 @@ class RequestProtocol(Protocol):
 
     # -- connection events ---------------------------------------------------------------
 
+    def _overflow(self) -> None:
+        """This connection is beyond the cap: it may only ping, a few bytes within a second."""
+        self.overflow = True
+        self.maxRequestBytes = min(self.maxRequestBytes, OVERFLOW_LINE_BYTES)
+        self.timeout = min(self.timeout, self.limits.overflowTimeout)
+
     def connectionMade(self) -> None:
+        factory = self.factory
+        if isinstance(factory, RequestFactory):
+            # Counted once connected (never for a protocol built and dropped).
+            self._counted = True
+            if not factory.admit(self):
+                self._overflow()
         self._deadline = self.clock.seconds() + self.timeout
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
 
@@ -186,7 +224,7 @@ class RequestProtocol(Protocol):
         elif self._phase == _HANDED_OFF:
             assert self._handedTo is not None
             self._handedTo.dataReceived(data)
-        elif self._phase == _WORKING:
+        elif self._phase in (_WORKING, _PARSING):
             self._keepEarly(data)
         # Bytes after a complete request are otherwise ignored, as the reference ignores them.
 
@@ -205,7 +243,7 @@ class RequestProtocol(Protocol):
                 assert self.transport is not None
                 self.transport.loseConnection()
             return
-        if self._phase == _WORKING:
+        if self._phase in (_WORKING, _PARSING):
             self._earlyEOF = True
             return
         if self._phase == _READING_LINE:
@@ -237,7 +275,8 @@ class RequestProtocol(Protocol):
             pending.cancel()
         self._answered()
         factory = self.factory
-        if isinstance(factory, RequestFactory):
+        if self._counted and isinstance(factory, RequestFactory):
+            self._counted = False
             factory.connectionClosed(self)
 
     def _logCutOff(self) -> None:
@@ -262,13 +301,38 @@ class RequestProtocol(Protocol):
             self._buffer += data
             self._holdLine(len(self._buffer))
             return
+        line: bytes | bytearray
         if self._buffer:
+            # The buffer itself becomes the line (a copy of 16 MiB costs 5 ms on the reactor).
             self._buffer += data[:newline]
-            line = bytes(self._buffer)
-            self._buffer = bytearray()
+            line, self._buffer = self._buffer, bytearray()
         else:
             line = data[:newline]
         rest = data[newline + 1 :]
+        if len(line) > LARGE_LINE_BYTES:
+            # A big line costs tens of ms to check and parse: one such parse per reactor turn,
+            # so that many at once (clients closing together) never block the reactor long.
+            # What arrives meanwhile waits with the early bytes.
+            self._phase = _PARSING
+            self._early += rest
+            self.parseQueue.submit(lambda: self._parseLater(line))
+            return
+        self._lineReceived(line, rest)
+
+    def _parseLater(self, line: bytes | bytearray) -> None:
+        if self._lost or self._phase != _PARSING:
+            self._releaseLine()
+            return
+        rest, self._early = bytes(self._early), bytearray()
+        if self._paused:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
+        self._phase = _READING_LINE
+        self._lineReceived(line, rest)
+        if self._earlyEOF and self._phase == _READING_BODY:
+            self.readConnectionLost()
+
+    def _lineReceived(self, line: bytes | bytearray, rest: bytes) -> None:
         try:
             request = self._request = self._parse(line)
             if self.overflow and request.fields.get("action") != "ping":
@@ -306,7 +370,7 @@ class RequestProtocol(Protocol):
         if hold is not None:
             hold.release()
 
-    def _parse(self, line: bytes) -> Request:
+    def _parse(self, line: bytes | bytearray) -> Request:
         if len(line) <= LARGE_LINE_BYTES:
             return parseRequestLine(line)
         # The parse of a big line can take many times its size (a million tiny objects):
@@ -630,9 +694,9 @@ class RequestFactory(Factory):
         self.budget = budget if budget is not None else MemoryBudget()
         self.connections = 0
         self.overflowing = 0
+        self.parseQueue = TurnQueue(clock)
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
-        overflow = self.connections >= self.limits.maxConnections
         protocol = RequestProtocol(
             self.dispatcher,
             self.clock,
@@ -642,15 +706,19 @@ class RequestFactory(Factory):
             encodeInThread=self.encodeInThread,
             limits=self.limits,
             budget=self.budget,
-            overflow=overflow,
             writeInThread=self.writeInThread,
+            parseQueue=self.parseQueue,
         )
         protocol.factory = self
-        if overflow:
-            self.overflowing += 1
-        else:
-            self.connections += 1
         return protocol
+
+    def admit(self, protocol: RequestProtocol) -> bool:
+        """Count a new connection; whether it has a place (else it is an overflow one)."""
+        if self.connections >= self.limits.maxConnections:
+            self.overflowing += 1
+            return False
+        self.connections += 1
+        return True
 
     def connectionClosed(self, protocol: RequestProtocol) -> None:
         """A connection of this factory ended: its place is free again."""

@@ -47,7 +47,7 @@ def checkText(name: str, text: str, *, codecMessage: bool = False) -> str:
     return text
 
 
-def parseRequestLine(line: bytes) -> Request:
+def parseRequestLine(line: bytes | bytearray) -> Request:
     """Turn one request line (without its newline) into a L{Request}."""
     try:
         text = line.decode("utf-8")

@@ -4,10 +4,13 @@ Bodies go to ``upload-*.tar`` files under the state directory's ``pyro-spool/``,
 The directory holds only transfers in flight: L{emptySpool} removes whatever a previous run
 left (an agent killed mid-upload leaves its file, and in a guest the state directory is RAM).
 
-Writes happen in the agent's worker threads, in order, with backpressure: a write usually
-lands in the page cache in microseconds, but a disk under writeback can block it for tens of
-ms, which on the reactor delayed every other client (``benchmarks/bench_abuse.py`` measures a
-``ping`` during a 200 MiB upload; docs/benchmarks.md has the figures).
+Writes happen on the reactor as the chunks arrive, as long as they are quick: a write into
+the page cache (a tmpfs in a guest) takes microseconds, and a worker thread would halve the
+upload's throughput for nothing (the GIL and a thread hand-off per batch). A write that
+takes longer than L{STALL_SECONDS} (a disk under writeback) moves the rest of that upload to
+the agent's worker threads, in order and with backpressure, so a slow disk never blocks the
+reactor twice. ``benchmarks/bench_abuse.py`` measures a ``ping`` during 200 MiB uploads
+(docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,9 @@ def emptySpool(directory: Path) -> int:
 
 InThread = Callable[..., "Deferred[Any]"]
 
+STALL_SECONDS = 0.002
+"""A write on the reactor slower than this moves the rest of its upload to worker threads."""
+
 BACKLOG_HIGH = 4 * 1024 * 1024
 """Bytes received but not yet written past which the connection stops being read."""
 
@@ -72,11 +79,20 @@ BACKLOG_LOW = 1024 * 1024
 """Bytes still to write below which a paused connection is read again."""
 
 
+_IOV_MAX = 1024
+
+
 def _writeAll(fd: int, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+    """Write every chunk, in order, with as few system calls (and GIL hand-overs) as can be."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 class UploadSpool:
@@ -88,10 +104,11 @@ class UploadSpool:
     the protocol removes it after the answer). L{discard} removes everything, whenever the
     upload cannot complete. Errors are L{ActionError}s ready to answer.
 
-    With ``inThread``, the writes happen in worker threads, one batch at a time and in
-    order, so that a slow disk never blocks the reactor: L{backlog} says how many bytes wait
-    to be written, and ``onDrained`` is called when it falls below L{BACKLOG_LOW} (the
-    protocol pauses reading above L{BACKLOG_HIGH}). Without it, each write happens at once.
+    With ``inThread``, once a write on the reactor was slow (L{STALL_SECONDS}), the writes
+    happen in worker threads, one batch at a time and in order, so that a slow disk never
+    blocks the reactor: L{backlog} says how many bytes wait to be written, and ``onDrained``
+    is called when it falls below L{BACKLOG_LOW} (the protocol pauses reading above
+    L{BACKLOG_HIGH}). Without it, each write happens at once.
     """
 
     def __init__(
@@ -117,6 +134,7 @@ class UploadSpool:
         self._writing = False
         self._error: ActionError | None = None
         self._finished: Deferred[Path] | None = None
+        self._threaded = False
 
     @property
     def received(self) -> int:
@@ -129,12 +147,20 @@ class UploadSpool:
         assert self._fd is not None
         chunk = data[: self.remaining] if len(data) > self.remaining else data
         self.remaining -= len(chunk)
-        if self._inThread is None:
+        if not self._threaded:
+            started = time.monotonic()
             try:
                 _writeAll(self._fd, [chunk])
             except OSError as error:
                 self.discard()
                 raise spoolError(error, "spool the upload") from None
+            if self._inThread is not None and time.monotonic() - started > STALL_SECONDS:
+                log.info(
+                    "spool write stalled for {stall_ms:.1f} ms: the rest of this upload is"
+                    " written by worker threads",
+                    stall_ms=(time.monotonic() - started) * 1000,
+                )
+                self._threaded = True
             return len(chunk)
         self._queue.append(chunk)
         self.backlog += len(chunk)
