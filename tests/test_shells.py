@@ -10,13 +10,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from pyro_reactor.capabilities.shells import Shells, sessionMembers
 from pyro_reactor.capabilities.shells.actions import ShellActions
 from pyro_reactor.capabilities.shells.redact import MASK
 from pyro_reactor.wire.request import Request
-from tests.helpers import RunningAgent, sleep, startAgent
+from tests.helpers import RunningAgent, reactor, sleep, startAgent
 
 SECRET = "s3cr3tvalue"
 MAX = 128 * 1024 - 1
@@ -539,6 +541,34 @@ class LimitTests(ShellTestCase):
         reading.cancel()
         self.failureResultOf(reading, CancelledError)
         self.assertEqual(len(output.waiters), 0)
+        self.assertFalse(timer.active())
+
+    async def test_clientLeavingMidWaitFreesTheWait(self) -> None:
+        """A client that disconnects while its read_shell waits (wait_ms) does not leave the
+        wait behind in the agent: its waiter and timer go with the connection."""
+        await self.openShell()
+        output = self.shells().session("s").output
+        await self.write('echo rea""dy')
+        await self.readUntil("ready\r\n")
+        self.assertTrue(
+            await until(
+                lambda: "pyro$ " in output.window.slice(output.windowStart, output.length)[-10:]
+            )
+        )
+        request = {
+            "action": "read_shell",
+            "shell_id": "s",
+            "cursor": output.length,
+            "wait_ms": 30000,
+        }
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.agent.port)
+        client = await connectProtocol(endpoint, Protocol())
+        assert client.transport is not None
+        client.transport.write(json.dumps(request).encode() + b"\n")
+        self.assertTrue(await until(lambda: len(output.waiters) == 1))
+        [timer] = output.waiters.timers
+        client.transport.abortConnection()
+        self.assertTrue(await until(lambda: len(output.waiters) == 0))
         self.assertFalse(timer.active())
 
     async def test_openCancelledBeforeItStartsStartsNothing(self) -> None:

@@ -220,7 +220,7 @@ class ShellActions:
     def actions(self) -> list[Action]:
         return [
             Action("open_shell", self.openShell),
-            Action("read_shell", self.readShell),
+            Action("read_shell", self.readShell, cancellable=True),
             Action("write_shell", self.writeShell),
             Action("signal_shell", self.signalShell),
             Action("close_shell", self.closeShell),
