@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -247,6 +248,16 @@ class ExecOverTheWireTests(TestCase):
         self.assertIs(answer["stderr_truncated"], False)
         self.assertEqual(answer["exit_code"], 0)
 
+    async def test_invalidOutputBoundedAsTheAnswerWritesIt(self) -> None:
+        """A command printing invalid bytes gets an answer whose stdout, as JSON text, stays
+        within --max-output-bytes (each U+FFFD is a six-byte escape), flagged truncated."""
+        agent = await startAgent(self, maxOutputBytes=600)
+        line = await agent.exchange({"command": "head -c 1048576 /dev/zero | tr '\\0' '\\377'"})
+        answer = json.loads(line)
+        self.assertIs(answer["stdout_truncated"], True)
+        self.assertEqual(answer["stdout"], "\ufffd" * 100)
+        self.assertLess(len(line), 600 + 200)
+
     async def test_manyAtOnce(self) -> None:
         """Many commands sent at once run side by side rather than one after another."""
         agent = await startAgent(self)
@@ -383,21 +394,29 @@ class RunCommandTests(TestCase):
 
 class PiecesTests(SynchronousTestCase):
     def test_captureDecodesAcrossReadsAndBounds(self) -> None:
-        """Captured output decodes characters split across reads and stops at the byte limit,
-        marking itself truncated."""
-        capture = _Capture(6)
+        """Captured output decodes characters split across reads and stops where its JSON text
+        (as the answer writes it: ``\\u00e9`` is six bytes) reaches the limit, marking itself
+        truncated."""
+        capture = _Capture(13)
         for piece in (b"\xc3", b"\xa9t\xe2\x82", b"\xacabc"):
             capture.feed(piece)
         self.assertTrue(capture.truncated)
         self.assertEqual(capture.text(), "\u00e9t\u20ac")
 
-    def test_captureCutInsideACharacter(self) -> None:
-        """When the byte limit falls inside a character, the partial character becomes a
-        replacement character."""
-        capture = _Capture(2)
-        capture.feed("\u20ac".encode())
+    def test_captureNeverCutsAnEscape(self) -> None:
+        """A limit falling inside a character's escape keeps the characters before it whole."""
+        capture = _Capture(8)
+        capture.feed("\u20ac\u20ac".encode())
         self.assertTrue(capture.truncated)
-        self.assertEqual(capture.text(), "\ufffd")
+        self.assertEqual(capture.text(), "\u20ac")
+
+    def test_captureBoundsInvalidBytesByTheirEscapes(self) -> None:
+        """Invalid bytes become U+FFFD, each a six-byte escape in the answer, so the limit keeps
+        a sixth as many of them: the answer never grows past the limit."""
+        capture = _Capture(60)
+        capture.feed(b"\xff" * 100)
+        self.assertTrue(capture.truncated)
+        self.assertEqual(capture.text(), "\ufffd" * 10)
 
     def test_exitCodes(self) -> None:
         """A normal exit gives its exit code and a death by signal gives the negative signal

@@ -5,8 +5,9 @@ L{pyro_reactor.system.processes.spawnInGroup}) and collects its output:
 
 - Output is decoded incrementally as UTF-8 with replacement characters (a character split
   across two reads stays whole; invalid bytes become U+FFFD), and bytes are kept as they are
-  (``\\r`` stays ``\\r``). Each stream keeps at most ``maxOutputBytes`` bytes; the rest is read
-  and dropped, so the child never blocks on a full pipe, and the result says it was truncated.
+  (``\\r`` stays ``\\r``). Each stream keeps at most ``maxOutputBytes`` bytes of JSON text (as
+  the answer writes it); the rest is read and dropped, so the child never blocks on a full pipe,
+  and the result says it was truncated.
 - The answer comes when the shell has exited and its pipes are closed. A background child that
   keeps a pipe open (``sleep 30 & echo hi``) does not hold it: once the shell has exited, the
   pipes are closed after L{PIPE_GRACE} seconds and the answer carries what was read so far.
@@ -52,8 +53,10 @@ from pyro_reactor.system.processes import (
     probeChdirProgram,
     spawnInGroup,
 )
+from pyro_reactor.wire.budget import MemoryBudget, Reservation
 from pyro_reactor.wire.dispatch import Action
 from pyro_reactor.wire.request import Request
+from pyro_reactor.wire.sender import BoundedText
 
 log = Logger(namespace="pyro_reactor.capabilities.execute")
 
@@ -111,25 +114,36 @@ class CommandResult:
 
 
 class _Capture:
-    """One output stream: decoded incrementally, bounded in bytes."""
+    """One output stream: decoded incrementally, bounded by the size of its JSON text.
 
-    def __init__(self, limit: int) -> None:
+    ``--max-output-bytes`` holds for the answer as written (16 MiB of invalid bytes, each a
+    six-byte ``\\ufffd`` escape, do not make a 100 MB line). Once the bound is reached the
+    rest is read and dropped undecoded. With a C{reservation}, what is kept is also drawn from
+    the agent's memory budget (a full budget truncates like the bound).
+    """
+
+    def __init__(self, limit: int, reservation: Reservation | None = None) -> None:
         self._decoder = _utf8Decoder(errors="replace")
-        self._parts: list[str] = []
-        self._room = max(0, limit)
-        self.truncated = False
+        self._text = BoundedText(max(0, limit), reservation)
+
+    @property
+    def truncated(self) -> bool:
+        return self._text.truncated
 
     def feed(self, data: bytes) -> None:
-        if len(data) > self._room:
-            self.truncated = True
-            data = data[: self._room]
-        if data:
-            self._room -= len(data)
-            self._parts.append(self._decoder.decode(data))
+        if data and not self._text.truncated:
+            self._text.feed(self._decoder.decode(data))
 
     def text(self) -> str:
-        self._parts.append(self._decoder.decode(b"", final=True))
-        return "".join(self._parts)
+        """The stream's text, once it has ended; its share of the memory budget goes back."""
+        self._text.feed(self._decoder.decode(b"", final=True))
+        text = self._text.text()
+        self._text.release()
+        return text
+
+
+def _reserve(budget: MemoryBudget | None, purpose: str) -> Reservation | None:
+    return None if budget is None else budget.reserve(0, purpose)
 
 
 class Unit(Protocol):
@@ -154,6 +168,8 @@ class _CommandProtocol(ProcessProtocol):
         maxOutputBytes: int,
         now: Callable[[], float],
         unitOf: Callable[[int], Unit] = ProcessTree,
+        *,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._clock = clock
         self._unitOf = unitOf
@@ -161,8 +177,8 @@ class _CommandProtocol(ProcessProtocol):
         self._timeoutSeconds = timeoutSeconds
         self._now = now
         self._started = now()
-        self._stdout = _Capture(maxOutputBytes)
-        self._stderr = _Capture(maxOutputBytes)
+        self._stdout = _Capture(maxOutputBytes, _reserve(budget, "exec stdout"))
+        self._stderr = _Capture(maxOutputBytes, _reserve(budget, "exec stderr"))
         #: The child's pid and process group id, kept after Twisted forgets it.
         self.pgid: int | None = None
         self._exitCode: int | None = None
@@ -300,6 +316,7 @@ def runCommand(
     running: MutableSet[int] | None = None,
     onExited: Callable[[], object] | None = None,
     unitOf: Callable[[int], Unit] = ProcessTree,
+    budget: MemoryBudget | None = None,
 ) -> Deferred[CommandResult]:
     """Run C{/bin/sh -lc command} in a new process group and collect its result.
 
@@ -314,9 +331,9 @@ def runCommand(
     started, even when the returned Deferred was cancelled: what keeps C{cwd} valid (an open
     L{pyro_reactor.system.workspace.WorkingDirectory}) is let go there. C{unitOf} makes, from
     the shell's pid, what a timeout ends (default: its L{ProcessTree}; a cgroup's handle can
-    take its place).
+    take its place). With a C{budget}, the output kept is drawn from it while the command runs.
     """
-    protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now, unitOf)
+    protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now, unitOf, budget=budget)
     protocol.onExited = onExited
     try:
         spawnInGroup(
@@ -407,6 +424,7 @@ class ExecCapability:
             env=env,
             maxOutputBytes=self._context.config.maxOutputBytes,
             running=self.service.groups,
+            budget=self._context.budget,
         )
         return result.addCallback(CommandResult.execAnswer)
 
