@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.client._twisted import StreamClient, StreamConnector, connectWrapped
+from pyro_reactor.client.errors import MessageConnectError
 from pyro_reactor.system.vsock import AF_VSOCK, VSockAddress, cidName
 
 _MAX_U32 = 0xFFFFFFFF
@@ -52,15 +53,8 @@ _OK_LINE = re.compile(rb"OK (\d+)")
 _MAX_HANDSHAKE_LINE = 512
 
 
-class VSockConnectError(error.ConnectError):
+class VSockConnectError(MessageConnectError):
     """The Firecracker vsock socket could not be reached or did not accept ``CONNECT``."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(string=message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # -- Firecracker hybrid vsock ------------------------------------------------------------

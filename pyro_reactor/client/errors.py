@@ -9,6 +9,8 @@ below, so a host can tell "the agent said no" from "no agent to ask".
 
 from __future__ import annotations
 
+from twisted.internet import error
+
 
 class AgentError(Exception):
     """A call failed; ``message`` is the agent's ``error`` text when it answered one."""
@@ -40,3 +42,14 @@ class AgentTimeoutError(AgentError):
 
 class AgentProtocolError(AgentError):
     """The agent's answer did not follow the protocol (not JSON, too long, cut off)."""
+
+
+class MessageConnectError(error.ConnectError):
+    """A connect that failed for a reason the message says whole (no Twisted prefix added)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(string=message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

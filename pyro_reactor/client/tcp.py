@@ -37,18 +37,13 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pyro_reactor.client.errors import MessageConnectError
+
 MAX_ANSWER_LINE = 64 * 1024
 
 
-class GuestConnectError(error.ConnectError):
+class GuestConnectError(MessageConnectError):
     """The agent could not (or would not) connect to the guest port; its message says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(string=message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @implementer(IHalfCloseableProtocol)
