@@ -35,6 +35,8 @@ class AgentConfig:
     maxArchiveBytes: int = 8 * 1024 * MiB
     maxOutputBytes: int = 16 * MiB
     shellBufferChars: int = 8 * MiB
+    jobOutputBytes: int = 64 * MiB
+    maxJobs: int = 256
 
     @property
     def shellRoot(self) -> Path:

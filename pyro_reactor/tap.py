@@ -116,6 +116,20 @@ class Options(usage.Options):
             _positive(int),
         ],
         ["threads", None, 4, "Worker threads for filesystem and archive work.", _positive(int)],
+        [
+            "job-output-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes of job output kept on disk per stream (older bytes are dropped as a gap).",
+            _positive(int),
+        ],
+        [
+            "max-jobs",
+            None,
+            256,
+            "Jobs kept at most (the oldest ended ones go first).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +155,8 @@ class Options(usage.Options):
             maxArchiveBytes=self["max-archive-bytes"],
             maxOutputBytes=self["max-output-bytes"],
             shellBufferChars=self["shell-buffer-chars"],
+            jobOutputBytes=self["job-output-bytes"],
+            maxJobs=self["max-jobs"],
         )
 
 
