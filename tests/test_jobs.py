@@ -17,8 +17,11 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from pyro_reactor.capabilities.jobs.actions import JobActions
 from pyro_reactor.capabilities.jobs.registry import Jobs
-from tests.helpers import RunningAgent, alive, reactor, startAgent
+from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.request import Request
+from tests.helpers import RunningAgent, alive, makeContext, reactor, startAgent
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -396,3 +399,43 @@ class JobsTests(TestCase):
         self.assertEqual((gap["offset"], gap["resumed_at"]), (0, 2000000 - kept))
         usage = (agent.stateDir / "pyro-jobs" / "big.stdout").stat().st_blocks * 512
         self.assertLess(usage, 2000000)
+
+
+class FallbackTests(TestCase):
+    """Without cgroups: process groups, the runner as subreaper, ``cgroup: false``."""
+
+    timeout = 120
+
+    async def test_noCgroup(self) -> None:
+        """A job says ``cgroup: false``, limits are refused, signals reach its group, and
+        what the main process left behind (even a new session) is killed when it exits."""
+        context = makeContext(self)
+        jobs = Jobs(context, cgroups=None)
+        jobs.startService()
+        self.addCleanup(jobs.stopService)
+        actions = JobActions(jobs)
+        answer = await actions.start(
+            Request({"action": "start_job", "command": "sleep 60", "job_id": "g"})
+        )
+        self.assertFalse(answer["cgroup"])
+        self.assertIsNone(actions.status(Request({"job_id": "g"}))["usage"])
+        actions.signal(Request({"job_id": "g", "signal": "TERM"}))
+        await jobs.get("g").machine.whenEnded()
+        self.assertEqual(jobs.get("g").record["signal"], "TERM")
+        with self.assertRaises(ActionError):
+            await actions.start(
+                Request({"command": "true", "limits": {"pids": 5}, "job_id": "lim"})
+            )
+        pidFile = context.config.workspace / "daemon.pid"
+        await actions.start(
+            Request(
+                {
+                    "command": "setsid sh -c 'echo $$ > daemon.pid; exec sleep 300' & sleep 0.3",
+                    "job_id": "d",
+                }
+            )
+        )
+        await waitFor(lambda: pidFile.exists() and pidFile.read_text().strip())
+        daemon = int(pidFile.read_text())
+        await jobs.get("d").machine.whenEnded()
+        await waitFor(lambda: not alive(daemon))

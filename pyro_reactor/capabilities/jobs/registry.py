@@ -374,6 +374,10 @@ class Jobs(Service):
         for job in self.jobs.values():
             if job.watch is not None:
                 job.watch.stop()
+            if job.runner is not None:
+                # The job runs on without us; our ends of its pipes go (stdin sees EOF, as
+                # it would if the agent died).
+                job.runner.loseConnection()
             job.output.close()
         return None
 
