@@ -151,12 +151,13 @@ class JobActions:
 
     def start(self, request: Request) -> Deferred[dict[str, Any]] | Deferred[Any]:
         spec, attach = parseStart(request, self.workspace)
+        encoding = encodingOf(request)
         started = self.jobs.start(spec)
         if not attach:
             return started.addCallback(startAnswer)
 
         def handOff(job: Job) -> HandOff:
-            return HandOff(startAnswer(job), AttachStream(self.jobs, job, 0, 0, "text"))
+            return HandOff(startAnswer(job), AttachStream(self.jobs, job, 0, 0, encoding))
 
         return started.addCallback(handOff)
 
