@@ -355,8 +355,7 @@ class Jobs(Service):
         os.chmod(self.root, 0o700)
         if self._cgroupsWanted is True:
             self.cgroups = CgroupTree.detect()
-            if self.cgroups is not None:
-                lowerOwnOomScore()
+        lowerOwnOomScore()
         for record in records.readRecords(self.root):
             try:
                 self._adopt(record)
