@@ -182,6 +182,38 @@ class PidWatch:
             onExit()
 
 
+#: After reading a batch of inotify events, the agent waits this long before reading the
+#: next: a job writing in small pieces makes an event per write, and while the agent waits
+#: the kernel merges repeated events of one file into one. At most this much latency.
+INOTIFY_PACE = 0.002
+
+
+def _pacedINotify(base: type[Any]) -> type[Any]:
+    """Twisted's INotify reading at most one batch of events per L{INOTIFY_PACE}."""
+
+    class PacedINotify(base):  # type: ignore[misc]
+        _resume: IDelayedCall | None = None
+
+        def doRead(self) -> None:
+            super().doRead()
+            if self._resume is None and self.connected:
+                self.stopReading()
+                self._resume = self.reactor.callLater(INOTIFY_PACE, self._again)
+
+        def _again(self) -> None:
+            self._resume = None
+            if self.connected:
+                self.startReading()
+
+        def loseConnection(self) -> None:
+            if self._resume is not None and self._resume.active():
+                self._resume.cancel()
+            self._resume = None
+            super().loseConnection()
+
+    return PacedINotify
+
+
 @dataclass
 class Job:
     """One job: what the actions and the streams need of it."""
@@ -385,7 +417,7 @@ class Jobs(Service):
             from twisted.internet import inotify  # noqa: PLC0415 - Linux only
             from twisted.python.filepath import FilePath  # noqa: PLC0415
 
-            notifier = inotify.INotify(self.reactor)
+            notifier = _pacedINotify(inotify.INotify)(self.reactor)
             notifier.startReading()
             notifier.watch(
                 FilePath(str(self.root)),
