@@ -68,6 +68,15 @@ def _hwm(agent: Agent) -> int:
     raise BenchError("no VmHWM")
 
 
+def _finish(agent: Agent) -> None:
+    """Kill and forget every job of C{agent} (they would outlive it), then stop it."""
+    try:
+        for job in call(agent.port, {"action": "list_jobs"}).get("jobs", []):
+            call(agent.port, {"action": "remove_job", "job_id": job["job_id"], "force": True})
+    finally:
+        agent.stop()
+
+
 def _fresh(bench: Bench) -> Agent:
     agent = bench.launch(OURS)
     agent.waitForAnswer()
@@ -91,7 +100,7 @@ def firstOutput(bench: Bench, lines: int) -> Row:
             while b"\n" in pending:
                 stamp, _, pending = pending.partition(b"\n")
                 delays.append((arrived - float(stamp)) * 1000)
-    agent.stop()
+    _finish(agent)
     if not delays:
         raise BenchError("no output arrived")
     return Row(
@@ -128,7 +137,7 @@ def throughput(bench: Bench, size: int) -> list[Row]:
         time.sleep(0.05)
     wall = time.monotonic() - started
     cpu = _cpuSeconds(agent.process.pid) - cpuBefore
-    agent.stop()
+    _finish(agent)
     return [
         Row(
             f"job writing {size // MiB} MiB, attached: to the host",
@@ -197,7 +206,7 @@ def manyJobs(bench: Bench, count: int, seconds: float) -> Row:
         time.sleep(0.05)
     stop.set()
     reader.join(5)
-    agent.stop()
+    _finish(agent)
     return Row(
         f"{count} jobs printing, each attached: slowest ping",
         "ms",

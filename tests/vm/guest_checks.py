@@ -243,7 +243,7 @@ class Checks:
 
     async def jobMemory(self) -> str:
         started = await self.client.startJob(
-            "python3 -c 'b = bytearray(256 << 20); print(len(b))'",
+            argv=["python3", "-c", "b = bytearray(256 << 20); print(len(b))"],
             jobId="vm-oom",
             limits={"memory_bytes": 64 << 20},
         )

@@ -466,9 +466,11 @@ class Jobs(Service):
         )
 
     def removeCgroup(self, cgroup: Cgroup, tries: int = CGROUP_REMOVE_TRIES) -> None:
+        """Remove a job's cgroup once its killed processes are gone (retrying ~15 s)."""
         if cgroup.remove() or tries <= 0:
             return
-        self.reactor.callLater(0.05, self.removeCgroup, cgroup, tries - 1)
+        delay = min(0.01 * 2 ** (CGROUP_REMOVE_TRIES - tries), 1.0)
+        self.reactor.callLater(delay, self.removeCgroup, cgroup, tries - 1)
 
     # -- jobs ----------------------------------------------------------------------------
 
