@@ -333,6 +333,19 @@ def _waitForChange(reactor: Any, job: Job, seconds: float) -> Deferred[None]:
     return waiter
 
 
+class _JobFreezer:
+    """What ``quiesce``/``thaw`` freeze of the jobs: every running job's cgroup."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self._jobs = jobs
+
+    def freeze(self) -> Deferred[int]:
+        return succeed(len(self._jobs.freeze()))
+
+    def thaw(self) -> Deferred[int]:
+        return succeed(len(self._jobs.thaw()))
+
+
 class JobsCapability:
     """Jobs: durable, streaming processes (``start_job`` and friends)."""
 
@@ -350,6 +363,15 @@ class JobsCapability:
             Action("remove_job", handlers.remove),
         )
         self.service: IService | None = self.jobs
+        jobs = self.jobs
+        context.hooks.freezables.append(_JobFreezer(jobs))
+        context.hooks.counts["jobs"] = lambda: sum(
+            1 for job in jobs.jobs.values() if job.machine.state() == "running"
+        )
+        context.hooks.usage["jobs"] = lambda: [
+            {"job_id": status["job_id"], "state": status["state"], "usage": status["usage"]}
+            for status in (job.status() for job in jobs.jobs.values())
+        ]
 
     @property
     def features(self) -> Sequence[str]:
