@@ -58,7 +58,7 @@ class RelayCore:
     """Called once, on the way into ``closed`` (gives the relay's memory reservation back)."""
 
 
-class RelayInputs(Protocol):
+class RelayInput(Protocol):
     """The inputs of a relay: what its two connections report."""
 
     def guestConnected(self, guest: End) -> None:
@@ -95,8 +95,8 @@ def _closeEnd(end: End | None, reset: bool) -> None:
         end.close()
 
 
-def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
-    builder = TypeMachineBuilder(RelayInputs, RelayCore)
+def _makeRelayMachine() -> TypeMachine[RelayInput, RelayCore]:
+    builder = TypeMachineBuilder(RelayInput, RelayCore)
     connecting = builder.state("connecting")
     awaitingHost = builder.state("awaitingHost")
     relaying = builder.state("relaying")
@@ -104,17 +104,17 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
     guestEnded = builder.state("guestEnded")
     closed = builder.state("closed")
 
-    @connecting.upon(RelayInputs.guestConnected).to(awaitingHost)
-    def _holdGuest(relay: RelayInputs, core: RelayCore, guest: End) -> None:
+    @connecting.upon(RelayInput.guestConnected).to(awaitingHost)
+    def _holdGuest(relay: RelayInput, core: RelayCore, guest: End) -> None:
         core.guest = guest
         guest.pause()
 
-    @connecting.upon(RelayInputs.guestFailed).to(closed)
-    def _failed(relay: RelayInputs, core: RelayCore) -> None:
+    @connecting.upon(RelayInput.guestFailed).to(closed)
+    def _failed(relay: RelayInput, core: RelayCore) -> None:
         core.release()
 
-    @awaitingHost.upon(RelayInputs.hostAttached).to(relaying)
-    def _startRelaying(relay: RelayInputs, core: RelayCore, host: End) -> None:
+    @awaitingHost.upon(RelayInput.hostAttached).to(relaying)
+    def _startRelaying(relay: RelayInput, core: RelayCore, host: End) -> None:
         core.host = host
         assert core.guest is not None
         host.pipeFrom(core.guest)
@@ -122,28 +122,28 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
         core.guest.resume()
         core.log.debug("relay {label} started", label=core.label)
 
-    @awaitingHost.upon(RelayInputs.hostLost).to(closed)
-    def _hostGoneEarly(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+    @awaitingHost.upon(RelayInput.hostLost).to(closed)
+    def _hostGoneEarly(relay: RelayInput, core: RelayCore, reset: bool) -> None:
         core.release()
         _closeEnd(core.guest, reset)
 
-    @awaitingHost.upon(RelayInputs.guestLost).to(closed)
-    def _guestGoneEarly(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+    @awaitingHost.upon(RelayInput.guestLost).to(closed)
+    def _guestGoneEarly(relay: RelayInput, core: RelayCore, reset: bool) -> None:
         core.release()
 
-    @relaying.upon(RelayInputs.hostEOF).to(hostEnded)
-    def _forwardHostEOF(relay: RelayInputs, core: RelayCore) -> None:
+    @relaying.upon(RelayInput.hostEOF).to(hostEnded)
+    def _forwardHostEOF(relay: RelayInput, core: RelayCore) -> None:
         assert core.guest is not None
         core.guest.shutdownWrite()
 
-    @relaying.upon(RelayInputs.guestEOF).to(guestEnded)
-    def _forwardGuestEOF(relay: RelayInputs, core: RelayCore) -> None:
+    @relaying.upon(RelayInput.guestEOF).to(guestEnded)
+    def _forwardGuestEOF(relay: RelayInput, core: RelayCore) -> None:
         assert core.host is not None
         core.host.shutdownWrite()
 
-    @hostEnded.upon(RelayInputs.guestEOF).to(closed)
-    @guestEnded.upon(RelayInputs.hostEOF).to(closed)
-    def _bothEnded(relay: RelayInputs, core: RelayCore) -> None:
+    @hostEnded.upon(RelayInput.guestEOF).to(closed)
+    @guestEnded.upon(RelayInput.hostEOF).to(closed)
+    def _bothEnded(relay: RelayInput, core: RelayCore) -> None:
         core.release()
         _closeEnd(core.host, False)
         _closeEnd(core.guest, False)
@@ -151,71 +151,71 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
 
     for state in (relaying, hostEnded, guestEnded):
 
-        @state.upon(RelayInputs.hostLost).to(closed)
-        def _hostGone(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+        @state.upon(RelayInput.hostLost).to(closed)
+        def _hostGone(relay: RelayInput, core: RelayCore, reset: bool) -> None:
             core.release()
             _closeEnd(core.guest, reset)
             core.log.debug(
                 "relay {label}: host gone (reset={reset})", label=core.label, reset=reset
             )
 
-        @state.upon(RelayInputs.guestLost).to(closed)
-        def _guestGone(relay: RelayInputs, core: RelayCore, reset: bool) -> None:
+        @state.upon(RelayInput.guestLost).to(closed)
+        def _guestGone(relay: RelayInput, core: RelayCore, reset: bool) -> None:
             core.release()
             _closeEnd(core.host, reset)
             core.log.debug(
                 "relay {label}: guest gone (reset={reset})", label=core.label, reset=reset
             )
 
-    @closed.upon(RelayInputs.hostAttached).loop()
-    def _lateHost(relay: RelayInputs, core: RelayCore, host: End) -> None:
+    @closed.upon(RelayInput.hostAttached).loop()
+    def _lateHost(relay: RelayInput, core: RelayCore, host: End) -> None:
         # The guest went away between the answer and the hand-over: nothing to relay.
         core.host = host
         host.close()
 
-    @closed.upon(RelayInputs.guestConnected).loop()
-    def _lateGuest(relay: RelayInputs, core: RelayCore, guest: End) -> None:
+    @closed.upon(RelayInput.guestConnected).loop()
+    def _lateGuest(relay: RelayInput, core: RelayCore, guest: End) -> None:
         guest.close()
 
     for state in (connecting, awaitingHost, relaying, hostEnded, guestEnded):
-        state.upon(RelayInputs.isClosed).loop().returns(False)
-    closed.upon(RelayInputs.isClosed).loop().returns(True)
+        state.upon(RelayInput.isClosed).loop().returns(False)
+    closed.upon(RelayInput.isClosed).loop().returns(True)
 
     # Events that cannot happen in a state (each connection reports in order), accepted so
     # that the machine is total; late events after the end are ignored.
     impossible = {
         connecting: (
-            RelayInputs.hostAttached,
-            RelayInputs.hostEOF,
-            RelayInputs.guestEOF,
-            RelayInputs.hostLost,
-            RelayInputs.guestLost,
+            RelayInput.hostAttached,
+            RelayInput.hostEOF,
+            RelayInput.guestEOF,
+            RelayInput.hostLost,
+            RelayInput.guestLost,
         ),
         awaitingHost: (
-            RelayInputs.guestConnected,
-            RelayInputs.guestFailed,
-            RelayInputs.hostEOF,
-            RelayInputs.guestEOF,
+            RelayInput.guestConnected,
+            RelayInput.guestFailed,
+            RelayInput.hostEOF,
+            RelayInput.guestEOF,
         ),
-        relaying: (RelayInputs.guestConnected, RelayInputs.guestFailed, RelayInputs.hostAttached),
+        relaying: (RelayInput.guestConnected, RelayInput.guestFailed, RelayInput.hostAttached),
         hostEnded: (
-            RelayInputs.guestConnected,
-            RelayInputs.guestFailed,
-            RelayInputs.hostAttached,
-            RelayInputs.hostEOF,
+            RelayInput.guestConnected,
+            RelayInput.guestFailed,
+            RelayInput.hostAttached,
+            RelayInput.hostEOF,
         ),
         guestEnded: (
-            RelayInputs.guestConnected,
-            RelayInputs.guestFailed,
-            RelayInputs.hostAttached,
-            RelayInputs.guestEOF,
+            RelayInput.guestConnected,
+            RelayInput.guestFailed,
+            RelayInput.hostAttached,
+            RelayInput.guestEOF,
         ),
         closed: (
-            RelayInputs.guestFailed,
-            RelayInputs.hostEOF,
-            RelayInputs.guestEOF,
-            RelayInputs.hostLost,
-            RelayInputs.guestLost,
+            RelayInput.guestFailed,
+            RelayInput.hostEOF,
+            RelayInput.guestEOF,
+            RelayInput.hostLost,
+            RelayInput.guestLost,
         ),
     }
     for state, inputs in impossible.items():
@@ -225,4 +225,4 @@ def _makeRelayMachine() -> TypeMachine[RelayInputs, RelayCore]:
 
 
 RelayMachine = _makeRelayMachine()
-"""Builds a relay machine: ``RelayMachine(RelayCore())`` -> L{RelayInputs}."""
+"""Builds a relay machine: ``RelayMachine(RelayCore())`` -> L{RelayInput}."""

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.capabilities.ports._machine import End, RelayCore, RelayInputs, RelayMachine
+from pyro_reactor.capabilities.ports._machine import End, RelayCore, RelayInput, RelayMachine
 from pyro_reactor.system._twisted import sendNow
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -111,7 +111,7 @@ class Relay:
 
     def __init__(self, label: str, release: Callable[[], None] = lambda: None) -> None:
         self.label = label
-        self.machine: RelayInputs = RelayMachine(RelayCore(label=label, release=release))
+        self.machine: RelayInput = RelayMachine(RelayCore(label=label, release=release))
         self.host = HostSide(self)
         self.guest = GuestSide(self)
 

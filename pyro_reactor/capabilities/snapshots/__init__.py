@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
-from pyro_reactor.capabilities.snapshots._machine import Freezer, FreezerCore, FreezerMachine
+from pyro_reactor.capabilities.snapshots._machine import FreezerCore, FreezerInput, FreezerMachine
 from pyro_reactor.capabilities.snapshots.freeze import FreezeWork, parseQuiesce
 from pyro_reactor.capabilities.snapshots.kernel import GuestKernel, LinuxKernel
 from pyro_reactor.capabilities.snapshots.restore import RestoreCore, Restorer, parseRestored
@@ -46,7 +46,7 @@ class SnapshotsCapability:
             inThread=context.inThread,
             wallclock=context.reactor.seconds,
         )
-        self.freezer: Freezer = FreezerMachine(
+        self.freezer: FreezerInput = FreezerMachine(
             FreezerCore(clock=context.reactor, freeze=work.freeze, thaw=work.thaw)
         )
         self.restorer = Restorer(

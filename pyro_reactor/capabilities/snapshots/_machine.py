@@ -38,7 +38,7 @@ log = Logger(namespace="pyro_reactor.capabilities.snapshots")
 Reply = Deferred[dict[str, Any]]
 
 
-class Freezer(Protocol):
+class FreezerInput(Protocol):
     """The inputs of the freeze machine."""
 
     def quiesce(self, plan: FreezePlan, reply: Reply) -> None:
@@ -105,21 +105,21 @@ def _isoTime(unixTime: float) -> str:
     return datetime.fromtimestamp(unixTime, UTC).isoformat(timespec="seconds")
 
 
-def _makeFreezerMachine() -> TypeMachine[Freezer, FreezerCore]:
-    builder = TypeMachineBuilder(Freezer, FreezerCore)
+def _makeFreezerMachine() -> TypeMachine[FreezerInput, FreezerCore]:
+    builder = TypeMachineBuilder(FreezerInput, FreezerCore)
 
     def startFreezing(
-        freezer: Freezer, core: FreezerCore, plan: FreezePlan, reply: Reply
+        freezer: FreezerInput, core: FreezerCore, plan: FreezePlan, reply: Reply
     ) -> Freezing:
         work = core.freeze(plan)
         work.addCallbacks(freezer._frozen, freezer._freezeFailed)
         return Freezing(reply)
 
-    def armAutoThaw(freezer: Freezer, core: FreezerCore, frozen: Frozen) -> Held:
+    def armAutoThaw(freezer: FreezerInput, core: FreezerCore, frozen: Frozen) -> Held:
         timer = core.clock.callLater(frozen.timeout, freezer.thaw, _autoThawReply())
         return Held(frozen, timer)
 
-    def collectReplies(freezer: Freezer, core: FreezerCore, reply: Reply) -> Thawing:
+    def collectReplies(freezer: FreezerInput, core: FreezerCore, reply: Reply) -> Thawing:
         return Thawing([reply])
 
     thawed = builder.state("thawed")
@@ -127,39 +127,43 @@ def _makeFreezerMachine() -> TypeMachine[Freezer, FreezerCore]:
     frozen = builder.state("frozen", armAutoThaw)
     thawing = builder.state("thawing", collectReplies)
 
-    thawed.upon(Freezer.quiesce).to(freezing).returns(None)
+    thawed.upon(FreezerInput.quiesce).to(freezing).returns(None)
 
-    @thawed.upon(Freezer.thaw).loop()
-    def nothingToThaw(freezer: Freezer, core: FreezerCore, reply: Reply) -> None:
+    @thawed.upon(FreezerInput.thaw).loop()
+    def nothingToThaw(freezer: FreezerInput, core: FreezerCore, reply: Reply) -> None:
         reply.callback(dict(NOTHING_THAWED, thawed=[]))
 
-    @freezing.upon(Freezer.quiesce).loop()
+    @freezing.upon(FreezerInput.quiesce).loop()
     def alreadyFreezing(
-        freezer: Freezer, core: FreezerCore, state: Freezing, plan: FreezePlan, reply: Reply
+        freezer: FreezerInput, core: FreezerCore, state: Freezing, plan: FreezePlan, reply: Reply
     ) -> None:
         reply.errback(ActionError("a quiesce is already in progress"))
 
-    @freezing.upon(Freezer.thaw).loop()
-    def thawWhenFrozen(freezer: Freezer, core: FreezerCore, state: Freezing, reply: Reply) -> None:
+    @freezing.upon(FreezerInput.thaw).loop()
+    def thawWhenFrozen(
+        freezer: FreezerInput, core: FreezerCore, state: Freezing, reply: Reply
+    ) -> None:
         state.thawReplies.append(reply)
 
-    @freezing.upon(Freezer._frozen).to(frozen)
-    def answerQuiesce(freezer: Freezer, core: FreezerCore, state: Freezing, frozen: Frozen) -> None:
+    @freezing.upon(FreezerInput._frozen).to(frozen)
+    def answerQuiesce(
+        freezer: FreezerInput, core: FreezerCore, state: Freezing, frozen: Frozen
+    ) -> None:
         state.reply.callback(frozen.answer())
         for reply in state.thawReplies:
             freezer.thaw(reply)  # runs once this transition is over, from ``frozen``
 
-    @freezing.upon(Freezer._freezeFailed).to(thawed)
+    @freezing.upon(FreezerInput._freezeFailed).to(thawed)
     def refuseQuiesce(
-        freezer: Freezer, core: FreezerCore, state: Freezing, failure: Failure
+        freezer: FreezerInput, core: FreezerCore, state: Freezing, failure: Failure
     ) -> None:
         state.reply.errback(failure)
         for reply in state.thawReplies:
             reply.callback(dict(NOTHING_THAWED, thawed=[]))
 
-    @frozen.upon(Freezer.quiesce).loop()
+    @frozen.upon(FreezerInput.quiesce).loop()
     def alreadyFrozen(
-        freezer: Freezer, core: FreezerCore, state: Held, plan: FreezePlan, reply: Reply
+        freezer: FreezerInput, core: FreezerCore, state: Held, plan: FreezePlan, reply: Reply
     ) -> None:
         names = ", ".join(state.frozen.answer()["frozen"]) or "no mount"
         reply.errback(
@@ -169,25 +173,25 @@ def _makeFreezerMachine() -> TypeMachine[Freezer, FreezerCore]:
             )
         )
 
-    @frozen.upon(Freezer.thaw).to(thawing)
-    def startThawing(freezer: Freezer, core: FreezerCore, state: Held, reply: Reply) -> None:
+    @frozen.upon(FreezerInput.thaw).to(thawing)
+    def startThawing(freezer: FreezerInput, core: FreezerCore, state: Held, reply: Reply) -> None:
         if state.timer.active():
             state.timer.cancel()
         core.thaw(state.frozen).addCallback(freezer._thawed)
 
-    @thawing.upon(Freezer.quiesce).loop()
+    @thawing.upon(FreezerInput.quiesce).loop()
     def stillThawing(
-        freezer: Freezer, core: FreezerCore, state: Thawing, plan: FreezePlan, reply: Reply
+        freezer: FreezerInput, core: FreezerCore, state: Thawing, plan: FreezePlan, reply: Reply
     ) -> None:
         reply.errback(ActionError("a thaw is in progress: quiesce again once it has answered"))
 
-    @thawing.upon(Freezer.thaw).loop()
-    def joinThaw(freezer: Freezer, core: FreezerCore, state: Thawing, reply: Reply) -> None:
+    @thawing.upon(FreezerInput.thaw).loop()
+    def joinThaw(freezer: FreezerInput, core: FreezerCore, state: Thawing, reply: Reply) -> None:
         state.replies.append(reply)
 
-    @thawing.upon(Freezer._thawed).to(thawed)
+    @thawing.upon(FreezerInput._thawed).to(thawed)
     def answerThaw(
-        freezer: Freezer, core: FreezerCore, state: Thawing, answer: dict[str, Any]
+        freezer: FreezerInput, core: FreezerCore, state: Thawing, answer: dict[str, Any]
     ) -> None:
         for reply in state.replies:
             reply.callback(answer)

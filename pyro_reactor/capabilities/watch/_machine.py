@@ -32,7 +32,7 @@ class WatchCore:
     transport: Any = None
 
 
-class WatchInputs(Protocol):
+class WatchInput(Protocol):
     """The inputs of a watch stream."""
 
     def attach(self, transport: Any) -> None:
@@ -54,52 +54,52 @@ class WatchInputs(Protocol):
         "Whether the stream has ended."
 
 
-def _makeWatchMachine() -> TypeMachine[WatchInputs, WatchCore]:
-    builder = TypeMachineBuilder(WatchInputs, WatchCore)
+def _makeWatchMachine() -> TypeMachine[WatchInput, WatchCore]:
+    builder = TypeMachineBuilder(WatchInput, WatchCore)
     pending = builder.state("pending")
     watching = builder.state("watching")
     paused = builder.state("paused")
     ended = builder.state("ended")
 
-    @pending.upon(WatchInputs.attach).to(watching)
-    def _attach(stream: WatchInputs, core: WatchCore, transport: Any) -> None:
+    @pending.upon(WatchInput.attach).to(watching)
+    def _attach(stream: WatchInput, core: WatchCore, transport: Any) -> None:
         core.transport = transport
         core.startReading()
 
-    @watching.upon(WatchInputs.pause).to(paused)
-    def _pause(stream: WatchInputs, core: WatchCore) -> None:
+    @watching.upon(WatchInput.pause).to(paused)
+    def _pause(stream: WatchInput, core: WatchCore) -> None:
         core.stopReading()
 
-    @paused.upon(WatchInputs.resume).to(watching)
-    def _resume(stream: WatchInputs, core: WatchCore) -> None:
+    @paused.upon(WatchInput.resume).to(watching)
+    def _resume(stream: WatchInput, core: WatchCore) -> None:
         core.startReading()
 
     for state in (pending, watching, paused):
 
-        @state.upon(WatchInputs.lost).to(ended)
-        def _lost(stream: WatchInputs, core: WatchCore) -> None:
+        @state.upon(WatchInput.lost).to(ended)
+        def _lost(stream: WatchInput, core: WatchCore) -> None:
             core.stopReading()
             core.release()
 
-        @state.upon(WatchInputs.rootGone).to(ended)
-        def _rootGone(stream: WatchInputs, core: WatchCore) -> None:
+        @state.upon(WatchInput.rootGone).to(ended)
+        def _rootGone(stream: WatchInput, core: WatchCore) -> None:
             core.stopReading()
             core.release()
             core.closeHost()
 
-        state.upon(WatchInputs.isEnded).loop().returns(False)
+        state.upon(WatchInput.isEnded).loop().returns(False)
 
-    ended.upon(WatchInputs.isEnded).loop().returns(True)
+    ended.upon(WatchInput.isEnded).loop().returns(True)
 
-    @ended.upon(WatchInputs.attach).loop()
-    def _lateAttach(stream: WatchInputs, core: WatchCore, transport: Any) -> None:
+    @ended.upon(WatchInput.attach).loop()
+    def _lateAttach(stream: WatchInput, core: WatchCore, transport: Any) -> None:
         transport.loseConnection()
 
     for state, inputs in (
-        (pending, (WatchInputs.pause, WatchInputs.resume)),
-        (watching, (WatchInputs.attach, WatchInputs.resume)),
-        (paused, (WatchInputs.attach, WatchInputs.pause)),
-        (ended, (WatchInputs.pause, WatchInputs.resume, WatchInputs.rootGone, WatchInputs.lost)),
+        (pending, (WatchInput.pause, WatchInput.resume)),
+        (watching, (WatchInput.attach, WatchInput.resume)),
+        (paused, (WatchInput.attach, WatchInput.pause)),
+        (ended, (WatchInput.pause, WatchInput.resume, WatchInput.rootGone, WatchInput.lost)),
     ):
         for late in inputs:
             state.upon(late).loop().returns(None)
@@ -107,4 +107,4 @@ def _makeWatchMachine() -> TypeMachine[WatchInputs, WatchCore]:
 
 
 WatchMachine = _makeWatchMachine()
-"""Builds a stream machine: ``WatchMachine(WatchCore(...))`` -> L{WatchInputs}."""
+"""Builds a stream machine: ``WatchMachine(WatchCore(...))`` -> L{WatchInput}."""

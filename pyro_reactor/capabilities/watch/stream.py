@@ -10,7 +10,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.capabilities.watch._machine import WatchInputs
+from pyro_reactor.capabilities.watch._machine import WatchInput
 from pyro_reactor.capabilities.watch.tree import Event
 
 
@@ -29,7 +29,7 @@ class WatchStream(Protocol):
     """
 
     def __init__(self) -> None:
-        self.machine: WatchInputs | None = None
+        self.machine: WatchInput | None = None
         self._queued: list[bytes] = []
 
     def emit(self, event: Event) -> None:
