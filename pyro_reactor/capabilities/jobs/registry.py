@@ -182,10 +182,13 @@ class PidWatch:
             onExit()
 
 
-#: After reading a batch of inotify events, the agent waits this long before reading the
-#: next: a job writing in small pieces makes an event per write, and while the agent waits
-#: the kernel merges repeated events of one file into one. At most this much latency.
+#: After reading a batch of inotify events, the agent waits before reading the next: a job
+#: writing in small pieces makes an event per write, and while the agent waits the kernel
+#: merges repeated events of one file into one. The wait is L{INOTIFY_PACE}, or four times
+#: what handling the last batch took (so that following output takes at most a fifth of the
+#: reactor's time however many jobs print), at most L{INOTIFY_MAX_PACE}.
 INOTIFY_PACE = 0.002
+INOTIFY_MAX_PACE = 0.05
 
 
 def _pacedINotify(base: type[Any]) -> type[Any]:
@@ -195,10 +198,13 @@ def _pacedINotify(base: type[Any]) -> type[Any]:
         _resume: IDelayedCall | None = None
 
         def doRead(self) -> None:
+            started = time.perf_counter()
             super().doRead()
             if self._resume is None and self.connected:
                 self.stopReading()
-                self._resume = self.reactor.callLater(INOTIFY_PACE, self._again)
+                took = time.perf_counter() - started
+                pace = min(max(INOTIFY_PACE, 4 * took), INOTIFY_MAX_PACE)
+                self._resume = self.reactor.callLater(pace, self._again)
 
         def _again(self) -> None:
             self._resume = None
