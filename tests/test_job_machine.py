@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyro_reactor.capabilities.jobs._machine import JobCore, JobInputs, JobMachine
+from pyro_reactor.capabilities.jobs._machine import JobCore, JobInput, JobMachine
 
 
 class FakeWorld:
@@ -47,7 +47,7 @@ class JobMachineTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.world = FakeWorld()
-        self.job: JobInputs = JobMachine(self.world.core())
+        self.job: JobInput = JobMachine(self.world.core())
 
     def test_wholeLife(self) -> None:
         """start → running on the pid report → ending on the runner's exit → exited once

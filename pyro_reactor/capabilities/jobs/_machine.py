@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 
-class JobInputs(Protocol):
+class JobInput(Protocol):
     """What can happen to a job."""
 
     def start(self) -> None:
@@ -93,8 +93,8 @@ def _fire(core: JobCore, waiters: list[Deferred[None]]) -> None:
         core.clock.callLater(0, fire)
 
 
-def _makeJobMachine() -> Callable[[JobCore], JobInputs]:
-    builder = TypeMachineBuilder(JobInputs, JobCore)
+def _makeJobMachine() -> Callable[[JobCore], JobInput]:
+    builder = TypeMachineBuilder(JobInput, JobCore)
     idle = builder.state("idle")
     starting = builder.state("starting")
     running = builder.state("running")
@@ -102,99 +102,99 @@ def _makeJobMachine() -> Callable[[JobCore], JobInputs]:
     exited = builder.state("exited")
     removed = builder.state("removed")
 
-    @idle.upon(JobInputs.start).to(starting)
-    def _launch(job: JobInputs, core: JobCore) -> None:
+    @idle.upon(JobInput.start).to(starting)
+    def _launch(job: JobInput, core: JobCore) -> None:
         core.launch()
 
-    idle.upon(JobInputs.adopt).to(running).returns(None)
-    idle.upon(JobInputs.restore).to(exited).returns(None)
+    idle.upon(JobInput.adopt).to(running).returns(None)
+    idle.upon(JobInput.restore).to(exited).returns(None)
 
-    @idle.upon(JobInputs.adoptEnded).to(ending)
-    def _adoptEnded(job: JobInputs, core: JobCore) -> None:
+    @idle.upon(JobInput.adoptEnded).to(ending)
+    def _adoptEnded(job: JobInput, core: JobCore) -> None:
         _collect(job, core)
 
-    @starting.upon(JobInputs._started).to(running)
-    def _run(job: JobInputs, core: JobCore, pid: int) -> None:
+    @starting.upon(JobInput._started).to(running)
+    def _run(job: JobInput, core: JobCore, pid: int) -> None:
         core.started(pid)
         _fire(core, core.startWaiters)
 
-    def _collect(job: JobInputs, core: JobCore) -> None:
+    def _collect(job: JobInput, core: JobCore) -> None:
         core.collect().addCallback(job._collected)
 
-    @starting.upon(JobInputs._runnerExited).to(ending)
-    def _endBeforeStart(job: JobInputs, core: JobCore) -> None:
+    @starting.upon(JobInput._runnerExited).to(ending)
+    def _endBeforeStart(job: JobInput, core: JobCore) -> None:
         _fire(core, core.startWaiters)
         _collect(job, core)
 
-    @running.upon(JobInputs._runnerExited).to(ending)
-    def _end(job: JobInputs, core: JobCore) -> None:
+    @running.upon(JobInput._runnerExited).to(ending)
+    def _end(job: JobInput, core: JobCore) -> None:
         _collect(job, core)
 
-    @ending.upon(JobInputs._collected).to(exited)
-    def _record(job: JobInputs, core: JobCore, outcome: dict[str, Any]) -> None:
+    @ending.upon(JobInput._collected).to(exited)
+    def _record(job: JobInput, core: JobCore, outcome: dict[str, Any]) -> None:
         core.ended(outcome)
         _fire(core, core.endWaiters)
 
     for live in (starting, running):
 
-        @live.upon(JobInputs.signal).loop()
-        def _deliver(job: JobInputs, core: JobCore, signum: int) -> bool:
+        @live.upon(JobInput.signal).loop()
+        def _deliver(job: JobInput, core: JobCore, signum: int) -> bool:
             return core.deliver(signum)
 
     for over in (ending, exited, removed):
-        over.upon(JobInputs.signal).loop().returns(False)
+        over.upon(JobInput.signal).loop().returns(False)
 
     for busy in (idle, starting, running, ending):
-        busy.upon(JobInputs.remove).loop().returns(False)
-        busy.upon(JobInputs.state).loop().returns("running")
+        busy.upon(JobInput.remove).loop().returns(False)
+        busy.upon(JobInput.state).loop().returns("running")
 
-    @exited.upon(JobInputs.remove).to(removed)
-    def _forget(job: JobInputs, core: JobCore) -> bool:
+    @exited.upon(JobInput.remove).to(removed)
+    def _forget(job: JobInput, core: JobCore) -> bool:
         core.forget()
         return True
 
-    removed.upon(JobInputs.remove).loop().returns(False)
-    exited.upon(JobInputs.state).loop().returns("exited")
-    removed.upon(JobInputs.state).loop().returns("removed")
+    removed.upon(JobInput.remove).loop().returns(False)
+    exited.upon(JobInput.state).loop().returns("exited")
+    removed.upon(JobInput.state).loop().returns("removed")
 
     for state in (idle, starting):
 
-        @state.upon(JobInputs.whenStarted).loop()
-        def _waitStart(job: JobInputs, core: JobCore) -> Deferred[None]:
+        @state.upon(JobInput.whenStarted).loop()
+        def _waitStart(job: JobInput, core: JobCore) -> Deferred[None]:
             waiter: Deferred[None] = Deferred()
             core.startWaiters.append(waiter)
             return waiter
 
     for state in (running, ending, exited, removed):
 
-        @state.upon(JobInputs.whenStarted).loop()
-        def _hasStarted(job: JobInputs, core: JobCore) -> Deferred[None]:
+        @state.upon(JobInput.whenStarted).loop()
+        def _hasStarted(job: JobInput, core: JobCore) -> Deferred[None]:
             return succeed(None)
 
     for state in (idle, starting, running, ending):
 
-        @state.upon(JobInputs.whenEnded).loop()
-        def _waitEnd(job: JobInputs, core: JobCore) -> Deferred[None]:
+        @state.upon(JobInput.whenEnded).loop()
+        def _waitEnd(job: JobInput, core: JobCore) -> Deferred[None]:
             waiter: Deferred[None] = Deferred()
             core.endWaiters.append(waiter)
             return waiter
 
     for state in (exited, removed):
 
-        @state.upon(JobInputs.whenEnded).loop()
-        def _hasEnded(job: JobInputs, core: JobCore) -> Deferred[None]:
+        @state.upon(JobInput.whenEnded).loop()
+        def _hasEnded(job: JobInput, core: JobCore) -> Deferred[None]:
             return succeed(None)
 
     # Late or repeated events, explicitly ignored.
     for state in (starting, running, ending, exited, removed):
-        for late in (JobInputs.start, JobInputs.adopt, JobInputs.adoptEnded, JobInputs.restore):
+        for late in (JobInput.start, JobInput.adopt, JobInput.adoptEnded, JobInput.restore):
             state.upon(late).loop().returns(None)
     for state in (idle, running, ending, exited, removed):
-        state.upon(JobInputs._started).loop().returns(None)
+        state.upon(JobInput._started).loop().returns(None)
     for state in (idle, ending, exited, removed):
-        state.upon(JobInputs._runnerExited).loop().returns(None)
+        state.upon(JobInput._runnerExited).loop().returns(None)
     for state in (idle, starting, running, exited, removed):
-        state.upon(JobInputs._collected).loop().returns(None)
+        state.upon(JobInput._collected).loop().returns(None)
 
     return builder.build()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.capabilities.jobs import records
-from pyro_reactor.capabilities.jobs._machine import JobCore, JobInputs, JobMachine
+from pyro_reactor.capabilities.jobs._machine import JobCore, JobInput, JobMachine
 from pyro_reactor.capabilities.jobs.output import JobOutput
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
@@ -230,9 +230,12 @@ class Job:
     output: JobOutput
     cgroup: Cgroup | None
     stdin: str
-    machine: JobInputs = field(init=False)
+    machine: JobInput = field(init=False)
     runner: Any = None
     watch: PidWatch | None = None
+    #: The job's file work (record writes, the final removal) runs one at a time, in order:
+    #: the pool's threads would otherwise let a late record write re-create removed files.
+    fileWork: DeferredLock = field(default_factory=DeferredLock)
 
     @property
     def jobId(self) -> str:
@@ -462,14 +465,18 @@ class Jobs(Service):
         def failed(failure: Failure) -> None:
             log.failure("cannot write the record of job {job_id}", failure, job_id=job.jobId)
 
-        self.context.inThread(records.writeRecord, job.files, record).addErrback(failed)
+        written: Deferred[None] = job.fileWork.run(
+            self.context.inThread, records.writeRecord, job.files, record
+        )
+        written.addErrback(failed)
 
     def forget(self, job: Job) -> None:
         if self.jobs.get(job.jobId) is job:
             del self.jobs[job.jobId]
-        self.context.inThread(records.removeFiles, job.files).addErrback(
-            lambda f: log.failure("cannot remove job {job_id}", f, job_id=job.jobId)
+        removed: Deferred[None] = job.fileWork.run(
+            self.context.inThread, records.removeFiles, job.files
         )
+        removed.addErrback(lambda f: log.failure("cannot remove job {job_id}", f, job_id=job.jobId))
 
     def removeCgroup(self, cgroup: Cgroup, tries: int = CGROUP_REMOVE_TRIES) -> None:
         """Remove a job's cgroup once its killed processes are gone (retrying ~15 s)."""
