@@ -13,6 +13,7 @@ from pyro_reactor.capabilities.archives import ArchivesCapability
 from pyro_reactor.capabilities.base import Capability
 from pyro_reactor.capabilities.execute import ExecCapability
 from pyro_reactor.capabilities.files import FilesCapability
+from pyro_reactor.capabilities.jobs import JobsCapability
 from pyro_reactor.capabilities.ping import PingCapability
 from pyro_reactor.capabilities.ports import PortsCapability
 from pyro_reactor.capabilities.services import ServicesCapability
@@ -35,6 +36,7 @@ CAPABILITIES: Sequence[Callable[[AgentContext], Capability]] = (
     WatchCapability,
     SnapshotsCapability,
     StatsCapability,
+    JobsCapability,
 )
 
 

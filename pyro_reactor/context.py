@@ -50,6 +50,8 @@ class AgentConfig:
     minUploadRate: int = 64 * 1024
     relayHosts: str = "loopback"
     maxWatches: int = 64
+    jobOutputBytes: int = 64 * MiB
+    maxJobs: int = 256
 
     @property
     def shellRoot(self) -> Path:

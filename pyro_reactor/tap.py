@@ -190,6 +190,20 @@ class Options(usage.Options):
             _relayHosts,
         ],
         ["max-watches", None, 64, "Most watch_workspace streams at once.", _positive(int)],
+        [
+            "job-output-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes of job output kept on disk per stream (older bytes are dropped as a gap).",
+            _positive(int),
+        ],
+        [
+            "max-jobs",
+            None,
+            256,
+            "Jobs kept at most (the oldest ended ones go first).",
+            _positive(int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -225,6 +239,8 @@ class Options(usage.Options):
             minUploadRate=self["min-upload-rate"],
             relayHosts=self["relay-hosts"],
             maxWatches=self["max-watches"],
+            jobOutputBytes=self["job-output-bytes"],
+            maxJobs=self["max-jobs"],
         )
 
 

@@ -19,7 +19,7 @@ it raises instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from twisted.internet.defer import Deferred
@@ -27,6 +27,7 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.python import threadable
 
 from pyro_reactor.client.api import AgentClient
+from pyro_reactor.client.jobs import JobAttachment
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -120,3 +121,45 @@ class BlockingClient:
     stopService = _blocking(AgentClient.stopService)
     listServices = _blocking(AgentClient.listServices)
     listPorts = _blocking(AgentClient.listPorts)
+    startJob = _blocking(AgentClient.startJob)
+    readJob = _blocking(AgentClient.readJob)
+    writeJob = _blocking(AgentClient.writeJob)
+    signalJob = _blocking(AgentClient.signalJob)
+    statusJob = _blocking(AgentClient.statusJob)
+    listJobs = _blocking(AgentClient.listJobs)
+    removeJob = _blocking(AgentClient.removeJob)
+
+    def attachJob(self, jobId: str | None = None, **options: Any) -> BlockingAttachment:
+        """L{AgentClient.attachJob}: iterate the returned object for the events."""
+        start: Any = lambda: self.client.attachJob(jobId, **options)  # noqa: E731
+        attachment: JobAttachment = blockingCallFromThread(self.reactor, start)
+        return BlockingAttachment(self.reactor, attachment)
+
+
+class BlockingAttachment:
+    """A job's attach stream for threads: iterate it for events; write, signal, detach."""
+
+    def __init__(self, reactor: Any, attachment: JobAttachment) -> None:
+        self.reactor = reactor
+        self.attachment = attachment
+        self.header = attachment.header
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            pull: Any = self.attachment.next
+            event: dict[str, Any] | None = blockingCallFromThread(self.reactor, pull)
+            if event is None:
+                return
+            yield event
+
+    def write(self, data: bytes | str) -> None:
+        self.reactor.callFromThread(self.attachment.write, data)
+
+    def closeStdin(self) -> None:
+        self.reactor.callFromThread(self.attachment.closeStdin)
+
+    def signal(self, name: str) -> None:
+        self.reactor.callFromThread(self.attachment.signal, name)
+
+    def detach(self) -> None:
+        self.reactor.callFromThread(self.attachment.detach)

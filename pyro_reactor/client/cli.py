@@ -18,10 +18,14 @@ does). ``shell`` exits with the shell's exit code when the shell ends, 0 on deta
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
+import shlex
+import signal as _signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +195,30 @@ def buildParser() -> argparse.ArgumentParser:
     )
     watchCommand.add_argument("path", nargs="?", default="/workspace")
     watchCommand.add_argument("--no-recursive", action="store_true", help="only PATH itself")
+    _addJobCommands(commands)
     return parser
+
+
+def _addJobCommands(commands: Any) -> None:
+    """``run``, ``jobs``, ``attach``, ``kill``: jobs from the command line."""
+    job = commands.add_parser(
+        "run", help="run a job: stream its output live, exit with its code (Ctrl-C sends INT)"
+    )
+    job.add_argument("--detach", "-d", action="store_true", help="print the job id and return")
+    job.add_argument("--stdin", "-i", action="store_true", help="forward this stdin (and EOF)")
+    job.add_argument("--env", "-e", action="append", default=[], metavar="NAME=VALUE")
+    job.add_argument("--cwd", default="/workspace", metavar="DIR")
+    job.add_argument("--timeout-seconds", type=float, default=None, metavar="S")
+    job.add_argument("--job-id", default=None, metavar="ID")
+    job.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")
+    commands.add_parser("jobs", help="list the jobs")
+    attach = commands.add_parser("attach", help="follow a job's output to its end")
+    attach.add_argument("job_id", metavar="JOB_ID")
+    attach.add_argument("--stdout-offset", type=int, default=0, metavar="N")
+    attach.add_argument("--stderr-offset", type=int, default=0, metavar="N")
+    kill = commands.add_parser("kill", help="signal every process of a job (default TERM)")
+    kill.add_argument("job_id", metavar="JOB_ID")
+    kill.add_argument("signal", nargs="?", default="TERM", metavar="SIGNAL")
 
 
 def _environment(pairs: Sequence[str]) -> dict[str, str] | None:
@@ -215,7 +242,186 @@ def _command(words: Sequence[str]) -> str:
     return " ".join(words)
 
 
-class Runner:
+def _execCommand(words: Sequence[str]) -> str:
+    """One word is a shell command line; several are one argv, quoted (as docker exec does)."""
+    words = list(words)
+    if words and words[0] == "--":
+        words = words[1:]
+    if len(words) > 1:
+        return shlex.join(words)
+    return _command(words)
+
+
+class _JobCommands:
+    """The job commands of L{Runner} (``run``, ``jobs``, ``attach``, ``kill``)."""
+
+    reactor: Any
+    options: argparse.Namespace
+    console: Console
+    client: AgentClient
+
+    def say(self, text: str) -> None:
+        raise NotImplementedError
+
+    def emit(self, answer: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def do_run(self) -> int:
+        words = list(self.options.words)
+        if words and words[0] == "--":
+            words = words[1:]
+        if not words:
+            raise UsageError("a command is required")
+        start: dict[str, Any] = {
+            "cwd": self.options.cwd,
+            "env": _environment(self.options.env),
+            "stdin": self.options.stdin,
+            "timeoutSeconds": self.options.timeout_seconds,
+            "jobId": self.options.job_id,
+        }
+        if len(words) == 1:
+            start["command"] = words[0]
+        else:
+            start["argv"] = words
+        if self.options.detach:
+            answer = await self.client.startJob(
+                start.pop("command", None), argv=start.pop("argv", None), **start
+            )
+            if self.options.json:
+                self.emit(answer)
+            else:
+                self.say(str(answer["job_id"]))
+            return EXIT_OK
+        return await self._follow(start=start)
+
+    async def do_attach(self) -> int:
+        return await self._follow(
+            jobId=self.options.job_id,
+            stdoutOffset=self.options.stdout_offset,
+            stderrOffset=self.options.stderr_offset,
+        )
+
+    async def _follow(self, **how: Any) -> int:
+        out = _binary(self.console.stdout)
+        err = _binary(self.console.stderr)
+
+        def onEvent(event: dict[str, Any]) -> None:
+            if self.options.json:
+                self.emit(event)
+                return
+            kind = event.get("event")
+            if kind == "output":
+                target = out if event.get("stream") == "stdout" else err
+                target.write(base64.b64decode(str(event.get("data", ""))))
+                target.flush()
+            elif kind == "gap":
+                err.write(
+                    f"[{event['offset']}..{event['resumed_at']} of {event['stream']}"
+                    " no longer kept]\n".encode()
+                )
+            elif kind == "error":
+                err.write(f"pyro-agent-client: {event.get('error')}\n".encode())
+
+        encoding = "text" if self.options.json else "base64"
+        attachment = await self.client.attachJob(onEvent=onEvent, encoding=encoding, **how)
+        if self.options.json and attachment.header is not None:
+            self.emit(attachment.header)
+        previous = _forwardInterrupts(self.reactor, attachment)
+        try:
+            if getattr(self.options, "stdin", False):
+                _forwardStdin(self.reactor, self.console, attachment)
+            exit_ = await attachment.done
+        finally:
+            if previous is not None:
+                _signal.signal(_signal.SIGINT, previous)
+        out.flush()
+        err.flush()
+        if exit_ is None:
+            self.console.stderr.write("pyro-agent-client: the stream ended before the job\n")
+            return EXIT_EXEC_CLIENT_FAILURE
+        if exit_.get("exit_code") is not None:
+            return int(exit_["exit_code"]) & 0xFF
+        name = exit_.get("signal")
+        number = getattr(_signal, f"SIG{name}", None) if isinstance(name, str) else None
+        return 128 + int(number) if number is not None else EXIT_EXEC_CLIENT_FAILURE
+
+    async def do_jobs(self) -> int:
+        jobs = await self.client.listJobs()
+        for job in jobs:
+            if self.options.json:
+                self.emit(job)
+            else:
+                self.say(_jobLine(job))
+        return EXIT_OK
+
+    async def do_kill(self) -> int:
+        answer = await self.client.signalJob(self.options.job_id, self.options.signal)
+        if self.options.json:
+            self.emit(answer)
+        return EXIT_OK
+
+
+def _binary(stream: TextIO) -> Any:
+    stream.flush()
+    return getattr(stream, "buffer", None) or _TextAsBinary(stream)
+
+
+class _TextAsBinary:
+    """A text stream (a test's StringIO) written to as bytes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _forwardInterrupts(reactor: Any, attachment: Any) -> Any:
+    """Ctrl-C sends INT to the job instead of ending the client (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupted(signum: int, frame: object) -> None:
+        reactor.callFromThread(attachment.signal, "INT")
+
+    return _signal.signal(_signal.SIGINT, interrupted)
+
+
+def _forwardStdin(reactor: Any, console: Console, attachment: Any) -> None:
+    """Copy the local stdin to the job's in a thread, then close it (EOF)."""
+    source = getattr(console.stdin, "buffer", None)
+
+    def pump() -> None:
+        while True:
+            if source is not None:
+                data: bytes | str = source.read1(65536)
+            else:
+                data = console.stdin.read(65536)
+            if not data:
+                break
+            reactor.callFromThread(attachment.write, data)
+        reactor.callFromThread(attachment.closeStdin)
+
+    threading.Thread(target=pump, name="pyro-job-stdin", daemon=True).start()
+
+
+def _jobLine(job: dict[str, Any]) -> str:
+    what = job.get("command") or shlex.join(job.get("argv") or [])
+    if job.get("state") == "exited":
+        how = (
+            f"exit {job['exit_code']}"
+            if job.get("exit_code") is not None
+            else f"signal {job.get('signal')}"
+        )
+    else:
+        how = f"running, pid {job.get('pid')}"
+    return f"{job.get('job_id')}: {how}: {what}"
+
+
+class Runner(_JobCommands):
     """Runs one parsed command line against an agent and returns the exit code."""
 
     def __init__(self, reactor: Any, options: argparse.Namespace, console: Console) -> None:
@@ -268,7 +474,7 @@ class Runner:
         return EXIT_OK
 
     async def do_exec(self) -> int:
-        command = _command(self.options.words)
+        command = _execCommand(self.options.words)
         result = await self.client.execute(
             command, self.options.timeout_seconds, _environment(self.options.env)
         )
@@ -572,7 +778,7 @@ def _shellLine(shell: ShellInfo) -> str:
 
 
 def _failureCode(command: str | None, error: AgentError) -> int:
-    if command == "exec":
+    if command in ("exec", "run", "attach"):
         return EXIT_EXEC_CLIENT_FAILURE
     if isinstance(error, AgentTimeoutError):
         return EXIT_TIMEOUT

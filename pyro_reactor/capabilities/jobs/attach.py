@@ -1,0 +1,243 @@
+"""The attach stream: a job's output as JSON event lines, the host's stdin and signals back.
+
+After the header line the connection belongs to an L{AttachStream} (see
+L{pyro_reactor.wire.dispatch.HandOff}). It reads the job's output files from where the host
+said it was, one chunk at a time in a worker thread, and writes ``output`` (and ``gap``)
+events; it registers as the transport's producer, so when the host reads slowly the transport
+pauses it and nothing more is read: the agent's memory holds at most one chunk per stream,
+whatever the job prints. Once the job has ended and every byte is sent, ``exit`` follows and
+the stream closes. Lines from the host (``stdin``, ``stdin_base64``, ``close_stdin``,
+``signal``) are handled as they come; a bad one is answered with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pyro_reactor.errors import ActionError
+
+if TYPE_CHECKING:
+    from pyro_reactor.capabilities.jobs.registry import Job, Jobs
+
+log = Logger(namespace="pyro_reactor.capabilities.jobs.attach")
+
+#: Bytes read from an output file per event.
+CHUNK = 256 * 1024
+#: The longest line a host may send on an attach stream.
+MAX_LINE = 16 * 1024 * 1024
+STREAMS = ("stdout", "stderr")
+
+
+class _Cursor:
+    """Where one stream of an attached client is: next byte to read and its decoder."""
+
+    def __init__(self, offset: int, text: bool) -> None:
+        self.offset = offset
+        self.eventOffset = offset
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace") if text else None
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class AttachStream(Protocol):
+    """One attached client of one job."""
+
+    def __init__(self, jobs: Jobs, job: Job, stdout: int, stderr: int, encoding: str) -> None:
+        self.jobs = jobs
+        self.job = job
+        text = encoding == "text"
+        self.cursors = {"stdout": _Cursor(stdout, text), "stderr": _Cursor(stderr, text)}
+        self.paused = False
+        self.reading = False
+        self.listening = False
+        self.finished = False
+        self.gone = False
+        self.buffer = b""
+        self.turn = 0
+
+    # -- the connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self.job.machine.whenEnded().addCallback(lambda _: self.pump())
+        self.pump()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+        self.job.output.unlisten(self._changed)
+
+    def readConnectionLost(self) -> None:
+        """The host half-closed: it sends nothing more, but still reads."""
+
+    def writeConnectionLost(self) -> None:
+        self.gone = True
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        self.gone = True
+
+    def send(self, event: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    # -- output --------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Send what the files hold beyond the cursors, one chunk at a time."""
+        if self.gone or self.finished or self.reading or self.paused:
+            return
+        output = self.job.output
+        ended = self.job.machine.state() in ("exited", "removed")
+        for index in range(len(STREAMS)):
+            name = STREAMS[(self.turn + index) % len(STREAMS)]
+            cursor, stream = self.cursors[name], output.streams[name]
+            if cursor.offset < stream.start:
+                self.send(
+                    {
+                        "event": "gap",
+                        "stream": name,
+                        "offset": cursor.offset,
+                        "resumed_at": stream.start,
+                    }
+                )
+                cursor.offset = cursor.eventOffset = stream.start
+                if cursor.decoder is not None:
+                    cursor.decoder.reset()
+            if cursor.offset < stream.size:
+                self.turn = (self.turn + index + 1) % len(STREAMS)
+                self._read(name, cursor, min(CHUNK, stream.size - cursor.offset))
+                return
+        if ended:
+            self._finish()
+        elif not self.listening:
+            self.listening = True
+            output.listen(self._changed)
+
+    def _changed(self) -> None:
+        self.listening = False
+        self.pump()
+
+    def _read(self, name: str, cursor: _Cursor, count: int) -> None:
+        self.reading = True
+        offset = cursor.offset
+
+        def got(data: bytes) -> None:
+            self.reading = False
+            if self.gone:
+                return
+            if not data:
+                # Punched or gone meanwhile: look again at the next change.
+                self.job.output.refresh()
+                return
+            cursor.offset = offset + len(data)
+            self._emit(name, cursor, data, final=False)
+            self.pump()
+
+        def failed(failure: Failure) -> None:
+            self.reading = False
+            log.failure("cannot read job output", failure, job_id=self.job.jobId)
+            self._close()
+
+        self.job.output.read(name, offset, count).addCallbacks(got, failed)
+
+    def _emit(self, name: str, cursor: _Cursor, data: bytes, final: bool) -> None:
+        if cursor.decoder is None:
+            if data:
+                self.send(
+                    {
+                        "event": "output",
+                        "stream": name,
+                        "offset": cursor.eventOffset,
+                        "data": base64.b64encode(data).decode("ascii"),
+                    }
+                )
+                cursor.eventOffset += len(data)
+            return
+        text = cursor.decoder.decode(data, final)
+        covered = cursor.offset - len(cursor.decoder.getstate()[0])
+        if text:
+            self.send(
+                {"event": "output", "stream": name, "offset": cursor.eventOffset, "data": text}
+            )
+        cursor.eventOffset = covered
+
+    def _finish(self) -> None:
+        self.finished = True
+        for name in STREAMS:
+            cursor = self.cursors[name]
+            if cursor.decoder is not None:
+                self._emit(name, cursor, b"", final=True)
+        exit_ = self.job.exitInfo() or {}
+        self.send({"event": "exit", **exit_})
+        self._close()
+
+    def _close(self) -> None:
+        self.job.output.unlisten(self._changed)
+        if self.transport is not None:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
+
+    # -- input from the host -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, _, self.buffer = self.buffer.partition(b"\n")
+            if line.strip():
+                self._line(line)
+        if len(self.buffer) > MAX_LINE:
+            self.buffer = b""
+            self.send({"event": "error", "error": f"line longer than {MAX_LINE} bytes"})
+
+    def _line(self, line: bytes) -> None:
+        from pyro_reactor.capabilities.jobs.actions import decodeBase64, signalOf  # noqa: PLC0415
+
+        try:
+            try:
+                message = json.loads(line)
+            except (ValueError, RecursionError):
+                raise ActionError("not a JSON object") from None
+            if not isinstance(message, dict) or len(message) != 1:
+                raise ActionError(
+                    'expected one of {"stdin": text}, {"stdin_base64": ...},'
+                    ' {"close_stdin": true}, {"signal": NAME}'
+                )
+            ((key, value),) = message.items()
+            if key == "stdin":
+                if not isinstance(value, str):
+                    raise ActionError("stdin must be a string")
+                try:
+                    self.job.write(value.encode("utf-8"), False)
+                except UnicodeEncodeError:
+                    raise ActionError("stdin must be valid Unicode text") from None
+            elif key == "stdin_base64":
+                if not isinstance(value, str):
+                    raise ActionError("stdin_base64 must be a string")
+                self.job.write(decodeBase64(value, "stdin_base64"), False)
+            elif key == "close_stdin":
+                if value is not True:
+                    raise ActionError("close_stdin must be true")
+                self.job.write(b"", True)
+            elif key == "signal":
+                _, number = signalOf(value)
+                if not self.jobs.signal(self.job, number):
+                    raise ActionError(f"job {self.job.jobId!r} has ended")
+            else:
+                raise ActionError(f"unknown field {key!r}")
+        except ActionError as error:
+            self.send({"event": "error", "error": error.message})
