@@ -384,6 +384,7 @@ class UnitCgroups:
         self.home = home
         self.waiting: set[Path] = set()
         self.free: dict[str, list[Cgroup]] = {}
+        self._fds: dict[Path, int] = {}
         #: Waiting cgroups whose processes were killed: gone within milliseconds.
         self.dying: set[Path] = set()
 
@@ -422,9 +423,9 @@ class UnitCgroups:
         if cgroup is None:
             yield False
             return
-        me = str(os.getpid())
+        me = str(os.getpid()).encode("ascii")
         try:
-            _writeSmall(cgroup.procs, me)
+            self._write(cgroup.procs, me)
         except OSError as error:
             log.warn(
                 "cannot enter unit cgroup {cgroup}: {error}",
@@ -436,7 +437,34 @@ class UnitCgroups:
         try:
             yield True
         finally:
-            _writeSmall(self.home / "cgroup.procs", me)
+            self._write(self.home / "cgroup.procs", me)
+
+    def _write(self, procs: Path, pid: bytes) -> None:
+        """Write to a ``cgroup.procs`` through a descriptor kept open (an open less a spawn)."""
+        fd = self._fds.get(procs)
+        if fd is not None:
+            try:
+                os.write(fd, pid)
+            except OSError:
+                self._forget(procs)  # a cgroup removed meanwhile: try afresh below
+            else:
+                return
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[procs] = fd
+
+    def _forget(self, procs: Path) -> None:
+        fd = self._fds.pop(procs, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _remove(self, cgroup: Cgroup) -> bool:
+        self._forget(cgroup.procs)
+        return cgroup.remove()
 
     def spawnIn(self, cgroup: Cgroup | None, spawn: Callable[[], _T]) -> tuple[_T, bool]:
         """C{spawn()} with the agent inside C{cgroup}; its result and whether it was in."""
@@ -454,7 +482,7 @@ class UnitCgroups:
             if len(pool) < POOL_SIZE:
                 pool.append(cgroup)
                 return
-        if cgroup.remove():
+        if self._remove(cgroup):
             self.waiting.discard(cgroup.path)
             self.dying.discard(cgroup.path)
         else:
@@ -474,7 +502,7 @@ class UnitCgroups:
         deadline = clock.seconds() + timeout
 
         def look(interval: float) -> None:
-            if cgroup.remove():
+            if self._remove(cgroup):
                 self.waiting.discard(cgroup.path)
                 done.callback(True)
             elif clock.seconds() >= deadline:
@@ -500,6 +528,8 @@ class UnitCgroups:
         while self.sweep() and self.dying and time.monotonic() < deadline:
             time.sleep(0.005)
         self.removeLeftovers()
+        for procs in list(self._fds):
+            self._forget(procs)
 
     def removeLeftovers(self) -> int:
         """Remove the empty unit cgroups an earlier agent left (at start-up and stop).
@@ -523,18 +553,10 @@ class UnitCgroups:
     def sweep(self) -> int:
         """Remove every released cgroup that is empty now; how many are still waiting."""
         for path in list(self.waiting):
-            if Cgroup(path).remove():
+            if self._remove(Cgroup(path)):
                 self.waiting.discard(path)
                 self.dying.discard(path)
         return len(self.waiting)
-
-
-def _writeSmall(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
 
 
 _unitCgroups: dict[str, UnitCgroups | None] = {}
