@@ -204,6 +204,7 @@ class JobsTests(TestCase):
             ({"action": "start_job", "command": "true", "cwd": "/etc"}, "workspace"),
             ({"action": "start_job", "command": "true", "limits": {"bogus": 1}}, "unknown limit"),
             ({"action": "read_job", "job_id": "taken", "wait_ms": 60001}, "wait_ms"),
+            ({"action": "read_job", "job_id": "taken", "max_bytes": 2}, "at least 4"),
             ({"action": "read_job", "job_id": "taken", "stdout_offset": -1}, "stdout_offset"),
             ({"action": "read_job", "job_id": "taken", "stdout_offset": 10**6}, "beyond"),
             ({"action": "signal_job", "job_id": "taken", "signal": "BOGUS"}, "unknown signal"),

@@ -6,15 +6,16 @@ answers ``None`` and callers fall back to process groups and sessions.
 
 Where the units live. The agent finds the unified hierarchy (``cgroup2`` in
 ``/proc/self/mounts``: ``/sys/fs/cgroup`` on a modern guest, ``/sys/fs/cgroup/unified`` on a
-hybrid host) and its own cgroup (the ``0::`` line of ``/proc/self/cgroup``). Units are made in
-a ``pyro-units`` directory:
-
-  - when the agent is in the root cgroup (an init script, a container's root), directly under
-    the root (the root is exempt from the "no internal processes" rule);
-  - otherwise (systemd, ``Delegate=yes``) the agent first moves every process of its cgroup
-    into a leaf ``agent`` beside ``pyro-units``, because a cgroup that hands controllers to its
-    children may hold no process itself. The agent therefore never shares a cgroup with a unit:
-    ``cgroup.kill`` of a unit cannot reach it.
+hybrid host) and makes its units in ``pyro-units/`` at the hierarchy's root, never inside its
+own cgroup. Inside its own cgroup (under systemd, with ``Delegate=yes``) the agent would have
+to move itself into a leaf and enable controllers for the unit's cgroup; after the agent is
+killed, systemd then puts the new agent back into the unit's cgroup, which the kernel refuses
+(a cgroup that hands controllers down may hold no process): the restart fails (seen in the VM
+tier). At the root, whose processes are exempt from that rule, the agent's own cgroup stays
+as systemd or the init script made it, units outlive agent restarts, and the agent is never
+in a unit's cgroup: ``cgroup.kill`` of a unit cannot reach it. This needs a writable root
+(the agent runs as root in a guest); without one there are no unit cgroups (callers fall back
+to process groups).
 
 The controllers the parent has (``memory``, ``pids``, ``cpu``) are enabled for ``pyro-units``'
 children as far as the kernel lets us; L{CgroupTree.controllers} says which ones units really
@@ -43,7 +44,6 @@ from twisted.logger import Logger
 log = Logger(namespace="pyro_reactor.system.cgroups")
 
 UNITS = "pyro-units"
-AGENT_LEAF = "agent"
 #: The controllers a unit's limits need, by limit name.
 LIMIT_CONTROLLERS = {"memory_bytes": "memory", "pids": "pids", "cpu": "cpu"}
 #: cpu.max period in microseconds.
@@ -303,28 +303,21 @@ class CgroupTree:
         self.units = units
 
     @classmethod
-    def detect(cls, mount: Path | None = None, own: str | None = None) -> CgroupTree | None:
-        """Set the tree up under this process's cgroup; ``None`` without a usable cgroup v2."""
+    def detect(cls, mount: Path | None = None) -> CgroupTree | None:
+        """Set the tree up at the hierarchy's root; ``None`` without a usable cgroup v2."""
         mount = unifiedMount() if mount is None else mount
-        own = ownCgroup() if own is None else own
-        if mount is None or own is None:
+        if mount is None:
             return None
-        base = mount / own.lstrip("/")
+        units = mount / UNITS
         try:
-            if own != "/" and base.name != AGENT_LEAF:
-                _leaveForLeaf(base)
-            elif base.name == AGENT_LEAF:
-                base = base.parent  # an agent restarted in the leaf an earlier one made
-            units = base / UNITS
             units.mkdir(mode=0o755, exist_ok=True)
         except OSError as error:
             log.warn("no cgroups for units: {error}", error=str(error))
             return None
-        tree = cls(units)
         if not (units / "cgroup.procs").exists():
             return None
-        _enable(base, units)
-        return tree
+        _enable(mount, units)
+        return cls(units)
 
     @property
     def controllers(self) -> set[str]:
@@ -345,25 +338,9 @@ class CgroupTree:
         return Cgroup(candidate)
 
 
-def _leaveForLeaf(base: Path) -> None:
-    """Move every process of C{base} into ``base/agent`` (no internal processes rule)."""
-    leaf = base / AGENT_LEAF
-    leaf.mkdir(mode=0o755, exist_ok=True)
-    for _ in range(3):
-        pids = [line for line in (_read(base / "cgroup.procs") or "").split() if line.isdigit()]
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                _write(leaf / "cgroup.procs", pid)
-            except OSError as error:
-                if error.errno != errno.ESRCH:
-                    raise
-
-
-def _enable(base: Path, units: Path) -> None:
+def _enable(root: Path, units: Path) -> None:
     """Hand the available controllers down to the units' cgroups, as far as allowed."""
-    for parent in (base, units):
+    for parent in (root, units):
         available = set((_read(parent / "cgroup.controllers") or "").split())
         for controller in ("memory", "pids", "cpu"):
             if controller not in available:

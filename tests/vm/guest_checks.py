@@ -307,6 +307,81 @@ class Checks:
             await watch.ended
         return f"{len(events)} events, the exec's write and a/b/c among them"
 
+    # -- jobs (issue 12): limits, OOM and whole-tree kills need the guest's full cgroup v2 --
+
+    async def jobEnd(self, jobId: str) -> dict[str, Any]:
+        for _ in range(600):
+            status = await self.client.statusJob(jobId)
+            if status["state"] == "exited":
+                return status
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        raise AssertionError(f"job {jobId} did not end: {status}")
+
+    async def jobMemory(self) -> str:
+        started = await self.client.startJob(
+            argv=["python3", "-c", "b = bytearray(256 << 20); print(len(b))"],
+            jobId="vm-oom",
+            limits={"memory_bytes": 64 << 20},
+        )
+        expect(started["cgroup"] is True, f"no cgroup: {started}")
+        expect(started["limits_applied"] == {"memory_bytes": 64 << 20}, f"{started}")
+        status = await self.jobEnd("vm-oom")
+        expect(status["oom_killed"] is True, f"not oom_killed: {status}")
+        expect(status["signal"] == "KILL", f"signal {status['signal']}")
+        peak = (status["usage"] or {}).get("memory_peak_bytes")
+        return f"64 MiB limit: killed by the OOM killer, peak {peak} bytes"
+
+    async def jobPids(self) -> str:
+        await self.client.startJob(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait; echo done",
+            jobId="vm-pids",
+            limits={"pids": 4},
+        )
+        status = await self.jobEnd("vm-pids")
+        read = await self.client.readJob("vm-pids")
+        expect(
+            "fork" in read["stderr"].lower() or "resource" in read["stderr"].lower(),
+            f"no fork failure on stderr: {read['stderr']!r}",
+        )
+        first = read["stderr"].splitlines()[0]
+        return f"pids.max 4: forks refused ({first!r}), exit {status['exit_code']}"
+
+    async def jobDaemonKill(self) -> str:
+        pidFile = WORKSPACE / "vm-daemon.pid"
+        pidFile.unlink(missing_ok=True)
+        await self.client.startJob(
+            "setsid sh -c 'sleep 600 & echo $! > vm-daemon.pid' & sleep 600", jobId="vm-daemon"
+        )
+        for _ in range(300):
+            if pidFile.exists() and pidFile.read_text().strip():
+                break
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        daemon = int(pidFile.read_text())
+        expect(alive(daemon), "the daemon is not running")
+        await self.client.signalJob("vm-daemon", "KILL")
+        status = await self.jobEnd("vm-daemon")
+        for _ in range(100):
+            if not alive(daemon):
+                break
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        expect(not alive(daemon), f"daemon {daemon} survived signal_job KILL")
+        return f"double-forked setsid daemon {daemon} gone; job signal {status['signal']}"
+
+    async def jobAttach(self) -> str:
+        attachment = await self.client.attachJob(
+            start={"command": "cat; echo bye", "stdin": True, "jobId": "vm-attach"}
+        )
+        attachment.write("over vsock\n")
+        attachment.closeStdin()
+        text = ""
+        async for event in attachment:
+            if event.get("event") == "output":
+                text += event["data"]
+        exit_ = await attachment.done
+        expect(text == "over vsock\nbye\n", f"output {text!r}")
+        expect(exit_ is not None and exit_["exit_code"] == 0, f"exit {exit_}")
+        return "started attached, stdin fed and closed, output streamed, exit 0"
+
     async def restartUnderSystemd(self) -> str:
         survivor = await self.startSurvivor()
         before = await self.client.ping()
@@ -472,6 +547,15 @@ async def bootTimes() -> list[str]:
     return [*lines, "slowest units: " + ", ".join(slowest[:6])]
 
 
+async def runJobChecks(checks: Checks) -> None:
+    """The jobs checks (issue 12): limits, OOM, a whole-tree kill, an attach stream."""
+    needs = ["start_job", "status_job", "read_job", "signal_job", "attach_job"]
+    await checks.run("jobs.attach", needs, checks.jobAttach)
+    await checks.run("jobs.daemon-kill", needs, checks.jobDaemonKill)
+    await checks.run("jobs.memory-oom", needs, checks.jobMemory)
+    await checks.run("jobs.pids-limit", needs, checks.jobPids)
+
+
 async def main(reactor: Any, options: argparse.Namespace) -> int:
     with open(options.output, "w", encoding="utf-8", errors="replace") as output:
         report = Report(output)
@@ -513,6 +597,7 @@ async def main(reactor: Any, options: argparse.Namespace) -> int:
             )
             await checks.run("vsock.tcp", ["connect_tcp", "list_ports"], checks.tcpRelay)
             await checks.run("vsock.watch", ["watch_workspace", "exec"], checks.watch)
+            await runJobChecks(checks)
         await checks.run("host-phase", [], checks.waitForHost)
         if checks.actions:
             await checks.run("restart.systemd", [], checks.restartUnderSystemd)

