@@ -399,7 +399,7 @@ def _endWithCgroup(  # noqa: PLR0917
             units.pop(pgid, None)
         if result.timedOut or not keepBackground:
             # Answered once nothing of it is left (a few ms after the kill).
-            cgroup.kill()
+            unit.signal(signal.SIGKILL)
             return cgroups.removeWhenEmpty(cgroup, reactor).addCallback(lambda _: result)
         cgroups.release(cgroup, reuse="exec")
         return result

@@ -437,7 +437,15 @@ class UnitCgroups:
         try:
             yield True
         finally:
-            self._write(self.home / "cgroup.procs", me)
+            try:
+                self._write(self.home / "cgroup.procs", me)
+            except OSError as error:
+                # Never seen; the unit's kill refuses while the agent is inside (CgroupUnit).
+                log.error(
+                    "cannot leave unit cgroup {cgroup}: {error}",
+                    cgroup=str(cgroup.path),
+                    error=str(error),
+                )
 
     def _write(self, procs: Path, pid: bytes) -> None:
         """Write to a ``cgroup.procs`` through a descriptor kept open (an open less a spawn)."""
@@ -617,9 +625,12 @@ class CgroupUnit:
         self.releaseTo = releaseTo
 
     def members(self) -> list[int]:
-        """The live (not zombie) processes of the cgroup."""
+        """The live (not zombie) processes of the cgroup (never the agent)."""
         live = []
+        me = os.getpid()
         for pid in self.cgroup.pids():
+            if pid == me:
+                continue
             stat = readProcStat(pid)
             if stat is not None and not stat.zombie and stat.state != "x":
                 live.append(pid)
@@ -633,6 +644,12 @@ class CgroupUnit:
     def signal(self, signum: int) -> bool:
         """Send C{signum} to every process (SIGKILL: ``cgroup.kill``); whether any was there."""
         if not self.members():
+            return False
+        if os.getpid() in self.cgroup.pids():
+            log.error(
+                "refusing to signal unit cgroup {cgroup}: the agent is in it",
+                cgroup=str(self.cgroup.path),
+            )
             return False
         if signum == signal.SIGKILL:
             self.cgroup.kill()

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from pyro_reactor.system.cgroups import Cgroup
 from pyro_reactor.system.processes import (
+    CgroupUnit,
     UnitCgroups,
     allProcesses,
     descendantsOf,
@@ -206,7 +207,7 @@ class CgroupScope:
         return self.leader.leaderAlive()
 
     def kill(self) -> None:
-        if self.cgroup.kill():
+        if CgroupUnit(self.cgroup).signal(signal.SIGKILL):
             log.debug("killed the cgroup of shell unit {token}", token=self.leader.token)
         self.leader.release()
         self.cgroups.release(self.cgroup, killed=True)
