@@ -261,6 +261,54 @@ class ServiceCgroupTests(UnitCgroupTestCase):
         await self.ask(registry, "stop", service_name="bg")
         self.assertTrue(await waitUntil(lambda: not alive(pid)))
 
+    async def waitExited(self, registry: Services, name: str) -> None:
+        for _ in range(200):
+            status = await self.ask(registry, "status", service_name=name)
+            if status["state"] == "exited":
+                return
+            await sleep(0.05)
+        self.fail(f"service {name} did not exit")
+
+    async def test_restartCleansLeftoversFirst(self) -> None:
+        """Starting a name again whose last run left a daemon running kills that daemon first
+        (through the last run's cgroup), so there are never two copies."""
+        registry = self.registry(self.context())
+        pidFile = self.daemon("service-restart")
+        await self.ask(
+            registry,
+            "start",
+            service_name="again",
+            command=f"{daemonCommand(pidFile)} while [ ! -s {pidFile} ]; do sleep 0.05; done",
+        )
+        pid = await self.daemonPid(pidFile)
+        await self.waitExited(registry, "again")
+        self.assertTrue(alive(pid))
+        restarted = await self.ask(registry, "start", service_name="again", command="sleep 300")
+        self.assertEqual(restarted["state"], "running", restarted)
+        self.assertFalse(alive(pid))
+        await self.ask(registry, "stop", service_name="again")
+
+    async def test_commandProbeLeavesNothing(self) -> None:
+        """A readiness command that starts a daemon: the daemon ends with the check."""
+        registry = self.registry(self.context())
+        pidFile = self.daemon("probe-service")
+        started = await self.ask(
+            registry,
+            "start",
+            service_name="probed",
+            command="exec sleep 300",
+            readiness={
+                "type": "command",
+                "command": f"{daemonCommand(pidFile)} while [ ! -s {pidFile} ]; do sleep 0.05;"
+                " done",
+            },
+            ready_timeout_seconds=30,
+        )
+        self.assertEqual(started["state"], "running", started)
+        pid = await self.daemonPid(pidFile)
+        self.assertTrue(await waitUntil(lambda: not alive(pid)))
+        await self.ask(registry, "stop", service_name="probed")
+
     async def test_nextAgentFindsTheCgroupInTheRecord(self) -> None:
         """A service outlives the agent with its cgroup; the next agent takes the cgroup back
         from the record and its stop kills the daemon too."""
@@ -306,6 +354,45 @@ class WithoutCgroupsTests(TestCase):
         self.assertTrue(await waitUntil(lambda: not alive(pid)))
         answer = await agent.call({"command": "cat /proc/self/cgroup"})
         self.assertNotIn("pyro-units", answer["stdout"])
+
+    async def test_shellCloseEndsItsSession(self) -> None:
+        """Without cgroups a closed shell still ends a nohup job of its session."""
+        agent = await startAgent(self)
+        pidFile = Path(self.mktemp()).absolute()
+        pidFile.parent.mkdir(parents=True, exist_ok=True)
+        await agent.call({"action": "open_shell", "shell_id": "s"})
+        await agent.call(
+            {
+                "action": "write_shell",
+                "shell_id": "s",
+                "input": f"nohup sleep 300 > /dev/null 2>&1 & echo $! > {pidFile}\n",
+            }
+        )
+        self.assertTrue(await waitUntil(lambda: pidFile.exists() and pidFile.read_text() != ""))
+        pid = int(pidFile.read_text())
+        self.assertNotIn("pyro-units", cgroupOf(pid))
+        await agent.call({"action": "close_shell", "shell_id": "s"})
+        self.assertTrue(await waitUntil(lambda: not alive(pid), 10))
+
+    async def test_serviceStopEndsItsSession(self) -> None:
+        """Without cgroups a stopped service still ends a background child of its session."""
+        agent = await startAgent(self)
+        pidFile = agent.workspace / "child.pid"
+        started = await agent.call(
+            {
+                "action": "start_service",
+                "service_name": "plain",
+                "command": f"sleep 300 & echo $! > {pidFile}; exec sleep 300",
+            }
+        )
+        self.assertEqual(started["state"], "running", started)
+        self.assertTrue(await waitUntil(lambda: pidFile.exists() and pidFile.read_text() != ""))
+        pid = int(pidFile.read_text())
+        self.assertNotIn("pyro-units", cgroupOf(pid))
+        record = json.loads((agent.stateDir / "pyro-services" / "plain.json").read_text())
+        self.assertNotIn("cgroup_path", record)
+        await agent.call({"action": "stop_service", "service_name": "plain"})
+        self.assertTrue(await waitUntil(lambda: not alive(pid), 10))
 
     def test_environmentTurnsThemOff(self) -> None:
         """``PYRO_REACTOR_UNIT_CGROUPS=0`` in the agent's environment means no cgroups."""
