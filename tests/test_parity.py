@@ -1248,6 +1248,7 @@ class ServicesParityTests(ParityCase):
             (self.reference.stateDir / "pyro-services" / f"{name}.json").read_text()
         )
         ourRecord.pop("pid_start_ticks")  # documented private field
+        ourRecord.pop("cgroup_path", None)  # documented private field, where cgroups are
         self.assertEqual(_normalise(ourRecord, []), _normalise(refRecord, []))
 
     async def test_readiness(self) -> None:

@@ -31,7 +31,7 @@ import codecs
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, MutableSet
+from collections.abc import Callable, Mapping, MutableMapping, MutableSet
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
@@ -47,11 +47,15 @@ from twisted.python.failure import Failure
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system._twisted import environmentBytes
+from pyro_reactor.system.cgroups import Cgroup
 from pyro_reactor.system.processes import (
+    CgroupUnit,
     ProcessTree,
+    UnitCgroups,
     exitCodeOf,
     probeChdirProgram,
     spawnInGroup,
+    unitCgroups,
 )
 from pyro_reactor.wire.budget import MemoryBudget, Reservation
 from pyro_reactor.wire.dispatch import Action
@@ -317,6 +321,9 @@ def runCommand(
     onExited: Callable[[], object] | None = None,
     unitOf: Callable[[int], Unit] = ProcessTree,
     budget: MemoryBudget | None = None,
+    cgroups: UnitCgroups | None = None,
+    keepBackground: bool = True,
+    units: MutableMapping[int, Unit] | None = None,
 ) -> Deferred[CommandResult]:
     """Run C{/bin/sh -lc command} in a new process group and collect its result.
 
@@ -330,12 +337,22 @@ def runCommand(
     given, is called once the shell process has exited, or at once if it could not be
     started, even when the returned Deferred was cancelled: what keeps C{cwd} valid (an open
     L{pyro_reactor.system.workspace.WorkingDirectory}) is let go there. C{unitOf} makes, from
-    the shell's pid, what a timeout ends (default: its L{ProcessTree}; a cgroup's handle can
-    take its place). With a C{budget}, the output kept is drawn from it while the command runs.
+    the shell's pid, what a timeout ends (default: its L{ProcessTree}).
+
+    With C{cgroups} (L{unitCgroups}), the command runs in a cgroup of its own, which is what a
+    timeout ends instead (``cgroup.kill``: nothing escapes); once the command has ended, its
+    cgroup is removed as soon as it is empty. C{keepBackground} (exec) lets background
+    children of a command that ended by itself run on (their cgroup stays until they end);
+    without it (command probes) they are killed with the cgroup when the shell has ended.
+    C{units}, if given, holds the command's cgroup unit by process group id while it runs.
+    With a C{budget}, the output kept is drawn from it while the command runs.
     """
     protocol = _CommandProtocol(reactor, timeoutSeconds, maxOutputBytes, now, unitOf, budget=budget)
     protocol.onExited = onExited
-    try:
+    kind = "exec" if keepBackground else "probe"
+    cgroup = None if cgroups is None else cgroups.create(kind, reuse=True)
+
+    def spawn() -> None:
         spawnInGroup(
             reactor,
             protocol,
@@ -344,12 +361,28 @@ def runCommand(
             cwd=cwd,
             childFDs={0: _devNull(), 1: "r", 2: "r"},
         )
+
+    inside = False
+    try:
+        if cgroups is not None and cgroup is not None:
+            _, inside = cgroups.spawnIn(cgroup, spawn)
+        else:
+            spawn()
     except OSError as error:
         protocol._reportExit()
+        if cgroups is not None and cgroup is not None:
+            cgroups.release(cgroup)
         return fail(ActionError(f"cannot start {SHELL}: {error.strerror or error}"))
     except BaseException:
         protocol._reportExit()
+        if cgroups is not None and cgroup is not None:
+            cgroups.release(cgroup)
         raise
+    if cgroups is not None and cgroup is not None:
+        if inside:
+            _endWithCgroup(reactor, protocol, cgroups, cgroup, keepBackground, units)
+        else:
+            cgroups.release(cgroup, reuse=kind)
     # Not transport.pid: Twisted clears it once the child is reaped, which on a busy machine
     # can happen before spawnInGroup returns. The protocol kept it when it was connected.
     pgid = protocol.pgid
@@ -362,6 +395,34 @@ def runCommand(
 
         protocol.done.addCallback(finished)
     return protocol.done
+
+
+def _endWithCgroup(  # noqa: PLR0917
+    reactor: Any,
+    protocol: _CommandProtocol,
+    cgroups: UnitCgroups,
+    cgroup: Cgroup,
+    keepBackground: bool,
+    units: MutableMapping[int, Unit] | None,
+) -> None:
+    """The command's cgroup is its unit: a timeout kills it; its end releases it."""
+    unit = CgroupUnit(cgroup)
+    protocol._unitOf = lambda pid: unit
+    pgid = protocol.pgid
+    if units is not None and pgid is not None:
+        units[pgid] = unit
+
+    def ended(result: CommandResult) -> CommandResult | Deferred[CommandResult]:
+        if units is not None and pgid is not None:
+            units.pop(pgid, None)
+        if result.timedOut or not keepBackground:
+            # Answered once nothing of it is left (a few ms after the kill).
+            unit.signal(signal.SIGKILL)
+            return cgroups.removeWhenEmpty(cgroup, reactor).addCallback(lambda _: result)
+        cgroups.release(cgroup, reuse="exec")
+        return result
+
+    protocol.done.addCallback(ended)
 
 
 class RunningCommands(Service):
@@ -378,13 +439,18 @@ class RunningCommands(Service):
     def __init__(self, clock: Any) -> None:
         self.clock = clock
         self.groups: set[int] = set()
+        #: The cgroup units of the commands running in one (by process group id).
+        self.units: dict[int, Unit] = {}
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         # Each shell is still running (its group is discarded when it ends), so its pid still
         # names it: the trees are taken now, descendants that left the group included.
-        trees = [ProcessTree(pgid) for pgid in sorted(self.groups)]
+        trees = [self.units.get(pgid) or ProcessTree(pgid) for pgid in sorted(self.groups)]
         signalled = [tree for tree in trees if tree.signal(signal.SIGTERM)]
+        cgroups = unitCgroups()
+        if cgroups is not None:
+            cgroups.close()
         if not signalled:
             return None
         log.info("agent stopping: ending {count} running commands", count=len(signalled))
@@ -392,6 +458,10 @@ class RunningCommands(Service):
         def kill() -> None:
             for tree in signalled:
                 tree.signal(signal.SIGKILL)
+                if cgroups is not None and isinstance(tree, CgroupUnit):
+                    cgroups.release(tree.cgroup, killed=True)
+            if cgroups is not None:
+                cgroups.close()
 
         return deferLater(self.clock, KILL_GRACE, kill)
 
@@ -425,6 +495,8 @@ class ExecCapability:
             maxOutputBytes=self._context.config.maxOutputBytes,
             running=self.service.groups,
             budget=self._context.budget,
+            cgroups=unitCgroups(),
+            units=self.service.units,
         )
         return result.addCallback(CommandResult.execAnswer)
 

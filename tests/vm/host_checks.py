@@ -363,9 +363,9 @@ def runHostChecks(
             ["connect_tcp", "start_service", "stop_service", "write_workspace_file"],
             checks.forward,
         )
+        checks.run("host.job-attach", ["start_job", "attach_job"], checks.jobAttach)
     if beforeFinish is not None and checks.results["host.ping"] == "ok":
         beforeFinish(checks)
-        checks.run("host.job-attach", ["start_job", "attach_job"], checks.jobAttach)
     failed = [name for name, outcome in checks.results.items() if outcome == "FAIL"]
     try:
         checks.finish("failed" if failed else "passed")

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from pyro_reactor.capabilities.execute import CommandResult, runCommand
 from pyro_reactor.capabilities.services._probe_machine import Check
 from pyro_reactor.errors import ActionError
+from pyro_reactor.system.processes import unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 
 if TYPE_CHECKING:
@@ -258,6 +259,9 @@ def commandCheck(
                 cwd=directory.path,
                 maxOutputBytes=COMMAND_OUTPUT_BYTES,
                 onExited=directory.close,
+                # A cgroup of its own where there is one: nothing a check starts outlives it.
+                cgroups=unitCgroups(),
+                keepBackground=False,
             )
             return ran.addCallback(lambda result: result.exitCode == 0 and not result.timedOut)
 

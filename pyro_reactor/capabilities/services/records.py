@@ -9,6 +9,9 @@ output):
     ``stop_reason``), written ``sort_keys=True, indent=2``, atomically (temporary file and
     rename) from a worker thread. We add ``pid_start_ticks`` (the process's start time from
     ``/proc/PID/stat``), which answers do not show: it tells a re-adopted pid from a reused one;
+    and, where the guest has cgroup v2, ``cgroup_path`` (the service's cgroup, not shown either):
+    the next agent kills what the service left through it (an older record without it: the
+    session, as before);
   - ``NAME.stdout`` / ``NAME.stderr``: the command's output, written by the runner's log
     writer and capped at ``--log-bytes`` each, the previous part in ``NAME.stdout.1`` /
     ``NAME.stderr.1`` (see L{pyro_reactor.capabilities.services._runner});
@@ -50,7 +53,7 @@ TAIL_BLOCK = 64 * 1024
 #: Seconds between two attempts at a record write that failed.
 RETRY_INTERVAL = 1.0
 #: Record fields kept on disk but not shown in answers.
-PRIVATE_FIELDS = frozenset({"pid_start_ticks"})
+PRIVATE_FIELDS = frozenset({"pid_start_ticks", "cgroup_path"})
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 

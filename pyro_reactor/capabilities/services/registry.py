@@ -19,7 +19,7 @@ import errno
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ from pyro_reactor.capabilities.services.units import (
 )
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.processes import spawnInSession
+from pyro_reactor.system.processes import CgroupUnit, spawnInSession, unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory
 
 if TYPE_CHECKING:  # the actions module imports this one
@@ -100,15 +100,48 @@ class ServiceHandle:
     def leftovers(self) -> UnitGroup | None:
         """What may be left running of this (ended) service: its unit, if it had one."""
         process = self.core.process
+        unit = getattr(process, "unit", None)
+        if isinstance(unit, CgroupUnit):
+            return unit
         if process is not None:
             # Without a start time, a reused pid could not be told from the runner.
             if process.startTicks is None:
                 return None
             return SessionUnit(process.pid, process.startTicks)
+        recorded = _recordedCgroup(self.core.record)
+        if recorded is not None:
+            return recorded
         pid, ticks = self.core.record.get("pid"), self.core.record.get("pid_start_ticks")
         if isinstance(pid, int) and pid > 1 and isinstance(ticks, int):
             return SessionUnit(pid, ticks)
         return None
+
+
+def _recordedCgroup(record: Record) -> CgroupUnit | None:
+    """The service's cgroup named in its record (``cgroup_path``), if it is still there."""
+    cgroups = unitCgroups()
+    if cgroups is None:
+        return None
+    cgroup = cgroups.adopt(record.get("cgroup_path"))
+    return None if cgroup is None else CgroupUnit(cgroup, cgroups)
+
+
+def _releasingOnExit(
+    unit: object, onExit: Callable[[int | None], None]
+) -> Callable[[int | None], None]:
+    """C{onExit}, after handing a cgroup unit's cgroup back to be removed once it is empty.
+
+    What the service left running keeps it (a stop kills them, even once it has exited).
+    """
+    if not isinstance(unit, CgroupUnit) or unit.releaseTo is None:
+        return onExit
+    cgroups = unit.releaseTo
+
+    def exited(code: int | None) -> None:
+        cgroups.release(unit.cgroup)
+        onExit(code)
+
+    return exited
 
 
 def _startError(name: str, error: OSError) -> ActionError:
@@ -180,10 +213,11 @@ class Services(Service):
                     pid,
                     startTicks,
                     lambda: self.context.inThread(readExitStatus, files),
+                    _recordedCgroup(record),
                 )
                 machine = adoptedService(core, process)
                 self.handles[files.name] = ServiceHandle(machine, core, files)
-                process.watch(machine._exited)
+                process.watch(_releasingOnExit(process.unit, machine._exited))
                 log.info("service {service} (pid {pid}) taken back", service=files.name, pid=pid)
                 return
             machine = endedService(core, "exited")
@@ -378,6 +412,10 @@ class Services(Service):
         except OSError as error:
             self._giveBack(handle, previous)
             raise _startError(spec.name, error) from None
+        unit = getattr(process, "unit", None)
+        if isinstance(unit, CgroupUnit):
+            # Saved with the record the start publishes: a later agent finds it there.
+            handle.core.record["cgroup_path"] = str(unit.cgroup.path)
         handle.machine.start(process)
         return handle.machine.whenSettled()
 
@@ -415,22 +453,43 @@ class Services(Service):
                 raise
         finally:
             directory.close()
-        try:
-            transport = spawnInSession(
+        cgroups = unitCgroups()
+        cgroup = None if cgroups is None else cgroups.create("service")
+        inside = False
+
+        def spawn() -> Any:
+            return spawnInSession(
                 self.reactor,
                 protocol,
                 [str(files.runner)],
                 env,
                 childFDs={0: null, 1: null, 2: null, DIRECTORY_FD: held},
             )
+
+        try:
+            if cgroups is not None and cgroup is not None:
+                transport, inside = cgroups.spawnIn(cgroup, spawn)
+            else:
+                transport = spawn()
+        except BaseException:
+            if cgroups is not None and cgroup is not None:
+                cgroups.release(cgroup)
+            raise
         finally:
             os.close(null)
             os.close(held)
             protocol.spawning = False
+        unit: CgroupUnit | None = None
+        if cgroups is not None and cgroup is not None:
+            if inside:
+                unit = CgroupUnit(cgroup, cgroups)
+                protocol.onExit = _releasingOnExit(unit, machine._exited)
+            else:
+                cgroups.release(cgroup)
         pid = protocol.pid if protocol.pid is not None else transport.pid
         assert pid is not None
         stat = processStat(pid)
-        return ChildProcess(self.reactor, pid, None if stat is None else stat[1], protocol)
+        return ChildProcess(self.reactor, pid, None if stat is None else stat[1], protocol, unit)
 
     # -- stop and logs -----------------------------------------------------------------------
 

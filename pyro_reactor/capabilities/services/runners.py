@@ -4,7 +4,10 @@ The runner (``NAME.runner.sh``) is spawned as the leader of a new session and pr
 (``pid == pgid == sid``). Its exit is an event: our own child is reaped by the reactor
 (L{ChildProcess}); a runner re-adopted from an earlier agent is watched through a pidfd
 registered with the reactor (L{AdoptedProcess}; polled where the kernel has no pidfds).
-Both signal, and watch the end of, the whole unit of the service (L{units}).
+Both signal, and watch the end of, the whole unit of the service (L{units}): its cgroup
+where the guest has cgroup v2 (the runner is spawned inside it, see
+L{pyro_reactor.system.processes.UnitCgroups}; the cgroup outlives the agent with the
+service, and its path is kept in the record for the next agent), else its session.
 """
 
 from __future__ import annotations
@@ -100,13 +103,19 @@ class ChildProcess:
     """A runner this agent spawned: the reactor reaps it and reports its exit."""
 
     def __init__(
-        self, reactor: Any, pid: int, startTicks: int | None, protocol: RunnerProtocol
+        self,
+        reactor: Any,
+        pid: int,
+        startTicks: int | None,
+        protocol: RunnerProtocol,
+        unit: UnitGroup | None = None,
     ) -> None:
         self.reactor = reactor
         self.pid = pid
         self.startTicks = startTicks
         self.protocol = protocol
-        self.unit: UnitGroup = SessionUnit(pid, startTicks)
+        #: Its cgroup where it has one, else found through /proc.
+        self.unit: UnitGroup = SessionUnit(pid, startTicks) if unit is None else unit
 
     def signal(self, signum: int) -> bool:
         signalled = self.unit.kill(signum)
@@ -134,8 +143,9 @@ class AdoptedProcess:
 
     A pidfd becomes readable when its process exits (Linux 5.3+); registered as a reader, the
     exit is an event like a child's. The exit code comes from the runner's ``NAME.status``.
-    The unit is found from the recorded pid and start time (L{SessionUnit}), so a reused pid
-    is never signalled.
+    The unit is the cgroup recorded with it (``cgroup_path``) where it is still there, else it
+    is found from the recorded pid and start time (L{SessionUnit}), so a reused pid is never
+    signalled.
     """
 
     def __init__(
@@ -144,11 +154,12 @@ class AdoptedProcess:
         pid: int,
         startTicks: int | None,
         exitStatus: Callable[[], Deferred[int | None]],
+        unit: UnitGroup | None = None,
     ) -> None:
         self.reactor = reactor
         self.pid = pid
         self.startTicks = startTicks
-        self.unit: UnitGroup = SessionUnit(pid, startTicks)
+        self.unit: UnitGroup = SessionUnit(pid, startTicks) if unit is None else unit
         self._exitStatus = exitStatus
         self._onExit: Callable[[int | None], None] | None = None
         self._pidfd: int | None = None

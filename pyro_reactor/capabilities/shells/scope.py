@@ -13,8 +13,10 @@ effort (docs/actions/shells.md lists what can still escape):
   interactive job) is found by scanning ``/proc/*/environ`` for it.
 
 Each process found is held by a pidfd where the kernel has them, so a pid reused between the
-look and the kill is never signalled. L{ProcessScope} is the interface the terminal uses; a
-cgroup-backed scope (``cgroup.kill``) can replace L{TreeScope} without changing its callers.
+look and the kill is never signalled. L{ProcessScope} is the interface the terminal uses. Where the
+guest has cgroup v2, a shell gets a cgroup of its own instead (L{CgroupScope}): entered by
+the agent around the fork (see L{pyro_reactor.system.processes.UnitCgroups}), killed whole
+with ``cgroup.kill``; nothing escapes it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
-from pyro_reactor.system.processes import allProcesses, descendantsOf, readProcStat
+from pyro_reactor.system.cgroups import Cgroup
+from pyro_reactor.system.processes import (
+    CgroupUnit,
+    UnitCgroups,
+    allProcesses,
+    descendantsOf,
+    readProcStat,
+)
 
 log = Logger(namespace="pyro_reactor.capabilities.shells")
 
@@ -178,8 +187,35 @@ class TreeScope:
         self._held.clear()
 
 
+class CgroupScope:
+    """A shell's processes as its cgroup, entered before the shell's first fork.
+
+    Nothing it started can leave: ``setsid``, ``nohup``, double forks all stay in the cgroup,
+    and L{kill} (``cgroup.kill``) ends them all at once. The cgroup is removed once empty.
+    C{leader} (a L{TreeScope} of the shell) only answers L{leaderAlive} through its pidfd.
+    """
+
+    def __init__(self, cgroup: Cgroup, cgroups: UnitCgroups, leader: TreeScope) -> None:
+        self.cgroup = cgroup
+        self.cgroups = cgroups
+        self.leader = leader
+
+    def collect(self) -> None:
+        """Nothing to look for: the cgroup holds every process the shell started."""
+
+    def leaderAlive(self) -> bool:
+        return self.leader.leaderAlive()
+
+    def kill(self) -> None:
+        if CgroupUnit(self.cgroup).signal(signal.SIGKILL):
+            log.debug("killed the cgroup of shell unit {token}", token=self.leader.token)
+        self.leader.release()
+        self.cgroups.release(self.cgroup, killed=True)
+
+
 __all__ = [
     "UNIT_VARIABLE",
+    "CgroupScope",
     "ProcessScope",
     "TreeScope",
     "descendants",

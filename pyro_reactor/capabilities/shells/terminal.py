@@ -33,8 +33,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pyro_reactor.capabilities.shells.scope import UNIT_VARIABLE, ProcessScope, TreeScope
-from pyro_reactor.system.processes import exitCodeOf, signalGroup
+from pyro_reactor.capabilities.shells.scope import (
+    UNIT_VARIABLE,
+    CgroupScope,
+    ProcessScope,
+    TreeScope,
+)
+from pyro_reactor.system.processes import exitCodeOf, signalGroup, unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory
 from pyro_reactor.wire.budget import Reservation
 
@@ -212,23 +217,42 @@ class PTYTerminal:
         holds the queued input's bytes from the agent's memory budget.
         """
         master, slave = os.openpty()
+        cgroups = unitCgroups()
+        cgroup = None if cgroups is None else cgroups.create("shell")
+        inside = False
         try:
             setWindowSize(slave, cols, rows)
-            transport: IProcessTransport = reactor.spawnProcess(
-                protocol,
-                argv[0],
-                argv,
-                env=env,
-                path=cwd,
-                usePTY=(master, slave, os.ttyname(slave)),
-            )
+
+            def spawn() -> IProcessTransport:
+                spawned: IProcessTransport = reactor.spawnProcess(
+                    protocol,
+                    argv[0],
+                    argv,
+                    env=env,
+                    path=cwd,
+                    usePTY=(master, slave, os.ttyname(slave)),
+                )
+                return spawned
+
+            if cgroups is not None and cgroup is not None:
+                transport, inside = cgroups.spawnIn(cgroup, spawn)
+            else:
+                transport = spawn()
         except BaseException:
             # Twisted only takes the pair over once the child is started.
             os.close(master)
             os.close(slave)
+            if cgroups is not None and cgroup is not None:
+                cgroups.release(cgroup)
             raise
         assert transport.pid is not None
-        scope = TreeScope(transport.pid, env[UNIT_VARIABLE])
+        tree = TreeScope(transport.pid, env[UNIT_VARIABLE])
+        scope: ProcessScope = tree
+        if cgroups is not None and cgroup is not None:
+            if inside:
+                scope = CgroupScope(cgroup, cgroups, tree)
+            else:
+                cgroups.release(cgroup)
         return cls(transport, transport.pid, master, scope, reservation)
 
     @property
