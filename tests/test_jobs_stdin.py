@@ -198,8 +198,8 @@ class JobStdinTests(TestCase):
 
     timeout = 180
 
-    async def agent(self) -> RunningAgent:
-        agent = await startAgent(self)
+    async def agent(self, **overrides: Any) -> RunningAgent:
+        agent = await startAgent(self, **overrides)
         self.addCleanup(self._endAll, agent)
         return agent
 
@@ -345,3 +345,27 @@ class JobStdinTests(TestCase):
         self.assertTrue("ended" in errors[0] or "closed" in errors[0], errors)
         self.assertEqual(events[-1]["event"], "exit")
         self.assertEqual(budget.used, 0)
+
+    async def test_attachLinesCountAgainstTheBudget(self) -> None:
+        """An unfinished line on an attach stream is held from the memory budget: past it the
+        line is dropped with an error event, the budget is given back and the stream goes on."""
+        agent = await self.agent(memoryBudget=2 * MiB)
+        budget = agent.context.budget
+        await self.start(agent, "fed", "cat")
+        client = await attach(agent, {"action": "attach_job", "job_id": "fed"})
+        await client.waitFor(lambda e: "attached" in e)
+        assert client.transport is not None
+        client.transport.write(b'{"stdin": "' + b"a" * (3 * MiB))
+        error = await client.waitFor(lambda e: e.get("event") == "error")
+        self.assertIn("memory budget", error["error"])
+        self.assertLess(budget.used, MiB)
+        client.transport.write(b'"}\n')
+        client.send({"stdin": "after\n"})
+        (agent.workspace / "go").touch()
+        await client.waitFor(lambda e: e.get("event") == "output")
+        client.send({"close_stdin": True})
+        events = await client.done
+        output = "".join(e["data"] for e in events if e.get("event") == "output")
+        self.assertTrue(output.endswith("after\n"), output[-100:])
+        self.assertEqual(events[-1]["event"], "exit")
+        await waitFor(lambda: budget.used == 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,8 @@ class AttachStream(Protocol):
         #: Stdin of the current line the job's full queue did not take yet.
         self.blocked = b""
         self.waiting = False
+        #: The bytes of lines read and not yet handled, held from the agent's memory budget.
+        self.hold = jobs.context.budget.reserve(0, "the lines of an attach stream")
 
     # -- the connection ------------------------------------------------------------------
 
@@ -80,7 +83,8 @@ class AttachStream(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
-        self.blocked = b""
+        self.blocked = self.buffer = b""
+        self.hold.release()
         self.job.output.unlisten(self._changed)
 
     def readConnectionLost(self) -> None:
@@ -221,6 +225,14 @@ class AttachStream(Protocol):
         if not self.waiting and len(self.buffer) > MAX_LINE:
             self.buffer = b""
             self.send({"event": "error", "error": f"line longer than {MAX_LINE} bytes"})
+        try:
+            self.hold.resize(len(self.buffer) + len(self.blocked))
+        except ActionError as error:
+            # The unfinished line goes; what is blocked stays (it was read whole already).
+            self.buffer = b""
+            with contextlib.suppress(ActionError):
+                self.hold.resize(len(self.blocked))
+            self.send({"event": "error", "error": error.message})
 
     def _feed(self, data: bytes) -> None:
         """Queue ``data`` for the job's stdin; what does not fit waits, reading paused."""
@@ -244,7 +256,7 @@ class AttachStream(Protocol):
         if not self.waiting:
             assert self.transport is not None
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-            self._readLines()
+        self._readLines()
 
     def _line(self, line: bytes) -> None:
         from pyro_reactor.capabilities.jobs.actions import decodeBase64, signalOf  # noqa: PLC0415
