@@ -6,18 +6,24 @@ import base64
 import hashlib
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from pyro_reactor.capabilities.jobs.attach import AttachStream
+from pyro_reactor.capabilities.jobs.output import JobOutput
 from pyro_reactor.capabilities.jobs.stdin import MAX_QUEUED_STDIN, StdinFull, StdinQueue
 from pyro_reactor.wire.budget import BudgetExceeded, MemoryBudget
 from tests.helpers import RunningAgent, reactor, startAgent
+from tests.test_job_attach import inline
 from tests.test_jobs import attach, jobsOf, waitFor
 
 MiB = 1024 * 1024
@@ -369,3 +375,64 @@ class JobStdinTests(TestCase):
         self.assertTrue(output.endswith("after\n"), output[-100:])
         self.assertEqual(events[-1]["event"], "exit")
         await waitFor(lambda: budget.used == 0)
+
+
+class QueueJob:
+    """What an attach stream needs of a job, with a real stdin queue on a fake pipe."""
+
+    jobId = "fake"
+
+    def __init__(self, output: JobOutput, queue: StdinQueue) -> None:
+        self.output = output
+        self.queue = queue
+        self.machine = self
+
+    def state(self) -> str:
+        return "running"
+
+    def whenEnded(self) -> Deferred[None]:
+        return Deferred()
+
+    def offerStdin(self, data: bytes) -> int:
+        return self.queue.offer(data)
+
+    def whenStdinRoom(self) -> Deferred[None]:
+        return self.queue.whenRoom()
+
+
+class AttachBackpressureTests(SynchronousTestCase):
+    """An attach stream in memory stops reading its connection while the stdin queue is full."""
+
+    def test_pausedWhileFullResumedWhenDrained(self) -> None:
+        """Lines beyond the queue's bound pause the transport and wait, later lines included;
+        once the pipe drains the transport resumes and every byte reaches it in order."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        for name in ("stdout", "stderr"):
+            (base / f"j.{name}").write_bytes(b"")
+        output = JobOutput({s: base / f"j.{s}" for s in ("stdout", "stderr")}, 1 << 20, inline)
+        self.addCleanup(output.close)
+        pipe, clock = FakePipe(), Clock()
+        job = QueueJob(output, StdinQueue("fake", pipe, clock, None, bound=MiB))
+        transport = StringTransport()
+        stream = AttachStream(job, job, 0, 0, "text")  # type: ignore[arg-type]
+        stream.makeConnection(transport)
+        pieces = [bytes([index]) * (300 * 1024) for index in range(10)]
+        stream.dataReceived(
+            b"".join(
+                json.dumps({"stdin_base64": base64.b64encode(p).decode()}).encode() + b"\n"
+                for p in pieces
+            )
+        )
+        self.assertEqual(transport.producerState, "paused")
+        self.assertLessEqual(job.queue.queued, MiB)
+        received = b""
+        while transport.producerState == "paused":
+            received += pipe.drain()
+            clock.advance(0)
+            self.assertLessEqual(job.queue.queued, MiB)
+        while job.queue.queued or pipe.written:
+            received += pipe.drain()
+        self.assertEqual(received, b"".join(pieces))
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse([line for line in transport.value().splitlines() if b"error" in line])

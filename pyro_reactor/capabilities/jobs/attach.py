@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import MemoryBudget
 
 if TYPE_CHECKING:
     from pyro_reactor.capabilities.jobs.registry import Job, Jobs
@@ -55,7 +56,15 @@ class _Cursor:
 class AttachStream(Protocol):
     """One attached client of one job."""
 
-    def __init__(self, jobs: Jobs, job: Job, stdout: int, stderr: int, encoding: str) -> None:
+    def __init__(  # noqa: PLR0917 - the request's fields
+        self,
+        jobs: Jobs,
+        job: Job,
+        stdout: int,
+        stderr: int,
+        encoding: str,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.jobs = jobs
         self.job = job
         text = encoding == "text"
@@ -71,7 +80,7 @@ class AttachStream(Protocol):
         self.blocked = b""
         self.waiting = False
         #: The bytes of lines read and not yet handled, held from the agent's memory budget.
-        self.hold = jobs.context.budget.reserve(0, "the lines of an attach stream")
+        self.hold = (budget or MemoryBudget(1 << 62)).reserve(0, "the lines of an attach stream")
 
     # -- the connection ------------------------------------------------------------------
 
