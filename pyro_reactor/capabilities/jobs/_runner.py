@@ -83,6 +83,13 @@ def main() -> int:
     procs = spec.get("cgroup_procs")
     killFile = None if not procs else os.path.join(os.path.dirname(procs), "cgroup.kill")
     pid = startCommand(spec)
+    # Only the command holds the stdin pipe: when it closes it (or ends), the agent's writes
+    # fail at once and it drops what it had queued, rather than filling a pipe nobody reads.
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
     try:
         os.write(4, f"{pid}\n".encode())
         os.close(4)

@@ -157,7 +157,10 @@ class JobActions:
             return started.addCallback(startAnswer)
 
         def handOff(job: Job) -> HandOff:
-            return HandOff(startAnswer(job), AttachStream(self.jobs, job, 0, 0, encoding))
+            return HandOff(
+                startAnswer(job),
+                AttachStream(self.jobs, job, 0, 0, encoding, self.jobs.context.budget),
+            )
 
         return started.addCallback(handOff)
 
@@ -173,7 +176,9 @@ class JobActions:
                     f" bytes {name} has produced"
                 )
         header = {"job_id": job.jobId, "state": job.machine.state(), "attached": True}
-        return HandOff(header, AttachStream(self.jobs, job, stdout, stderr, encoding))
+        return HandOff(
+            header, AttachStream(self.jobs, job, stdout, stderr, encoding, self.jobs.context.budget)
+        )
 
     def read(self, request: Request) -> Deferred[dict[str, Any]]:
         job = self._job(request)

@@ -7,13 +7,18 @@ events; it registers as the transport's producer, so when the host reads slowly 
 pauses it and nothing more is read: the agent's memory holds at most one chunk per stream,
 whatever the job prints. Once the job has ended and every byte is sent, ``exit`` follows and
 the stream closes. Lines from the host (``stdin``, ``stdin_base64``, ``close_stdin``,
-``signal``) are handled as they come; a bad one is answered with an ``error`` event.
+``signal``) are handled in order as they come; a bad one is answered with an ``error`` event.
+Stdin has backpressure: when the job's stdin queue is full (the job does not read), the rest of
+the line waits here and the stream stops reading the connection (``pauseProducing`` on its
+transport) until the queue has drained, so a host that keeps sending blocks, nothing is lost,
+and the agent holds at most the queue's bound plus the line being fed.
 """
 
 from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import MemoryBudget
 
 if TYPE_CHECKING:
     from pyro_reactor.capabilities.jobs.registry import Job, Jobs
@@ -50,7 +56,15 @@ class _Cursor:
 class AttachStream(Protocol):
     """One attached client of one job."""
 
-    def __init__(self, jobs: Jobs, job: Job, stdout: int, stderr: int, encoding: str) -> None:
+    def __init__(  # noqa: PLR0917 - the request's fields
+        self,
+        jobs: Jobs,
+        job: Job,
+        stdout: int,
+        stderr: int,
+        encoding: str,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.jobs = jobs
         self.job = job
         text = encoding == "text"
@@ -62,6 +76,11 @@ class AttachStream(Protocol):
         self.gone = False
         self.buffer = b""
         self.turn = 0
+        #: Stdin of the current line the job's full queue did not take yet.
+        self.blocked = b""
+        self.waiting = False
+        #: The bytes of lines read and not yet handled, held from the agent's memory budget.
+        self.hold = (budget or MemoryBudget(1 << 62)).reserve(0, "the lines of an attach stream")
 
     # -- the connection ------------------------------------------------------------------
 
@@ -73,6 +92,8 @@ class AttachStream(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
+        self.blocked = self.buffer = b""
+        self.hold.release()
         self.job.output.unlisten(self._changed)
 
     def readConnectionLost(self) -> None:
@@ -203,13 +224,48 @@ class AttachStream(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
-        while b"\n" in self.buffer:
+        self._readLines()
+
+    def _readLines(self) -> None:
+        while not self.waiting and b"\n" in self.buffer:
             line, _, self.buffer = self.buffer.partition(b"\n")
             if line.strip():
                 self._line(line)
-        if len(self.buffer) > MAX_LINE:
+        if not self.waiting and len(self.buffer) > MAX_LINE:
             self.buffer = b""
             self.send({"event": "error", "error": f"line longer than {MAX_LINE} bytes"})
+        try:
+            self.hold.resize(len(self.buffer) + len(self.blocked))
+        except ActionError as error:
+            # The unfinished line goes; what is blocked stays (it was read whole already).
+            self.buffer = b""
+            with contextlib.suppress(ActionError):
+                self.hold.resize(len(self.blocked))
+            self.send({"event": "error", "error": error.message})
+
+    def _feed(self, data: bytes) -> None:
+        """Queue ``data`` for the job's stdin; what does not fit waits, reading paused."""
+        taken = self.job.offerStdin(data)
+        if taken < len(data):
+            self.blocked = data[taken:]
+            self.waiting = True
+            assert self.transport is not None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.job.whenStdinRoom().addCallback(self._room)
+
+    def _room(self, ignored: None) -> None:
+        self.waiting = False
+        rest, self.blocked = self.blocked, b""
+        if self.gone:
+            return
+        try:
+            self._feed(rest)
+        except ActionError as error:
+            self.send({"event": "error", "error": error.message})
+        if not self.waiting:
+            assert self.transport is not None
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._readLines()
 
     def _line(self, line: bytes) -> None:
         from pyro_reactor.capabilities.jobs.actions import decodeBase64, signalOf  # noqa: PLC0415
@@ -229,13 +285,14 @@ class AttachStream(Protocol):
                 if not isinstance(value, str):
                     raise ActionError("stdin must be a string")
                 try:
-                    self.job.write(value.encode("utf-8"), False)
+                    data = value.encode("utf-8")
                 except UnicodeEncodeError:
                     raise ActionError("stdin must be valid Unicode text") from None
+                self._feed(data)
             elif key == "stdin_base64":
                 if not isinstance(value, str):
                     raise ActionError("stdin_base64 must be a string")
-                self.job.write(decodeBase64(value, "stdin_base64"), False)
+                self._feed(decodeBase64(value, "stdin_base64"))
             elif key == "close_stdin":
                 if value is not True:
                     raise ActionError("close_stdin must be true")

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from pyro_reactor.capabilities.jobs import records
 from pyro_reactor.capabilities.jobs._machine import JobCore, JobInput, JobMachine
 from pyro_reactor.capabilities.jobs.output import JobOutput
+from pyro_reactor.capabilities.jobs.stdin import StdinQueue
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.cgroups import Cgroup, CgroupTree, LimitError, Limits, lowerOwnOomScore
@@ -105,11 +106,15 @@ class _RunnerProtocol(ProcessProtocol):
                 return
             self.job.machine._started(pid)
 
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == 0:
+            # The job closed its stdin (or ended): what it was sent and never read is dropped.
+            self.job.stdinGone()
+
     def processExited(self, reason: Failure) -> None:
         self.exited = True
         self.releaseDirectory()
-        if self.job.stdin == "open":
-            self.job.stdin = "closed"
+        self.job.stdinGone()
         self.job.runner = None
         self.job.reactor.callLater(0, self.job.machine._runnerExited)
 
@@ -232,6 +237,8 @@ class Job:
     stdin: str
     machine: JobInput = field(init=False)
     runner: Any = None
+    #: What hosts sent to the job's stdin and it has not read yet (while the pipe is open).
+    stdinQueue: StdinQueue | None = None
     watch: PidWatch | None = None
     #: The job's file work (record writes, the final removal) runs one at a time, in order:
     #: the pool's threads would otherwise let a late record write re-create removed files.
@@ -341,8 +348,7 @@ class Job:
             duration_ms=max(0, round((ended - started) * 1000)),
             usage=outcome.get("usage"),
         )
-        if self.stdin == "open":
-            self.stdin = "closed"
+        self.stdinGone()
         self.reactor.callLater(0, self.output.notify)
         self.jobs.save(self)
         log.info(
@@ -353,24 +359,47 @@ class Job:
         )
 
     def forget(self) -> None:
+        self.stdinGone()
         self.output.close()
         self.jobs.forget(self)
 
     # -- stdin ---------------------------------------------------------------------------
 
-    def write(self, data: bytes, close: bool) -> int:
+    def _openStdin(self) -> StdinQueue:
         if self.stdin == "none":
             raise ActionError(f"job {self.jobId!r} has no stdin (start it with stdin: true)")
         if self.machine.state() != "running":
             raise ActionError(f"job {self.jobId!r} has ended")
-        if self.stdin == "closed" or self.runner is None:
+        queue = self.stdinQueue
+        if self.stdin == "closed" or self.runner is None or queue is None:
             raise ActionError(f"job {self.jobId!r} has its stdin closed")
-        if data:
-            self.runner.writeToChild(0, data)
+        return queue
+
+    def write(self, data: bytes, close: bool) -> int:
+        """Queue all of ``data`` for the job's stdin or refuse it whole (``write_job``)."""
+        queue = self._openStdin()
+        queue.write(data)
         if close:
-            self.runner.closeChildFD(0)
+            queue.close()
             self.stdin = "closed"
         return len(data)
+
+    def offerStdin(self, data: bytes) -> int:
+        """Queue what fits of ``data`` (an attach stream); the bytes taken."""
+        return self._openStdin().offer(data)
+
+    def whenStdinRoom(self) -> Deferred[None]:
+        """Fires when the stdin queue has room again (or is gone)."""
+        queue = self.stdinQueue
+        return succeed(None) if queue is None else queue.whenRoom()
+
+    def stdinGone(self) -> None:
+        """The pipe is closed (by the job, its end, or us): drop what is queued."""
+        if self.stdin == "open":
+            self.stdin = "closed"
+        queue, self.stdinQueue = self.stdinQueue, None
+        if queue is not None:
+            queue.drop()
 
 
 class Jobs(Service):
@@ -414,6 +443,7 @@ class Jobs(Service):
         for job in self.jobs.values():
             if job.watch is not None:
                 job.watch.stop()
+            job.stdinGone()
             if job.runner is not None:
                 # The job runs on without us; our ends of its pipes go (stdin sees EOF, as
                 # it would if the agent died).
@@ -675,6 +705,13 @@ class Jobs(Service):
         job.record["runner_start_ticks"] = None if pid is None else processStartTicks(pid)
         if not protocol.exited:
             job.runner = transport
+            if spec.stdin:
+                job.stdinQueue = StdinQueue(
+                    job.jobId,
+                    transport,
+                    self.reactor,
+                    self.context.budget.reserve(0, f"stdin queued for job {job.jobId!r}"),
+                )
         job.machine.start()
 
     def signal(self, job: Job, signum: int) -> bool:
