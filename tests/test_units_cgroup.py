@@ -24,9 +24,9 @@ from pyro_reactor.capabilities.execute import runCommand
 from pyro_reactor.capabilities.services.actions import ServiceActions
 from pyro_reactor.capabilities.services.registry import Services
 from pyro_reactor.context import AgentConfig, AgentContext
-from pyro_reactor.system import processes
+from pyro_reactor.system import unitcgroups
 from pyro_reactor.system.cgroups import Cgroup
-from pyro_reactor.system.processes import UnitCgroups, setUnitCgroups
+from pyro_reactor.system.unitcgroups import UnitCgroups, setUnitCgroups
 from pyro_reactor.wire.request import Request
 from tests.helpers import alive, sleep, startAgent, waitUntil
 
@@ -66,7 +66,7 @@ class UnitCgroupTestCase(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        base = processes._detectUnitCgroups()
+        base = unitcgroups._detectUnitCgroups()
         if base is None:
             raise SkipTest("cgroup v2 is not mounted or not writable here (needs root)")
         self.units = _Recording(base)
@@ -397,4 +397,4 @@ class WithoutCgroupsTests(TestCase):
     def test_environmentTurnsThemOff(self) -> None:
         """``PYRO_REACTOR_UNIT_CGROUPS=0`` in the agent's environment means no cgroups."""
         self.patch(os, "environ", {**os.environ, "PYRO_REACTOR_UNIT_CGROUPS": "0"})
-        self.assertIsNone(processes._detectUnitCgroups())
+        self.assertIsNone(unitcgroups._detectUnitCgroups())

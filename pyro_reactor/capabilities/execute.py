@@ -48,15 +48,8 @@ from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system._twisted import environmentBytes
 from pyro_reactor.system.cgroups import Cgroup
-from pyro_reactor.system.processes import (
-    CgroupUnit,
-    ProcessTree,
-    UnitCgroups,
-    exitCodeOf,
-    probeChdirProgram,
-    spawnInGroup,
-    unitCgroups,
-)
+from pyro_reactor.system.processes import ProcessTree, exitCodeOf, probeChdirProgram, spawnInGroup
+from pyro_reactor.system.unitcgroups import CgroupUnit, UnitCgroups, unitCgroups
 from pyro_reactor.wire.budget import MemoryBudget, Reservation
 from pyro_reactor.wire.dispatch import Action
 from pyro_reactor.wire.request import Request

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from pyro_reactor.capabilities.execute import CommandResult, runCommand
 from pyro_reactor.capabilities.services._probe_machine import Check
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.processes import unitCgroups
+from pyro_reactor.system.unitcgroups import unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory, Workspace
 
 if TYPE_CHECKING:

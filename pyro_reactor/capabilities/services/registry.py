@@ -66,7 +66,8 @@ from pyro_reactor.capabilities.services.units import (
 )
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.processes import CgroupUnit, spawnInSession, unitCgroups
+from pyro_reactor.system.processes import spawnInSession
+from pyro_reactor.system.unitcgroups import CgroupUnit, unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory
 
 if TYPE_CHECKING:  # the actions module imports this one

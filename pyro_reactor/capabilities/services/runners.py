@@ -6,7 +6,7 @@ The runner (``NAME.runner.sh``) is spawned as the leader of a new session and pr
 registered with the reactor (L{AdoptedProcess}; polled where the kernel has no pidfds).
 Both signal, and watch the end of, the whole unit of the service (L{units}): its cgroup
 where the guest has cgroup v2 (the runner is spawned inside it, see
-L{pyro_reactor.system.processes.UnitCgroups}; the cgroup outlives the agent with the
+L{pyro_reactor.system.unitcgroups.UnitCgroups}; the cgroup outlives the agent with the
 service, and its path is kept in the record for the next agent), else its session.
 """
 

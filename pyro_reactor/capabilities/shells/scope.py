@@ -15,7 +15,7 @@ effort (docs/actions/shells.md lists what can still escape):
 Each process found is held by a pidfd where the kernel has them, so a pid reused between the
 look and the kill is never signalled. L{ProcessScope} is the interface the terminal uses. Where the
 guest has cgroup v2, a shell gets a cgroup of its own instead (L{CgroupScope}): entered by
-the agent around the fork (see L{pyro_reactor.system.processes.UnitCgroups}), killed whole
+the agent around the fork (see L{pyro_reactor.system.unitcgroups.UnitCgroups}), killed whole
 with ``cgroup.kill``; nothing escapes it.
 """
 
@@ -30,13 +30,8 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from pyro_reactor.system.cgroups import Cgroup
-from pyro_reactor.system.processes import (
-    CgroupUnit,
-    UnitCgroups,
-    allProcesses,
-    descendantsOf,
-    readProcStat,
-)
+from pyro_reactor.system.processes import allProcesses, descendantsOf, readProcStat
+from pyro_reactor.system.unitcgroups import CgroupUnit, UnitCgroups
 
 log = Logger(namespace="pyro_reactor.capabilities.shells")
 

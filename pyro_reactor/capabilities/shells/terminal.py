@@ -39,7 +39,8 @@ from pyro_reactor.capabilities.shells.scope import (
     ProcessScope,
     TreeScope,
 )
-from pyro_reactor.system.processes import exitCodeOf, signalGroup, unitCgroups
+from pyro_reactor.system.processes import exitCodeOf, signalGroup
+from pyro_reactor.system.unitcgroups import unitCgroups
 from pyro_reactor.system.workspace import WorkingDirectory
 from pyro_reactor.wire.budget import Reservation
 
