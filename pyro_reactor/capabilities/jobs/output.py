@@ -21,8 +21,10 @@ from pyro_reactor.capabilities.jobs import records
 
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
 
-#: The largest read done on the reactor thread (see L{JobOutput.read}).
-INLINE_READ = 64 * 1024
+#: The largest read done on the reactor thread (see L{JobOutput.read}): an attach stream's
+#: whole chunk. A page-cache read of 256 KiB takes tens of microseconds; a hop to a worker
+#: thread per chunk held a 1 GiB stream at 135 MB/s, inline reads reach 220 MB/s.
+INLINE_READ = 256 * 1024
 
 
 class StreamFile:
