@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -43,6 +43,10 @@ RUNNER = Path(__file__).with_name("_runner.py")
 #: Seconds between two checks of the output files where inotify is missing, and of a
 #: re-adopted runner without pidfd.
 POLL_INTERVAL = 0.25
+#: Runners starting at once. Each is a Python interpreter starting (tens of ms of CPU): 200 at
+#: once took the two cores from the agent for a second (a ping waited 0.9-1.8 s); the rest
+#: wait their turn, and only their start_job answers wait with them.
+LAUNCHING_RUNNERS = 4
 #: How long to wait for a killed cgroup to empty before giving up removing it.
 CGROUP_REMOVE_TRIES = 20
 
@@ -412,6 +416,7 @@ class Jobs(Service):
         self.outputLimit = context.config.jobOutputBytes
         self.maxJobs = context.config.maxJobs
         self.jobs: dict[str, Job] = {}
+        self._launching = DeferredSemaphore(LAUNCHING_RUNNERS)
         self._cgroupsWanted = cgroups
         self.cgroups: CgroupTree | None = cgroups if isinstance(cgroups, CgroupTree) else None
         self._notifier: Any = None
@@ -663,8 +668,12 @@ class Jobs(Service):
                 raise ActionError(f"cannot start job {spec.jobId!r}: {error}")
             return failure
 
+        def queued(result: tuple[WorkingDirectory, dict[str, int]]) -> Deferred[Job]:
+            launched: Deferred[Job] = self._launching.run(prepared, result)
+            return launched
+
         started: Deferred[tuple[WorkingDirectory, dict[str, int]]] = self.context.inThread(prepare)
-        return started.addCallbacks(prepared, failed)
+        return started.addCallbacks(queued, failed)
 
     def _spawn(
         self, job: Job, spec: JobSpec, directory: WorkingDirectory, fds: dict[str, int]
