@@ -13,6 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from pyro_reactor.capabilities.inputqueue import InputQueue
 from pyro_reactor.capabilities.shells import (
     CLOSE_TIMEOUT_SECONDS,
     EXIT_GRACE_SECONDS,
@@ -24,7 +25,6 @@ from pyro_reactor.capabilities.shells import (
     ShellRecord,
 )
 from pyro_reactor.capabilities.shells.redact import MASK
-from pyro_reactor.capabilities.shells.terminal import InputQueue
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.budget import BudgetExceeded, MemoryBudget
 

@@ -12,13 +12,12 @@ budget given back.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from zope.interface import implementer
+from twisted.internet.interfaces import IReactorTime
 
+from pyro_reactor.capabilities.inputqueue import InputQueue
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.budget import Reservation
 
@@ -30,8 +29,7 @@ class StdinFull(ActionError):
     """A write that does not fit in the job's stdin queue; nothing of it was queued."""
 
 
-@implementer(IPushProducer)
-class StdinQueue:
+class StdinQueue(InputQueue):
     """The stdin of one running job, fed to the runner's pipe as fast as the job reads it.
 
     ``pipe`` is the runner's process transport (a consumer of its fd 0). L{queued} is what
@@ -41,8 +39,6 @@ class StdinQueue:
     ``clock``, never inside the call that drained or dropped the queue (which may be the job's
     machine ending).
     """
-
-    piece = 64 * 1024
 
     def __init__(
         self,
@@ -54,18 +50,13 @@ class StdinQueue:
     ) -> None:
         self.jobId = jobId
         self.bound = bound
-        self.queued = 0
         self._pipe = pipe
         self._clock = clock
-        self._reservation = reservation
-        self._pending: deque[bytes] = deque()
-        self._offset = 0
-        self._paused = False
         self._closing = False
         self._done = False
         self._waiters: list[Deferred[None]] = []
         self._registered = True
-        pipe.registerProducer(self, True)
+        super().__init__(pipe, reservation)
 
     @property
     def room(self) -> int:
@@ -81,12 +72,12 @@ class StdinQueue:
                 f" read yet, and at most {self.bound} may wait: cannot queue {len(data)} more"
                 " (nothing was written); retry once the job reads, or send less"
             )
-        self._queue(data)
+        super().write(data)
 
     def offer(self, data: bytes) -> int:
         """Queue as much of ``data`` as fits; how many bytes were taken."""
         taken = data[: self.room]
-        self._queue(taken)
+        super().write(taken)
         return len(taken)
 
     def whenRoom(self) -> Deferred[None]:
@@ -107,39 +98,15 @@ class StdinQueue:
         if self._done and not self._pending:
             return
         self._done = True
-        self._pending.clear()
-        self._offset = 0
-        self.queued = 0
-        self._paused = True
-        if self._reservation is not None:
-            self._reservation.release()
+        super().drop()
         self._letGo()
         self._wake()
 
-    def _queue(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._reservation is not None:
-            self._reservation.grow(len(data))
-        self._pending.append(data)
-        self.queued += len(data)
-        self._flush()
-
     def _flush(self) -> None:
-        if self._done:
-            return
-        while self._pending and not self._paused:
-            first = self._pending[0]
-            chunk = first[self._offset : self._offset + self.piece]
-            self._offset += len(chunk)
-            if self._offset >= len(first):
-                self._pending.popleft()
-                self._offset = 0
-            self.queued -= len(chunk)
-            # May call pauseProducing() before it returns.
-            self._pipe.write(chunk)
-        if self._reservation is not None:
-            self._reservation.resize(self.queued)
+        if not self._done:
+            super()._flush()
+
+    def _flushed(self) -> None:
         if self._closing and not self._pending:
             self._done = True
             self._letGo()
@@ -157,18 +124,6 @@ class StdinQueue:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             self._clock.callLater(0, waiter.callback, None)
-
-    # -- IPushProducer: the pipe's transport pauses us while it holds a full buffer ---------
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._flush()
-
-    def stopProducing(self) -> None:
-        self.drop()
 
 
 __all__ = ["MAX_QUEUED_STDIN", "StdinFull", "StdinQueue"]

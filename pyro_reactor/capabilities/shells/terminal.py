@@ -24,15 +24,14 @@ import shutil
 import signal
 import struct
 import termios
-from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.interfaces import IConsumer, IProcessTransport, IPushProducer
+from twisted.internet.interfaces import IConsumer, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from pyro_reactor.capabilities.inputqueue import InputQueue
 from pyro_reactor.capabilities.shells.scope import (
     UNIT_VARIABLE,
     CgroupScope,
@@ -115,70 +114,6 @@ class Terminal(Protocol):
 
     def endRemains(self) -> None:
         "The shell has been reaped: SIGKILL what it started and left behind."
-
-
-@implementer(IPushProducer)
-class InputQueue:
-    """Input for the shell, handed to the transport a piece at a time while it is not paused.
-
-    The transport pauses us as soon as it holds more than its buffer size, so it holds at most
-    about two pieces; L{queued} counts the rest, which is also held from the agent's memory
-    budget (``reservation``): a write that does not fit is refused.
-    """
-
-    piece = 64 * 1024
-
-    def __init__(self, transport: IConsumer, reservation: Reservation | None = None) -> None:
-        self._transport = transport
-        self._reservation = reservation
-        self._pending: deque[bytes] = deque()
-        self._offset = 0
-        self.queued = 0
-        self._paused = False
-        transport.registerProducer(self, True)
-
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` (raises L{BudgetExceeded}, queuing nothing, past the budget)."""
-        if not data:
-            return
-        if self._reservation is not None:
-            self._reservation.grow(len(data))
-        self._pending.append(data)
-        self.queued += len(data)
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._pending and not self._paused:
-            first = self._pending[0]
-            chunk = first[self._offset : self._offset + self.piece]
-            self._offset += len(chunk)
-            if self._offset >= len(first):
-                self._pending.popleft()
-                self._offset = 0
-            self.queued -= len(chunk)
-            # May call pauseProducing() before it returns.
-            self._transport.write(chunk)
-        if self._reservation is not None:
-            self._reservation.resize(self.queued)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._flush()
-
-    def stopProducing(self) -> None:
-        self.drop()
-
-    def drop(self) -> None:
-        """Forget what is queued (the terminal is closing) and stop producing."""
-        self._pending.clear()
-        self._offset = 0
-        self.queued = 0
-        self._paused = True
-        if self._reservation is not None:
-            self._reservation.release()
 
 
 class PTYTerminal:
