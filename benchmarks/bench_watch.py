@@ -136,22 +136,9 @@ def run(bench: Bench) -> list[Row]:
 
 
 def main() -> int:
-    import argparse
-    import tempfile
+    from benchmarks.run import runAlone
 
-    from benchmarks.run import REPO, table
-
-    parser = argparse.ArgumentParser(description="watch benchmark, standalone")
-    parser.add_argument("--quick", action="store_true")
-    options = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pyro-bench-watch-") as workdir:
-        bench = Bench(REPO, Path(workdir), Path("/nonexistent"), quick=options.quick)
-        try:
-            rows = run(bench)
-        finally:
-            bench.close()
-    print(table(rows))
-    return 0
+    return runAlone(run, NAME)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -162,6 +163,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 1 if failures else 0
+
+
+def runAlone(run: Callable[[Bench], list[Row]], name: str) -> int:
+    """Run one section whose rows are ours only, on its own (``python benchmarks/bench_X.py
+    [--quick]``), without the reference agent; print its table."""
+    parser = argparse.ArgumentParser(description=f"{name} benchmark, standalone")
+    parser.add_argument("--quick", action="store_true")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix=f"pyro-bench-{name}-") as workdir:
+        bench = Bench(REPO, Path(workdir), Path("/nonexistent"), quick=options.quick)
+        try:
+            rows = run(bench)
+        finally:
+            bench.close()
+    print(table(rows))
+    return 0
 
 
 if __name__ == "__main__":
