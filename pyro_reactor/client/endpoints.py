@@ -32,20 +32,20 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
-    IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
     IReactorCore,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.client._twisted import StreamClient, StreamConnector, connectWrapped
 from pyro_reactor.client.errors import MessageConnectError
+from pyro_reactor.client.handshake import LineHandshake
 from pyro_reactor.system.vsock import AF_VSOCK, VSockAddress, cidName
 
 _MAX_U32 = 0xFFFFFFFF
@@ -60,20 +60,14 @@ class VSockConnectError(MessageConnectError):
 # -- Firecracker hybrid vsock ------------------------------------------------------------
 
 
-@implementer(IHalfCloseableProtocol)
-class _HandshakeProtocol(Protocol):
-    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol.
+class _HandshakeProtocol(LineHandshake):
+    """Says ``CONNECT <port>``, waits for ``OK``, then hands the stream to the real protocol."""
 
-    A half-close reaches the real protocol when it takes half-closes (a relayed guest TCP
-    connection does); otherwise the connection is closed, as it would be without us.
-    """
+    maxLine = _MAX_HANDSHAKE_LINE
 
     def __init__(self, endpoint: FirecrackerVSockClientEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(factory)
         self.endpoint = endpoint
-        self.wrappedFactory = factory
-        self.ready: Deferred[IProtocol] = Deferred(self._cancel)
-        self.wrapped: IProtocol | None = None
-        self._buffer = b""
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -81,66 +75,26 @@ class _HandshakeProtocol(Protocol):
         self.transport.write(b"CONNECT %d\n" % self.endpoint.port)
         self._timer = self.endpoint.reactor.callLater(self.endpoint.timeout, self._timedOut)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.wrapped is not None:
-            self.wrapped.dataReceived(data)
-            return
-        if self.ready.called:
-            return
-        self._buffer += data
-        line, newline, rest = self._buffer.partition(b"\n")
-        if not newline:
-            if len(self._buffer) > _MAX_HANDSHAKE_LINE:
-                self._refused(f"answered {self._buffer[:80]!r}... (no line end)")
-            return
+    def _accepted(self, line: bytes) -> bool:
         if _OK_LINE.fullmatch(line.rstrip(b"\r")) is None:
-            self._refused(f"answered {line.decode('utf-8', 'replace')!r}")
-            return
-        self._stopTimer()
-        assert self.transport is not None
-        wrapped = self.wrappedFactory.buildProtocol(self.transport.getPeer())
-        if wrapped is None:
-            self._abandon(error.NoProtocol())
-            return
-        self.wrapped = wrapped
-        self._buffer = b""
-        wrapped.makeConnection(self.transport)
-        self.ready.callback(wrapped)
-        if rest and self.wrapped is not None:
-            self.wrapped.dataReceived(rest)
+            self._abandon(self._refused(f"answered {line.decode('utf-8', 'replace')!r}"))
+            return False
+        return True
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stopTimer()
-        if self.wrapped is not None:
-            self.wrapped.connectionLost(reason)
-        elif not self.ready.called:
-            said = f" after {self._buffer[:80]!r}" if self._buffer else ""
-            self.ready.errback(
-                VSockConnectError(
-                    f"{self.endpoint.path}: the vsock socket closed the connection{said} without"
-                    f" answering CONNECT {self.endpoint.port} (is the guest listening on vsock"
-                    f" port {self.endpoint.port}?)"
-                )
-            )
+    def _tooLong(self) -> Exception:
+        return self._refused(f"answered {self._buffer[:80]!r}... (no line end)")
 
-    def readConnectionLost(self) -> None:
-        wrapped = self.wrapped
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
-            wrapped.readConnectionLost()
-        elif self.transport is not None:
-            self.transport.loseConnection()
+    def _closedEarly(self) -> Exception:
+        said = f" after {self._buffer[:80]!r}" if self._buffer else ""
+        return VSockConnectError(
+            f"{self.endpoint.path}: the vsock socket closed the connection{said} without"
+            f" answering CONNECT {self.endpoint.port} (is the guest listening on vsock"
+            f" port {self.endpoint.port}?)"
+        )
 
-    def writeConnectionLost(self) -> None:
-        wrapped = self.wrapped
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
-            wrapped.writeConnectionLost()
-
-    def _refused(self, said: str) -> None:
-        self._abandon(
-            VSockConnectError(
-                f"{self.endpoint.path}: the vsock socket {said} to CONNECT {self.endpoint.port},"
-                " not OK"
-            )
+    def _refused(self, said: str) -> VSockConnectError:
+        return VSockConnectError(
+            f"{self.endpoint.path}: the vsock socket {said} to CONNECT {self.endpoint.port}, not OK"
         )
 
     def _timedOut(self) -> None:
@@ -152,19 +106,12 @@ class _HandshakeProtocol(Protocol):
             )
         )
 
-    def _abandon(self, reason: Exception) -> None:
-        self._stopTimer()
-        if not self.ready.called:
-            self.ready.errback(reason)
-        if self.transport is not None:
-            self.transport.loseConnection()
-
     def _cancel(self, ready: Deferred[IProtocol]) -> None:
-        self._stopTimer()
+        self._settled()
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _stopTimer(self) -> None:
+    def _settled(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

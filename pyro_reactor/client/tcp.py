@@ -21,23 +21,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
     IReactorCore,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.plugin import IPlugin
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.client.errors import MessageConnectError
+from pyro_reactor.client.handshake import LineHandshake
 
 MAX_ANSWER_LINE = 64 * 1024
 
@@ -46,82 +44,39 @@ class GuestConnectError(MessageConnectError):
     """The agent could not (or would not) connect to the guest port; its message says why."""
 
 
-@implementer(IHalfCloseableProtocol)
-class _RelayHandshake(Protocol):
+class _RelayHandshake(LineHandshake):
     """Sends ``connect_tcp``, reads the answer line, then stands for the caller's protocol."""
 
+    maxLine = MAX_ANSWER_LINE
+
     def __init__(self, request: bytes, factory: IProtocolFactory, where: str) -> None:
+        super().__init__(factory)
         self.request = request
-        self.wrappedFactory = factory
         self.where = where
-        self.ready: Deferred[IProtocol] = Deferred(self._cancel)
-        self.wrapped: IProtocol | None = None
-        self._buffer = b""
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(self.request)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.wrapped is not None:
-            self.wrapped.dataReceived(data)
-            return
-        if self.ready.called:
-            return
-        self._buffer += data
-        line, newline, rest = self._buffer.partition(b"\n")
-        if not newline:
-            if len(self._buffer) > MAX_ANSWER_LINE:
-                self._abandon(GuestConnectError(f"{self.where}: the agent's answer is too long"))
-            return
+    def _accepted(self, line: bytes) -> bool:
         try:
             answer = json.loads(line)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
             self._abandon(GuestConnectError(f"{self.where}: the agent answered {line[:80]!r}"))
-            return
+            return False
         if answer.get("connected") is not True:
             message = answer.get("error", f"unexpected answer {answer!r}")
             self._abandon(GuestConnectError(f"{self.where}: {message}"))
-            return
-        assert self.transport is not None
-        wrapped = self.wrappedFactory.buildProtocol(self.transport.getPeer())
-        if wrapped is None:
-            self._abandon(error.NoProtocol())
-            return
-        self.wrapped = wrapped
-        self._buffer = b""
-        wrapped.makeConnection(self.transport)
-        self.ready.callback(wrapped)
-        if rest and self.wrapped is not None:
-            self.wrapped.dataReceived(rest)
+            return False
+        return True
 
-    def readConnectionLost(self) -> None:
-        wrapped = self.wrapped
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
-            wrapped.readConnectionLost()
-        elif self.transport is not None:
-            self.transport.loseConnection()
+    def _tooLong(self) -> Exception:
+        return GuestConnectError(f"{self.where}: the agent's answer is too long")
 
-    def writeConnectionLost(self) -> None:
-        wrapped = self.wrapped
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
-            wrapped.writeConnectionLost()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.wrapped is not None:
-            self.wrapped.connectionLost(reason)
-        elif not self.ready.called:
-            self.ready.errback(
-                GuestConnectError(f"{self.where}: the agent closed the connection before answering")
-            )
-
-    def _abandon(self, reason: Exception) -> None:
-        if not self.ready.called:
-            self.ready.errback(reason)
-        if self.transport is not None:
-            self.transport.loseConnection()
+    def _closedEarly(self) -> Exception:
+        return GuestConnectError(f"{self.where}: the agent closed the connection before answering")
 
     def _cancel(self, ready: Deferred[IProtocol]) -> None:
         if self.transport is not None:
