@@ -23,23 +23,7 @@ from pyro_reactor.client.forward import ForwardSpec, listenForward, parseForward
 from pyro_reactor.client.tcp import GuestConnectError, GuestTCPEndpoint
 from tests.client_helpers import Agent, startAgentEverywhere, startBridge
 from tests.helpers import reactor, waitUntil
-
-
-@implementer(IHalfCloseableProtocol)
-class EchoUntilEOF(Protocol):
-    """A guest server: echoes, answers ``bye`` after the client's EOF, then closes."""
-
-    def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"bye")
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
+from tests.test_ports import EchoUntilEOF
 
 
 @implementer(IHalfCloseableProtocol)
