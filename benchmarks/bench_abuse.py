@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from benchmarks.harness import (
     Bench,
     BenchError,
     MiB,
+    Pinger,
     Row,
     percentile,
 )
@@ -46,58 +46,6 @@ ORDER = 90
 PING = {"action": "ping"}
 BUDGET = 256 * MiB
 OPTIONS = ("--answer-timeout", "10", "--memory-budget", str(BUDGET))
-
-
-_PINGER = """
-import json, socket, sys, threading, time
-port, interval = int(sys.argv[1]), float(sys.argv[2])
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-latencies, failures = [], 0
-while not stop.is_set():
-    started = time.perf_counter()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-            connection.sendall(b'{"action": "ping"}\\n')
-            data = b""
-            while chunk := connection.recv(65536):
-                data += chunk
-        if b'"pong"' not in data:
-            raise OSError(data[:200])
-        latencies.append((time.perf_counter() - started) * 1000)
-    except OSError:
-        failures += 1
-    stop.wait(interval)
-print(json.dumps({"latencies": latencies, "failures": failures}))
-"""
-
-
-class Pinger:
-    """Pings the agent every ``interval`` seconds from a separate process (so that the
-    benchmark's own threads cannot delay it); latencies in ms, failures."""
-
-    def __init__(self, port: int, interval: float = 0.02) -> None:
-        self.port = port
-        self.interval = interval
-        self.latencies: list[float] = []
-        self.failures = 0
-        self._process: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> Pinger:
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", _PINGER, str(self.port), str(self.interval)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._process is not None
-        output, _ = self._process.communicate("", timeout=60)
-        result = json.loads(output)
-        self.latencies = result["latencies"]
-        self.failures = result["failures"]
 
 
 class RssSampler:

@@ -324,3 +324,65 @@ class Bench:
         while self._started:
             self._started.pop().stop()
         self._shared.clear()
+
+
+_PINGER = """
+import json, socket, sys, threading, time
+port, interval = int(sys.argv[1]), float(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+begun = time.perf_counter()
+latencies, times, failures = [], [], 0
+while not stop.is_set():
+    started = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b'{"action": "ping"}\\n')
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        if b'"pong"' not in data:
+            raise OSError(data[:200])
+        latencies.append((time.perf_counter() - started) * 1000)
+        times.append(started - begun)
+    except OSError:
+        failures += 1
+    stop.wait(interval)
+print(json.dumps({"latencies": latencies, "times": times, "failures": failures}))
+"""
+
+
+class Pinger:
+    """Pings the agent every ``interval`` seconds from a separate process (so that the
+    benchmark's own threads cannot delay it): latencies in ms, when each ping was sent (s
+    from the start), failures."""
+
+    def __init__(self, port: int, interval: float = 0.02) -> None:
+        self.port = port
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.times: list[float] = []
+        self.failures = 0
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Pinger:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PINGER, str(self.port), str(self.interval)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process is not None
+        output, _ = self._process.communicate("", timeout=60)
+        result = json.loads(output)
+        self.latencies = result["latencies"]
+        self.times = result["times"]
+        self.failures = result["failures"]
+
+    @property
+    def slowestAt(self) -> float:
+        """When the slowest ping was sent, in seconds from the start."""
+        return self.times[self.latencies.index(max(self.latencies))]

@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from pyro_reactor.hooks import Hooks
+from pyro_reactor.system.heap import HeapTrimmer, mallocTrim
 from pyro_reactor.system.workspace import Workspace
 from pyro_reactor.wire.budget import MemoryBudget
 from pyro_reactor.wire.dispatch import EncodedAnswer
@@ -97,6 +98,9 @@ class AgentContext:
     def __post_init__(self) -> None:
         self.workspace = Workspace(self.config.workspace)
         self.budget = MemoryBudget(self.config.memoryBudget)
+        trimmer = HeapTrimmer(self.reactor, self.inThread, mallocTrim())
+        trimmer.setServiceParent(self.services)
+        self.budget.onReleased = trimmer.released
 
     def inThread(
         self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs

@@ -13,6 +13,7 @@ import random
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire import spool as spoolModule
-from pyro_reactor.wire.budget import MemoryBudget, parseCost
-from pyro_reactor.wire.dispatch import Action, Dispatcher, StreamedAnswer
+from pyro_reactor.wire.budget import MemoryBudget, ParseCost, parseCost
+from pyro_reactor.wire.dispatch import Action, Dispatcher, HeldAnswer, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
 from pyro_reactor.wire.request import Request, parseRequestLine
 from pyro_reactor.wire.sender import BoundedText, boundEncodedText, encodeAnswer
@@ -278,6 +279,44 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")  # big lines are parsed on a later turn
         harness.clock.advance(0)
         self.assertIn("memory budget", answerOf(transport)["error"])
+        self.assertEqual(harness.budget.used, 0)
+
+    def test_costlyParseRefusedInPieces(self) -> None:
+        """A line of tiny objects that arrives in small pieces (its cost counted as they
+        come, not all at once at the end) is refused just the same, and gives its hold
+        back."""
+        harness = Harness(self, budget=64 * 1024 * 1024)
+        protocol, transport = harness.connect()
+        line = b'{"x": [' + b"{}," * 400_000 + b"{}]}\n"
+        for start in range(0, len(line), 4096):
+            protocol.dataReceived(line[start : start + 4096])
+        harness.clock.advance(0)
+        self.assertIn("memory budget", answerOf(transport)["error"])
+        self.assertEqual(harness.budget.used, 0)
+
+    def test_parseCostCountedInPieces(self) -> None:
+        """The cost counted piece by piece, from any split, is the whole line's cost."""
+        line = b'{"a": [1, 2, {"b": "c,d:[e{"}], "f": "' + b"x" * 70_000 + b'"}'
+        whole = parseCost(line)
+        for size in (1, 7, 4096, 65_536):
+            cost = ParseCost()
+            growing = bytearray()
+            for start in range(0, len(line), size):
+                growing += line[start : start + size]
+                cost.add(growing, cost.size)
+            self.assertEqual(cost.bytes, whole)
+
+    def test_bigLineInPiecesParsed(self) -> None:
+        """A big line that arrives in pieces, its last piece with the newline, is parsed
+        and answered once, whole."""
+        harness = Harness(self)
+        protocol, transport = harness.connect()
+        line = b'{"action": "upload", "archive_size": 3, "pad": "' + b"p" * 200_000 + b'"}\n'
+        for start in range(0, len(line), 50_000):
+            protocol.dataReceived(line[start : start + 50_000])
+        protocol.dataReceived(b"xyz")
+        harness.clock.advance(0)
+        self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(harness.budget.used, 0)
 
     def test_bigLineThenBody(self) -> None:
@@ -540,6 +579,89 @@ class EncodingTests(SynchronousTestCase):
                     self.assertGreater(len(json.dumps(more)) - 2, limit)
 
 
+class HeldAnswerTests(SynchronousTestCase):
+    """An answer whose text is already held (exec output) keeps its hold until encoded."""
+
+    def setUp(self) -> None:
+        self.harness = Harness(self)
+        self.budget = self.harness.budget
+        self.textHold = self.budget.reserve(0, "command output")
+
+        def held(request: Request) -> HeldAnswer:
+            size = request.integer("size", 10)
+            self.textHold.grow(size)
+            return HeldAnswer({"stdout": "o" * size}, self.textHold.release)
+
+        self.harness.dispatcher.register([Action("held", held)])
+        self.encodings: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def encodeLater(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.encodings.append((function, args, done))
+        return done
+
+    def test_smallHeldAnswer(self) -> None:
+        """A small held answer is written as a plain one and its hold given back."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(b'{"action": "held", "size": 5}\n')
+        self.assertEqual(answerOf(transport), {"stdout": "ooooo"})
+        self.assertEqual(self.budget.used, 0)
+
+    def test_textAndLineBothCountedWhileEncoding(self) -> None:
+        """While a large held answer is encoded (in a thread), its text and its line are
+        both counted; once encoded, only the line, until it is written."""
+        protocol, transport = self.harness.connect()
+        protocol.encodeInThread = self.encodeLater
+        protocol.dataReceived(b'{"action": "held", "size": 300000}\n')
+        self.assertGreaterEqual(self.budget.used, 2 * 300_000)
+        function, args, done = self.encodings.pop()
+        done.callback(function(*args))
+        self.assertEqual(self.textHold.size, 0)
+        self.assertLess(self.budget.used, 2 * 300_000)
+        self.assertGreater(self.budget.used, 300_000)
+        drain(transport)
+        self.assertEqual(answerOf(transport), {"stdout": "o" * 300_000})
+        self.assertEqual(self.budget.used, 0)
+
+    def test_failedEncodingReleases(self) -> None:
+        """An encoding that fails still gives the text's hold back (and answers an error)."""
+        protocol, transport = self.harness.connect()
+        protocol.encodeInThread = self.encodeLater
+        protocol.dataReceived(b'{"action": "held", "size": 300000}\n')
+        _, _, done = self.encodings.pop()
+        done.errback(ValueError("cannot"))
+        self.assertEqual(self.budget.used, 0)
+        self.assertIn("could not encode", answerOf(transport)["error"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_clientGoneReleases(self) -> None:
+        """A held answer that comes after its client left gives its hold back."""
+        waiting: Deferred[HeldAnswer] = Deferred()
+        self.harness.dispatcher.register([Action("late", lambda r: waiting)])
+        protocol, _ = self.harness.connect()
+        protocol.dataReceived(b'{"action": "late"}\n')
+        protocol.connectionLost()
+        self.textHold.grow(1000)
+        waiting.callback(HeldAnswer({"stdout": "x" * 1000}, self.textHold.release))
+        self.assertEqual(self.budget.used, 0)
+
+    def test_refusedLineReleases(self) -> None:
+        """A held answer whose line does not fit the budget is answered with an error and
+        its text's hold given back."""
+        harness = Harness(self, budget=500_000)
+        hold = harness.budget.reserve(0, "command output")
+
+        def held(request: Request) -> HeldAnswer:
+            hold.grow(300_000)
+            return HeldAnswer({"stdout": "o" * 300_000}, hold.release)
+
+        harness.dispatcher.register([Action("held", held)])
+        protocol, transport = harness.connect()
+        protocol.dataReceived(b'{"action": "held"}\n')
+        self.assertIn("memory budget", answerOf(transport)["error"])
+        self.assertEqual(harness.budget.used, 0)
+
+
 class BoundedTextTests(SynchronousTestCase):
     """Command output gathered piece by piece stays within its limit once encoded."""
 
@@ -567,6 +689,15 @@ class BoundedTextTests(SynchronousTestCase):
         self.assertEqual(budget.used, 1000)
         bounded.release()
         self.assertEqual(budget.used, 0)
+
+    def test_takeHandsTheTextOver(self) -> None:
+        """take() returns the text and keeps nothing of it (so it lives only as long as the
+        answer carrying it)."""
+        bounded = BoundedText(1000)
+        bounded.feed("abc")
+        bounded.feed("def")
+        self.assertEqual(bounded.take(), "abcdef")
+        self.assertEqual(bounded.text(), "")
 
     def test_plainOutputUnchanged(self) -> None:
         """Output within the limit is kept whole, piece after piece."""
@@ -597,6 +728,17 @@ class OverTheWireTests(TestCase):
         self.assertIn("features", pong)
         answer = await agent.call({"command": "true"})
         self.assertEqual(answer, {"error": "too many connections"})
+
+    async def test_execOutputGivenBack(self) -> None:
+        """An exec's large output is held from the budget until its answer is written, then
+        all of it is given back."""
+        agent = await startAgent(self)
+        request = {"command": "head -c 3000000 /dev/zero | tr '\\0' a", "timeout_seconds": 60}
+        answer = await agent.call(request)
+        self.assertEqual(len(answer["stdout"]), 3_000_000)
+        budget = agent.context.budget
+        self.assertGreater(budget.peak, 2 * 3_000_000)
+        await _until(lambda: budget.used == 0)
 
     async def test_unreadAnswerDropped(self) -> None:
         """A client that never reads a large answer is dropped after the answer timeout and

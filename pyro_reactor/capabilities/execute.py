@@ -51,7 +51,7 @@ from pyro_reactor.system.cgroups import Cgroup
 from pyro_reactor.system.processes import ProcessTree, exitCodeOf, probeChdirProgram, spawnInGroup
 from pyro_reactor.system.unitcgroups import CgroupUnit, UnitCgroups, unitCgroups
 from pyro_reactor.wire.budget import MemoryBudget, Reservation
-from pyro_reactor.wire.dispatch import Action
+from pyro_reactor.wire.dispatch import Action, HeldAnswer
 from pyro_reactor.wire.request import Request
 from pyro_reactor.wire.sender import BoundedText
 
@@ -86,6 +86,18 @@ class CommandResult:
     timeoutSeconds: float = DEFAULT_TIMEOUT_SECONDS
     stdoutTruncated: bool = False
     stderrTruncated: bool = False
+    #: The memory budget's holds on C{stdout} and C{stderr} (with a budget): whoever takes
+    #: the output gives them back with L{release}.
+    holds: tuple[Reservation, ...] = ()
+
+    def release(self) -> None:
+        """Give the output's share of the memory budget back."""
+        for hold in self.holds:
+            hold.release()
+
+    def heldExecAnswer(self) -> HeldAnswer:
+        """L{execAnswer}, its output held from the budget until the answer is encoded."""
+        return HeldAnswer(self.execAnswer(), self.release)
 
     def execAnswer(self) -> dict[str, Any]:
         """The ``exec`` action's answer, in the reference's shape plus the truncation flags."""
@@ -122,6 +134,8 @@ class _Capture:
     def __init__(self, limit: int, reservation: Reservation | None = None) -> None:
         self._decoder = _utf8Decoder(errors="replace")
         self._text = BoundedText(max(0, limit), reservation)
+        #: What the kept text holds from the memory budget, if anything.
+        self.hold = reservation
 
     @property
     def truncated(self) -> bool:
@@ -132,11 +146,9 @@ class _Capture:
             self._text.feed(self._decoder.decode(data))
 
     def text(self) -> str:
-        """The stream's text, once it has ended; its share of the memory budget goes back."""
+        """The stream's text, once it has ended (its hold stays: see L{hold})."""
         self._text.feed(self._decoder.decode(b"", final=True))
-        text = self._text.text()
-        self._text.release()
-        return text
+        return self._text.take()
 
 
 def _reserve(budget: MemoryBudget | None, purpose: str) -> Reservation | None:
@@ -258,6 +270,7 @@ class _CommandProtocol(ProcessProtocol):
             timeoutSeconds=self._timeoutSeconds,
             stdoutTruncated=self._stdout.truncated,
             stderrTruncated=self._stderr.truncated,
+            holds=tuple(c.hold for c in (self._stdout, self._stderr) if c.hold is not None),
         )
         self.done.callback(result)
 
@@ -474,7 +487,7 @@ class ExecCapability:
         context.inThread(probeChdirProgram)
         self.actions = [Action("exec", self._execute)]
 
-    def _execute(self, request: Request) -> Deferred[dict[str, Any]]:
+    def _execute(self, request: Request) -> Deferred[HeldAnswer]:
         command = request.string("command", "")
         timeoutSeconds = request.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
         env = request.environment("exec")
@@ -491,7 +504,7 @@ class ExecCapability:
             cgroups=unitCgroups(),
             units=self.service.units,
         )
-        return result.addCallback(CommandResult.execAnswer)
+        return result.addCallback(CommandResult.heldExecAnswer)
 
 
 __all__ = [

@@ -62,11 +62,26 @@ class HandOff:
     protocol: IProtocol
 
 
-Answer: TypeAlias = "dict[str, Any] | StreamedAnswer | HandOff | EncodedAnswer"
+Answer: TypeAlias = "dict[str, Any] | StreamedAnswer | HandOff | EncodedAnswer | HeldAnswer"
 Handler: TypeAlias = (
     "Callable[[Request], Deferred[dict[str, Any]] | Deferred[StreamedAnswer]"
-    " | Deferred[HandOff] | Deferred[EncodedAnswer] | Deferred[Answer] | Answer]"
+    " | Deferred[HandOff] | Deferred[EncodedAnswer] | Deferred[HeldAnswer]"
+    " | Deferred[Answer] | Answer]"
 )
+
+
+@dataclass(frozen=True)
+class HeldAnswer:
+    """An answer whose text is already held from the memory budget (command output gathered
+    under reservations).
+
+    The protocol holds the encoded line's size as well while it encodes ``answer``, and calls
+    ``release`` once the line is built (or the answer dropped): the text and its JSON line
+    are both counted for as long as both exist.
+    """
+
+    answer: dict[str, Any]
+    release: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,9 @@ class EncodedAnswer:
 
 def disposeAnswer(answer: object) -> None:
     """Release what an answer that will never be written holds (its file, its protocol)."""
-    if isinstance(answer, StreamedAnswer):
+    if isinstance(answer, HeldAnswer):
+        answer.release()
+    elif isinstance(answer, StreamedAnswer):
         answer.path.unlink(missing_ok=True)
     elif isinstance(answer, HandOff):
         answer.protocol.connectionLost(Failure(ConnectionDone("client went away")))

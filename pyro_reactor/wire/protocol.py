@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
@@ -36,12 +36,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
-from pyro_reactor.wire.budget import MemoryBudget, Reservation, parseCost
+from pyro_reactor.wire.budget import MemoryBudget, ParseCost, Reservation
 from pyro_reactor.wire.dispatch import (
     Answer,
     Dispatcher,
     EncodedAnswer,
     HandOff,
+    HeldAnswer,
     StreamedAnswer,
     disposeAnswer,
 )
@@ -62,6 +63,8 @@ __all__ = [
     "WireLimits",
     "encodeAnswer",
 ]
+
+_R = TypeVar("_R")
 
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
@@ -135,6 +138,16 @@ def _encodedEstimate(answer: dict[str, Any]) -> int:
     )
 
 
+def _passThrough(call: Callable[[], None]) -> Callable[[_R], _R]:
+    """A callback that calls C{call} and passes its result (or failure) on."""
+
+    def passing(result: _R) -> _R:
+        call()
+        return result
+
+    return passing
+
+
 def _carriesMuchText(answer: dict[str, Any]) -> bool:
     # A cheap look at the top-level strings (exec output, file content, shell output): enough
     # to tell a 16 MiB exec answer, whose encoding takes tens of ms, from a small one.
@@ -182,6 +195,8 @@ class RequestProtocol(Protocol):
         self.writeInThread = writeInThread
         self._phase = _READING_LINE
         self._buffer = bytearray()
+        #: The parse cost of a big line in the buffer, counted as it arrives.
+        self._bufferCost = ParseCost()
         self._timer: IDelayedCall | None = None
         self._request: Request | None = None
         self._spool: UploadSpool | None = None
@@ -299,6 +314,8 @@ class RequestProtocol(Protocol):
             return
         if newline < 0:
             self._buffer += data
+            if len(self._buffer) > LARGE_LINE_BYTES:
+                self._bufferCost.add(self._buffer, self._bufferCost.size)
             self._holdLine(len(self._buffer))
             return
         line: bytes | bytearray
@@ -308,18 +325,20 @@ class RequestProtocol(Protocol):
             line, self._buffer = self._buffer, bytearray()
         else:
             line = data[:newline]
+        cost, self._bufferCost = self._bufferCost, ParseCost()
         rest = data[newline + 1 :]
         if len(line) > LARGE_LINE_BYTES:
-            # A big line costs tens of ms to check and parse: one such parse per reactor turn,
-            # so that many at once (clients closing together) never block the reactor long.
-            # What arrives meanwhile waits with the early bytes.
+            cost.add(line, cost.size)
+            # A big line costs tens of ms to parse: one such parse per reactor turn, so that
+            # many at once (clients closing together) never block the reactor long. What
+            # arrives meanwhile waits with the early bytes.
             self._phase = _PARSING
             self._early += rest
-            self.parseQueue.submit(lambda: self._parseLater(line))
+            self.parseQueue.submit(lambda: self._parseLater(line, cost))
             return
-        self._lineReceived(line, rest)
+        self._lineReceived(line, rest, cost)
 
-    def _parseLater(self, line: bytes | bytearray) -> None:
+    def _parseLater(self, line: bytes | bytearray, cost: ParseCost) -> None:
         if self._lost or self._phase != _PARSING:
             self._releaseLine()
             return
@@ -328,13 +347,13 @@ class RequestProtocol(Protocol):
             self._paused = False
             cast(IPushProducer, self.transport).resumeProducing()
         self._phase = _READING_LINE
-        self._lineReceived(line, rest)
+        self._lineReceived(line, rest, cost)
         if self._earlyEOF and self._phase == _READING_BODY:
             self.readConnectionLost()
 
-    def _lineReceived(self, line: bytes | bytearray, rest: bytes) -> None:
+    def _lineReceived(self, line: bytes | bytearray, rest: bytes, cost: ParseCost) -> None:
         try:
-            request = self._request = self._parse(line)
+            request = self._request = self._parse(line, cost)
             if self.overflow and request.fields.get("action") != "ping":
                 raise ActionError(TOO_MANY_CONNECTIONS)
             size = self.dispatcher.uploadSize(request)
@@ -370,12 +389,12 @@ class RequestProtocol(Protocol):
         if hold is not None:
             hold.release()
 
-    def _parse(self, line: bytes | bytearray) -> Request:
+    def _parse(self, line: bytes | bytearray, cost: ParseCost) -> Request:
         if len(line) <= LARGE_LINE_BYTES:
             return parseRequestLine(line)
         # The parse of a big line can take many times its size (a million tiny objects):
         # its estimate is drawn from the budget for as long as the parse runs.
-        hold = self.budget.reserve(parseCost(line), "the parse of a request line")
+        hold = self.budget.reserve(cost.bytes, "the parse of a request line")
         try:
             return parseRequestLine(line)
         finally:
@@ -471,6 +490,7 @@ class RequestProtocol(Protocol):
     def _refuse(self, error: ActionError) -> None:
         self._cancelTimer()
         self._buffer = bytearray()
+        self._bufferCost = ParseCost()
         self._releaseLine()
         self._discardSpool()
         action = self._request.fields.get("action", "exec") if self._request else None
@@ -492,22 +512,39 @@ class RequestProtocol(Protocol):
             self._stream(answer)
         elif isinstance(answer, EncodedAnswer):
             self._writeLine(answer.line)
-        elif _carriesMuchText(answer):
-            # Hold the encoded size before encoding: a replacement character is 6 bytes of
-            # JSON, so 16 MiB of bad output is a 100 MB line.
-            try:
-                self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
-            except ActionError as error:
-                self._writeLine(encodeAnswer({"error": error.message}))
-                return
-            if self.encodeInThread is None:
-                self._writeLine(encodeAnswer(answer))
-                return
-            self.encodeInThread(encodeAnswer, answer).addCallback(self._writeLine).addErrback(
-                self._answerFailed
-            )
+        elif isinstance(answer, HeldAnswer):
+            self._encode(answer.answer, answer.release)
         else:
-            self._writeLine(encodeAnswer(answer))
+            self._encode(answer, None)
+
+    def _encode(self, answer: dict[str, Any], held: Callable[[], None] | None) -> None:
+        """Encode and write a plain answer; C{held} gives its text's holds back once the
+        line is built."""
+        if not _carriesMuchText(answer):
+            line = encodeAnswer(answer)
+            if held is not None:
+                held()
+            self._writeLine(line)
+            return
+        # Hold the encoded size before encoding: a replacement character is 6 bytes of
+        # JSON, so 16 MiB of bad output is a 100 MB line.
+        try:
+            self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
+        except ActionError as error:
+            if held is not None:
+                held()
+            self._writeLine(encodeAnswer({"error": error.message}))
+            return
+        if self.encodeInThread is None:
+            line = encodeAnswer(answer)
+            if held is not None:
+                held()
+            self._writeLine(line)
+            return
+        encoded = self.encodeInThread(encodeAnswer, answer)
+        if held is not None:
+            encoded.addBoth(_passThrough(held))
+        encoded.addCallback(self._writeLine).addErrback(self._answerFailed)
 
     def _answerFailed(self, failure: Failure) -> None:
         """The terminal errback of every answer chain: answer an error and close."""

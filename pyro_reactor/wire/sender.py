@@ -158,8 +158,16 @@ class BoundedText:
             self._reservation.release()
 
     def text(self) -> str:
+        """The text kept so far (it stays kept: see L{take})."""
         joined = "".join(self._parts)
         self._parts = [joined]
+        return joined
+
+    def take(self) -> str:
+        """The text kept, handed over: this object keeps nothing more of it, so that the
+        text lives only as long as the answer that carries it."""
+        joined = "".join(self._parts)
+        self._parts = []
         return joined
 
 
