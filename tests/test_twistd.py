@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from pyro_reactor.tap import LISTEN_BACKLOG, checkEndpoint, withBacklog
 from tests.helpers import freePort
 from tests.twistd_helpers import TWISTD, ask, spawnTwistd, tcpConnector, unixConnector
+
+
+class BacklogTests(SynchronousTestCase):
+    """Listening endpoints get a backlog fit for hosts that connect by the hundred."""
+
+    def test_added(self) -> None:
+        """tcp, tcp6, unix and vsock endpoints without a backlog get L{LISTEN_BACKLOG}; the
+        result still parses."""
+        for description in [
+            "tcp:5005:interface=127.0.0.1",
+            "tcp6:5005",
+            "unix:/run/pyro.sock",
+            "vsock:5005",
+        ]:
+            with_ = withBacklog(description)
+            self.assertEqual(with_, f"{description}:backlog={LISTEN_BACKLOG}")
+            checkEndpoint(with_)
+
+    def test_kept(self) -> None:
+        """A backlog the user gave is kept; other endpoint types are left alone."""
+        for description in [
+            "tcp:5005:backlog=7",
+            "vsock:5005:backlog=3",
+            "systemd:domain=INET:index=0",
+        ]:
+            self.assertEqual(withBacklog(description), description)
 
 
 class TwistdTests(TestCase):
@@ -38,6 +66,21 @@ class TwistdTests(TestCase):
         self.assertTrue((base / "ws").is_dir())
         log = (base / "twistd.log").read_text()
         self.assertIn(f"listening on tcp:{port}", log)
+
+    def test_listenBacklog(self) -> None:
+        """The agent's TCP socket listens with a backlog of L{LISTEN_BACKLOG} (``ss`` shows
+        a listening socket's backlog as its Send-Q)."""
+        ss = shutil.which("ss")
+        if ss is None:
+            raise SkipTest("no ss (iproute2) on this machine")
+        port = freePort()
+        self.startTwistd("--listen", f"tcp:{port}:interface=127.0.0.1")
+        ask(tcpConnector(port), {"action": "ping"})
+        shown = subprocess.run(
+            [ss, "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        self.assertEqual(shown[0], "LISTEN")
+        self.assertEqual(int(shown[2]), LISTEN_BACKLOG)
 
     def test_jsonLogsOneEventPerRequest(self) -> None:
         """--logger gives JSON lines; each request is logged with action, outcome, duration."""

@@ -3,8 +3,14 @@
 Run as ``python3 -I -S _runner.py`` (it imports nothing of the agent). Its standard output and
 error are the job's output files, opened by the agent in append mode: the command inherits
 them, so output reaches disk without passing through any process of ours, and the agent may
-die. Descriptor 3 carries the spec (one JSON object, then EOF) from the agent; on descriptor 4
-the runner answers the command's pid, then closes it.
+die. Descriptor 3 carries the spec (a ``marshal`` dump, then EOF: the runner runs under the
+agent's own interpreter) from the agent; on descriptor 4 the runner answers the command's pid,
+then closes it.
+
+It imports only modules built into the interpreter: with ``json``, ``signal`` and
+``contextlib`` (and the ``re``, ``enum`` and ``collections`` they pull in) a runner cost 21 ms
+of CPU to start and end, without them 11 ms, and 200 jobs started (or ending) together cost
+the machine that much less.
 
 The runner makes itself a child subreaper and forks. The child enters the job's cgroup (writes
 its own pid to ``cgroup.procs``) or, without one, makes a process group of its own, and only
@@ -15,13 +21,18 @@ cgroup, so it survives ``cgroup.kill`` and records the outcome: when the main pr
 behind and reaps it (orphans are re-parented to the runner, the subreaper), then exits.
 """
 
-import contextlib
-import json
+from __future__ import annotations
+
+import marshal
 import os
-import signal
-import sys
 import time
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+else:
+    import _signal as signal  # the C module itself: ``signal`` would import enum
 
 
 def readSpec() -> Any:
@@ -32,15 +43,31 @@ def readSpec() -> Any:
             break
         chunks.append(chunk)
     os.close(3)
-    return json.loads(b"".join(chunks))
+    return marshal.loads(b"".join(chunks))  # noqa: S302 - from the agent that started us
 
 
 def becomeSubreaper() -> None:
     """Orphans of the command come to the runner (best effort: otherwise to init)."""
-    with contextlib.suppress(Exception):
+    try:
         import ctypes  # noqa: PLC0415 - only here, the child never needs it
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception:  # noqa: S110 - best effort, as said
+        pass
+
+
+def exitRecord(outcome: dict[str, Any]) -> bytes:
+    """The ``exit`` file's JSON object (written by hand: ``json`` costs 9 ms to import)."""
+    code = outcome["exit_code"]
+    name = outcome["signal"]
+    fields = [
+        f'"exit_code": {"null" if code is None else int(code)}',
+        # Signal names are ASCII letters and digits ("TERM", "RTMIN+1" is not one we name).
+        f'"signal": {"null" if name is None else chr(34) + str(name) + chr(34)}',
+        f'"timed_out": {"true" if outcome["timed_out"] else "false"}',
+        f'"ended_at": {float(outcome["ended_at"])!r}',
+    ]
+    return ("{" + ", ".join(fields) + "}").encode("ascii")
 
 
 def startCommand(spec: Any) -> int:
@@ -57,14 +84,17 @@ def startCommand(spec: Any) -> int:
         os.close(execed)
         os.setpgid(0, 0)
         # The agent (and so the runner) asked the OOM killer to spare it; the job must not.
-        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
-            adj.write("0")
+        try:
+            with open("/proc/self/oom_score_adj", "w") as adj:
+                adj.write("0")
+        except OSError:
+            pass
         if spec.get("cgroup_procs"):
             fd = os.open(spec["cgroup_procs"], os.O_WRONLY)
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-        for name in ("SIGPIPE", "SIGXFSZ"):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        for number in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(number, signal.SIG_DFL)
         argv = spec["argv"]
         os.execvpe(argv[0], argv, spec["env"])  # noqa: S606 - the job's own argv
     except BaseException as error:
@@ -85,11 +115,13 @@ def main() -> int:
     pid = startCommand(spec)
     # Only the command holds the stdin pipe: when it closes it (or ends), the agent's writes
     # fail at once and it drops what it had queued, rather than filling a pipe nobody reads.
-    with contextlib.suppress(OSError):
+    try:
         null = os.open(os.devnull, os.O_RDONLY)
         if null != 0:
             os.dup2(null, 0)
             os.close(null)
+    except OSError:
+        pass
     try:
         os.write(4, f"{pid}\n".encode())
         os.close(4)
@@ -139,10 +171,7 @@ def main() -> int:
     ended = time.time()
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name[3:]
-        except ValueError:
-            name = str(number)
+        name = spec.get("signal_names", {}).get(number, str(number))
         outcome: dict[str, Any] = {"exit_code": None, "signal": name}
     else:
         outcome = {"exit_code": os.waitstatus_to_exitcode(status), "signal": None}
@@ -150,7 +179,7 @@ def main() -> int:
     path = spec["exit_path"]
     temporary = path + ".tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, json.dumps(outcome).encode())
+    os.write(fd, exitRecord(outcome))
     os.close(fd)
     os.rename(temporary, path)
     # Whatever the main process left behind ends with it.
@@ -164,4 +193,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # No interpreter clean-up: everything was written with os.write, nothing is buffered.
+    os._exit(main())

@@ -8,7 +8,7 @@ what outlives the agent: it records the exit status and kills what the command l
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import secrets
 import signal as _signal
@@ -47,6 +47,9 @@ POLL_INTERVAL = 0.25
 #: once took the two cores from the agent for a second (a ping waited 0.9-1.8 s); the rest
 #: wait their turn, and only their start_job answers wait with them.
 LAUNCHING_RUNNERS = 4
+#: Signal numbers and their names without ``SIG`` ("TERM"), for the runner (which does not
+#: import ``signal``: see its docstring).
+SIGNAL_NAMES = {number.value: number.name[3:] for number in _signal.Signals}
 #: How long to wait for a killed cgroup to empty before giving up removing it.
 CGROUP_REMOVE_TRIES = 20
 
@@ -684,8 +687,9 @@ class Jobs(Service):
             "cgroup_procs": None if job.cgroup is None else str(job.cgroup.procs),
             "timeout_seconds": spec.timeout,
             "exit_path": str(job.files.exit),
+            "signal_names": SIGNAL_NAMES,
         }
-        protocol = _RunnerProtocol(job, directory, json.dumps(payload).encode("utf-8"))
+        protocol = _RunnerProtocol(job, directory, marshal.dumps(payload))
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         childFDs: dict[int, int | str] = {
             0: "w" if spec.stdin else null,
