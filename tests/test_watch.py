@@ -17,8 +17,11 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pyro_reactor.capabilities.watch import _inotify, tree
-from pyro_reactor.capabilities.watch._inotify import (
+from pyro_reactor.capabilities.watch import tree
+from pyro_reactor.capabilities.watch._machine import WatchCore, WatchMachine
+from pyro_reactor.capabilities.watch.tree import WatchTree
+from pyro_reactor.system import inotify as _inotify
+from pyro_reactor.system.inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
     IN_ISDIR,
@@ -29,8 +32,6 @@ from pyro_reactor.capabilities.watch._inotify import (
     WatchLimitError,
     parseEvents,
 )
-from pyro_reactor.capabilities.watch._machine import WatchCore, WatchMachine
-from pyro_reactor.capabilities.watch.tree import WatchTree
 from pyro_reactor.system.workspace import Workspace
 from tests.helpers import RunningAgent, startAgent, waitUntil
 

@@ -29,12 +29,14 @@ from zope.interface import implementer
 
 from pyro_reactor.capabilities.jobs import records
 from pyro_reactor.capabilities.jobs._machine import JobCore, JobInput, JobMachine
+from pyro_reactor.capabilities.jobs.follow import POLL_INTERVAL, OutputFollower
 from pyro_reactor.capabilities.jobs.output import JobOutput
 from pyro_reactor.capabilities.jobs.stdin import StdinQueue
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
 from pyro_reactor.system.cgroups import Cgroup, CgroupTree, LimitError, Limits, lowerOwnOomScore
 from pyro_reactor.system.processes import signalGroup, spawnInSession
+from pyro_reactor.system.timeslices import TimeSlices
 from pyro_reactor.system.workspace import WorkingDirectory
 
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
@@ -42,7 +44,6 @@ log = Logger(namespace="pyro_reactor.capabilities.jobs")
 RUNNER = Path(__file__).with_name("_runner.py")
 #: Seconds between two checks of the output files where inotify is missing, and of a
 #: re-adopted runner without pidfd.
-POLL_INTERVAL = 0.25
 #: Runners starting at once. Each is a Python interpreter starting (tens of ms of CPU): 200 at
 #: once took the two cores from the agent for a second (a ping waited 0.9-1.8 s); the rest
 #: wait their turn, and only their start_job answers wait with them.
@@ -123,7 +124,9 @@ class _RunnerProtocol(ProcessProtocol):
         self.releaseDirectory()
         self.job.stdinGone()
         self.job.runner = None
-        self.job.reactor.callLater(0, self.job.machine._runnerExited)
+        # Queued, not called: runners reaped together (one SIGCHLD) are handled a few at a
+        # time, with the reactor's other connections served in between.
+        self.job.jobs.slices.run(self, self.job.machine._runnerExited)
 
     def releaseDirectory(self) -> None:
         directory, self.directory = self.directory, None
@@ -192,44 +195,6 @@ class PidWatch:
         onExit, self.onExit = self.onExit, None
         if onExit is not None:
             onExit()
-
-
-#: After reading a batch of inotify events, the agent waits before reading the next: a job
-#: writing in small pieces makes an event per write, and while the agent waits the kernel
-#: merges repeated events of one file into one. The wait is L{INOTIFY_PACE}, or four times
-#: what handling the last batch took (so that following output takes at most a fifth of the
-#: reactor's time however many jobs print), at most L{INOTIFY_MAX_PACE}.
-INOTIFY_PACE = 0.002
-INOTIFY_MAX_PACE = 0.05
-
-
-def _pacedINotify(base: type[Any]) -> type[Any]:
-    """Twisted's INotify reading at most one batch of events per L{INOTIFY_PACE}."""
-
-    class PacedINotify(base):  # type: ignore[misc]
-        _resume: IDelayedCall | None = None
-
-        def doRead(self) -> None:
-            started = time.perf_counter()
-            super().doRead()
-            if self._resume is None and self.connected:
-                self.stopReading()
-                took = time.perf_counter() - started
-                pace = min(max(INOTIFY_PACE, 4 * took), INOTIFY_MAX_PACE)
-                self._resume = self.reactor.callLater(pace, self._again)
-
-        def _again(self) -> None:
-            self._resume = None
-            if self.connected:
-                self.startReading()
-
-        def loseConnection(self) -> None:
-            if self._resume is not None and self._resume.active():
-                self._resume.cancel()
-            self._resume = None
-            super().loseConnection()
-
-    return PacedINotify
 
 
 @dataclass
@@ -422,8 +387,11 @@ class Jobs(Service):
         self._launching = DeferredSemaphore(LAUNCHING_RUNNERS)
         self._cgroupsWanted = cgroups
         self.cgroups: CgroupTree | None = cgroups if isinstance(cgroups, CgroupTree) else None
-        self._notifier: Any = None
-        self._poll: IDelayedCall | None = None
+        #: Output changes and runner exits, handled a slice of reactor time per turn.
+        self.slices = TimeSlices(self.reactor)
+        self.follower = OutputFollower(
+            self.reactor, self.root, lambda: list(self.jobs), self._outputChanged, self.slices
+        )
 
     # -- the service ---------------------------------------------------------------------
 
@@ -439,15 +407,12 @@ class Jobs(Service):
                 self._adopt(record)
             except Exception:
                 log.failure("cannot take back job {job_id}", job_id=record.get("job_id"))
-        self._follow()
+        self.follower.start()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._notifier is not None:
-            self._notifier.loseConnection()
-            self._notifier = None
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
+        self.follower.stop()
+        self.slices.cancel()
         for job in self.jobs.values():
             if job.watch is not None:
                 job.watch.stop()
@@ -459,37 +424,10 @@ class Jobs(Service):
             job.output.close()
         return None
 
-    def _follow(self) -> None:
-        try:
-            from twisted.internet import inotify  # noqa: PLC0415 - Linux only
-            from twisted.python.filepath import FilePath  # noqa: PLC0415
-
-            notifier = _pacedINotify(inotify.INotify)(self.reactor)
-            notifier.startReading()
-            notifier.watch(
-                FilePath(str(self.root)),
-                mask=inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE,
-                callbacks=[self._changed],
-            )
-        except Exception as error:
-            log.warn("no inotify for job output, polling: {error}", error=str(error))
-            self._poll = self.reactor.callLater(POLL_INTERVAL, self._pollAll)
-        else:
-            self._notifier = notifier
-
-    def _changed(self, ignored: Any, path: Any, mask: int) -> None:
-        name = path.basename()
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        jobId, _, stream = name.rpartition(".")
+    def _outputChanged(self, jobId: str) -> None:
         job = self.jobs.get(jobId)
-        if job is not None and stream in records.STREAMS:
+        if job is not None:
             job.output.refresh()
-
-    def _pollAll(self) -> None:
-        for job in list(self.jobs.values()):
-            job.output.refresh()
-        self._poll = self.reactor.callLater(POLL_INTERVAL, self._pollAll)
 
     @property
     def cgroupsWork(self) -> bool:

@@ -27,8 +27,8 @@ from pyro_reactor.wire.dispatch import Action, HandOff
 from pyro_reactor.wire.request import Request
 
 if TYPE_CHECKING:
-    from pyro_reactor.capabilities.watch._inotify import RawEvent
     from pyro_reactor.capabilities.watch.tree import Event, WatchTree
+    from pyro_reactor.system.inotify import RawEvent
 
 
 WATCH_HOLDS = 512 * 1024
@@ -62,13 +62,13 @@ class WatchCapability:
                 " (--max-watches)"
             )
         # Loaded on the first watch: an agent that never watches does not pay for them.
-        from pyro_reactor.capabilities.watch._inotify import openINotify  # noqa: PLC0415
         from pyro_reactor.capabilities.watch._machine import (  # noqa: PLC0415
             WatchCore,
             WatchMachine,
         )
         from pyro_reactor.capabilities.watch.stream import WatchStream  # noqa: PLC0415
         from pyro_reactor.capabilities.watch.tree import WatchTree  # noqa: PLC0415
+        from pyro_reactor.system.inotify import openINotify  # noqa: PLC0415
 
         stream = WatchStream()
         tree: WatchTree | None = None

@@ -38,7 +38,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pyro_reactor.capabilities.watch._inotify import (
+from pyro_reactor.errors import ActionError
+from pyro_reactor.system.inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
     IN_DELETE,
@@ -55,7 +56,6 @@ from pyro_reactor.capabilities.watch._inotify import (
     addWatch,
     removeWatch,
 )
-from pyro_reactor.errors import ActionError
 from pyro_reactor.system.workspace import WORKSPACE_ROOT, Workspace, WorkspaceError
 
 log = Logger(namespace="pyro_reactor.capabilities.watch")

@@ -1,5 +1,9 @@
 """One inotify instance on the reactor, with the raw events Twisted's callbacks leave out.
 
+Used by workspace watches (``capabilities/watch``) and by the jobs' output follower
+(``capabilities/jobs/follow.py``), which reads batches of thousands of events a second: raw
+parsing costs a few microseconds an event, Twisted's ``FilePath`` per event far more.
+
 L{openINotify} makes a L{twisted.internet.inotify.INotify}: Twisted creates the descriptor
 (non-blocking, close-on-exec), reads it on the reactor when it is readable (no thread, no
 polling) and closes it with ``loseConnection``. Two things of Twisted's ``watch`` API do not fit
