@@ -18,6 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 ON_DEMAND = (
     "pyro_reactor.client.endpoints",
     "pyro_reactor.client.api",
+    "pyro_reactor.client.calls",
+    "pyro_reactor.client.commands",
     "pyro_reactor.system.vsock",
     "twisted.web.client",
     "tarfile",

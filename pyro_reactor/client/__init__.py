@@ -1,9 +1,11 @@
 """The host side of pyro-reactor: a client for the guest agent's protocol.
 
-- L{AgentClient} (``api.py``): asynchronous, one method per action, typed results.
+- L{AgentClient} (``api.py``): asynchronous, one method per action, typed results; its calls
+  are in ``calls/``, one module per area.
 - L{BlockingClient} (``blocking.py``): the same calls for scripts, without a reactor in sight.
 - ``endpoints.py``: ``fcvsock:`` (Firecracker's hybrid vsock) and ``vsock:`` client endpoints.
-- ``cli.py``: the ``pyro-agent-client`` command.
+- ``cli.py``: the ``pyro-agent-client`` command; its commands are in ``commands/``, one module
+  per area.
 
 Every failure is an L{AgentError}; see ``errors.py`` for its kinds.
 
