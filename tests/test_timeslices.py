@@ -128,6 +128,21 @@ class TimeSlicesTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.ran, [1, 2])
 
+    def test_whenIdle(self) -> None:
+        """An idle callback runs at once on an empty queue, else once the queue is empty;
+        C{busy} adds up the time the work took."""
+        called: list[str] = []
+        self.slices.whenIdle(lambda: called.append("now"))
+        self.assertEqual(called, ["now"])
+        for number in range(4):
+            self.task(number)
+        self.slices.whenIdle(lambda: called.append("later"))
+        self.reactor.advance(0)
+        self.assertEqual(called, ["now"])
+        self.reactor.advance(0)
+        self.assertEqual(called, ["now", "later"])
+        self.assertAlmostEqual(self.slices.busy, 0.008)
+
     def test_failureLogged(self) -> None:
         """A failing task is logged; the tasks after it run."""
 

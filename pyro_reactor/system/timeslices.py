@@ -29,6 +29,8 @@ class TimeSlices:
     Work is queued under a key: while a key is queued, queueing it again changes nothing (the
     work it stands for, such as "look at this job's output again", will see the latest state
     anyway). The first task of a slice always runs, however long the clock says it took.
+    C{busy} is the time spent running work so far, so that a source of work can pace itself
+    by what its work cost (see L{whenIdle}).
     """
 
     def __init__(
@@ -42,6 +44,8 @@ class TimeSlices:
         self.clock = clock
         self._queue: dict[Hashable, Callable[[], object]] = {}
         self._turn: IDelayedCall | None = None
+        self._idle: list[Callable[[], object]] = []
+        self.busy = 0.0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -54,16 +58,25 @@ class TimeSlices:
         if self._turn is None:
             self._turn = self.reactor.callLater(0, self._slice)
 
+    def whenIdle(self, callback: Callable[[], object]) -> None:
+        """Call C{callback} once the queue is empty (now, if it is)."""
+        if self._queue:
+            self._idle.append(callback)
+        else:
+            callback()
+
     def cancel(self) -> None:
-        """Drop every queued task (the service is stopping)."""
+        """Drop every queued task and idle callback (the service is stopping)."""
         self._queue.clear()
+        self._idle.clear()
         if self._turn is not None and self._turn.active():
             self._turn.cancel()
         self._turn = None
 
     def _slice(self) -> None:
         self._turn = None
-        deadline = self.clock() + self.slice
+        started = self.clock()
+        deadline = started + self.slice
         while self._queue:
             key = next(iter(self._queue))
             work = self._queue.pop(key)
@@ -73,8 +86,17 @@ class TimeSlices:
                 log.failure("queued work {key!r} failed", key=key)
             if self.clock() >= deadline:
                 break
-        if self._queue and self._turn is None:
-            self._turn = self.reactor.callLater(0, self._slice)
+        self.busy += self.clock() - started
+        if self._queue:
+            if self._turn is None:
+                self._turn = self.reactor.callLater(0, self._slice)
+            return
+        idle, self._idle = self._idle, []
+        for callback in idle:
+            try:
+                callback()
+            except Exception:
+                log.failure("idle callback failed")
 
 
 __all__ = ["SLICE", "TimeSlices"]

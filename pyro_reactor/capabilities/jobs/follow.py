@@ -4,12 +4,14 @@ A job's output goes straight to its files (see the runner); the agent learns tha
 from inotify events on the jobs' directory. 200 jobs printing a line every 10 ms make 20 000
 events a second, so L{OutputFollower}:
 
-- reads the events raw (``system/inotify.py``: no path object per event) and at most one
-  batch per L{INOTIFY_PACE} (more when handling took long, up to L{INOTIFY_MAX_PACE}); while it
-  waits the kernel merges repeated events of one file;
+- reads the events raw (``system/inotify.py``: no path object per event);
 - merges the events of one job into one piece of work, queued on L{TimeSlices} with the
   runners' exits: a batch of 170 jobs' output, 40 runners ending together, are handled a few
-  milliseconds per reactor turn, with every other connection served in between.
+  milliseconds per reactor turn, with every other connection served in between;
+- reads the next batch only once the last one's work is done, and then after four times what
+  that work took (at least L{INOTIFY_PACE}, at most L{INOTIFY_MAX_PACE}): following output
+  takes at most about a fifth of the reactor's time however many jobs print, and while the
+  follower waits the kernel merges repeated events of one file into one.
 
 Without inotify (or when it fails) every job is looked at every L{POLL_INTERVAL}.
 """
@@ -31,10 +33,8 @@ from pyro_reactor.system.timeslices import TimeSlices
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
 
 POLL_INTERVAL = 0.25
-#: After reading a batch of inotify events, the agent waits before reading the next: a job
-#: writing in small pieces makes an event per write, and while the agent waits the kernel
-#: merges repeated events of one file into one. The wait is L{INOTIFY_PACE}, or four times
-#: what handling the last batch took, at most L{INOTIFY_MAX_PACE}.
+#: After a batch of inotify events has been handled, the agent waits before reading the next:
+#: L{INOTIFY_PACE}, or four times what handling the batch took, at most L{INOTIFY_MAX_PACE}.
 INOTIFY_PACE = 0.002
 INOTIFY_MAX_PACE = 0.05
 #: What the jobs' directory is watched for: a write to an output file, and its last close.
@@ -60,6 +60,8 @@ class OutputFollower:
         self._notifier: Any = None
         self._resume: IDelayedCall | None = None
         self._poll: IDelayedCall | None = None
+        #: Reading stopped until the last batch is handled and the pace waited.
+        self._waiting = False
 
     @property
     def polling(self) -> bool:
@@ -99,20 +101,30 @@ class OutputFollower:
         self.slices.run(("output", jobId), lambda: self.changed(jobId))
 
     def _events(self, events: list[Any], drained: bool) -> None:
-        started = time.perf_counter()
+        started, busy = time.perf_counter(), self.slices.busy
         for event in events:
             jobId, _, stream = event.name.rpartition(".")
             if jobId and stream in STREAMS:
                 self.queue(jobId)
         notifier = self._notifier
-        if notifier is not None and self._resume is None:
-            notifier.stopReading()
-            took = time.perf_counter() - started
-            pace = min(max(INOTIFY_PACE, 4 * took), INOTIFY_MAX_PACE)
+        if notifier is None or self._waiting:
+            return
+        notifier.stopReading()
+        self._waiting = True
+        took = time.perf_counter() - started
+
+        def handled() -> None:
+            if self._notifier is None:
+                return
+            spent = took + self.slices.busy - busy
+            pace = min(max(INOTIFY_PACE, 4 * spent), INOTIFY_MAX_PACE)
             self._resume = self.reactor.callLater(pace, self._again)
+
+        self.slices.whenIdle(handled)
 
     def _again(self) -> None:
         self._resume = None
+        self._waiting = False
         if self._notifier is not None:
             self._notifier.startReading()
 

@@ -299,7 +299,18 @@ class Job:
                 cgroup.kill()  # a runner killed itself leaves no survivor to chance
             return outcome
 
-        return self.jobs.context.inThread(gather).addCallback(self._collected)
+        return (
+            self.jobs.context.inThread(gather)
+            .addCallback(self._inSlice)
+            .addCallback(self._collected)
+        )
+
+    def _inSlice(self, outcome: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """C{outcome}, once the jobs' time slices get to it: 40 jobs ending on the same second
+        are wound up (cgroups removed, records saved, streams ended) a few per reactor turn."""
+        turn: Deferred[dict[str, Any]] = Deferred()
+        self.jobs.slices.run(("collected", self.jobId), lambda: turn.callback(outcome))
+        return turn
 
     def _collected(self, outcome: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if self.cgroup is not None:
