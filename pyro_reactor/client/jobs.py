@@ -4,8 +4,9 @@ L{JobAttachment} is one open stream: its header (the attach answer, or the start
 its events (``output``, ``gap``, ``error``, and ``exit`` last) either handed to a callback as
 they come or pulled with L{JobAttachment.next} / ``async for``, and the way back to the job:
 L{JobAttachment.write}, L{JobAttachment.closeStdin}, L{JobAttachment.signal},
-L{JobAttachment.detach}. ``done`` fires with the ``exit`` event (``None`` if the stream
-ended without one: detached or connection lost).
+L{JobAttachment.detach}, and L{JobAttachment.registerProducer} for what feeds stdin and
+should wait while the connection is full (the CLI's stdin pump). ``done`` fires with the
+``exit`` event (``None`` if the stream ended without one: detached or connection lost).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -134,6 +136,19 @@ class JobAttachment(Protocol):
 
     def signal(self, name: str) -> None:
         self._send({"signal": name})
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """Have C{producer} (what feeds L{write}) paused while the connection's buffer is full
+        and resumed when it drains, as the connection's consumer does; see
+        L{pyro_reactor.client.stdinpump}."""
+        if self.transport is None or self._ended:
+            producer.stopProducing()
+            return
+        IConsumer(self.transport).registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.transport is not None:
+            IConsumer(self.transport).unregisterProducer()
 
     def detach(self) -> None:
         """Close the stream; the job runs on."""

@@ -16,6 +16,8 @@ from pyro_reactor.client.commands.base import (
 )
 from pyro_reactor.client.commands.output import _binary, _jobLine
 from pyro_reactor.client.commands.parser import _environment
+from pyro_reactor.client.jobs import JobAttachment
+from pyro_reactor.client.stdinpump import pumpStream
 
 
 class JobCommands(CommandBase):
@@ -127,19 +129,7 @@ def _forwardInterrupts(reactor: Any, attachment: Any) -> Any:
     return _signal.signal(_signal.SIGINT, interrupted)
 
 
-def _forwardStdin(reactor: Any, console: Console, attachment: Any) -> None:
-    """Copy the local stdin to the job's in a thread, then close it (EOF)."""
-    source = getattr(console.stdin, "buffer", None)
-
-    def pump() -> None:
-        while True:
-            if source is not None:
-                data: bytes | str = source.read1(65536)
-            else:
-                data = console.stdin.read(65536)
-            if not data:
-                break
-            reactor.callFromThread(attachment.write, data)
-        reactor.callFromThread(attachment.closeStdin)
-
-    threading.Thread(target=pump, name="pyro-job-stdin", daemon=True).start()
+def _forwardStdin(reactor: Any, console: Console, attachment: JobAttachment) -> None:
+    """Copy the local stdin to the job's, as fast as the connection takes it, then close it
+    (EOF). Reading waits while the connection is full, so memory stays bounded."""
+    pumpStream(reactor, getattr(console.stdin, "buffer", None) or console.stdin, attachment)
