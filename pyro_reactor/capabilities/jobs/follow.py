@@ -32,6 +32,8 @@ from pyro_reactor.system.timeslices import TimeSlices
 
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
 
+#: Seconds between two checks of the output files where inotify is missing, and of a
+#: re-adopted runner without pidfd.
 POLL_INTERVAL = 0.25
 #: After a batch of inotify events has been handled, the agent waits before reading the next:
 #: L{INOTIFY_PACE}, or four times what handling the batch took, at most L{INOTIFY_MAX_PACE}.
