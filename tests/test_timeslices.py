@@ -183,6 +183,25 @@ class PollingFollowerTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class OverflowTests(SynchronousTestCase):
+    """When the kernel's event queue overflowed, every job is looked at."""
+
+    def test_overflow(self) -> None:
+        """An ``IN_Q_OVERFLOW`` event queues every job once; named events their job."""
+        from pyro_reactor.system.inotify import IN_MODIFY, IN_Q_OVERFLOW, RawEvent
+
+        clock = Turns()
+        changed: list[str] = []
+        follower = OutputFollower(
+            clock, Path("/nowhere"), lambda: ["a", "b", "c"], changed.append, TimeSlices(clock)
+        )
+        follower._events(
+            [RawEvent(-1, IN_Q_OVERFLOW, 0, ""), RawEvent(1, IN_MODIFY, 0, "a.stdout")], False
+        )
+        clock.advance(0)
+        self.assertEqual(sorted(changed), ["a", "b", "c"])
+
+
 class InotifyFollowerTests(TestCase):
     """With inotify (on the real reactor), a write to a job's output file is noticed."""
 

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from pyro_reactor.capabilities.jobs.records import STREAMS
+from pyro_reactor.system.inotify import IN_CLOSE_WRITE, IN_MODIFY, IN_Q_OVERFLOW
 from pyro_reactor.system.timeslices import TimeSlices
 
 log = Logger(namespace="pyro_reactor.capabilities.jobs")
@@ -40,7 +41,7 @@ POLL_INTERVAL = 0.25
 INOTIFY_PACE = 0.002
 INOTIFY_MAX_PACE = 0.05
 #: What the jobs' directory is watched for: a write to an output file, and its last close.
-OUTPUT_EVENTS = 0x00000002 | 0x00000008  # IN_MODIFY | IN_CLOSE_WRITE
+OUTPUT_EVENTS = IN_MODIFY | IN_CLOSE_WRITE
 
 
 class OutputFollower:
@@ -105,6 +106,11 @@ class OutputFollower:
     def _events(self, events: list[Any], drained: bool) -> None:
         started, busy = time.perf_counter(), self.slices.busy
         for event in events:
+            if event.mask & IN_Q_OVERFLOW:
+                # The kernel dropped events: which jobs printed is unknown, so look at all.
+                for anyJob in list(self.jobIds()):
+                    self.queue(anyJob)
+                continue
             jobId, _, stream = event.name.rpartition(".")
             if jobId and stream in STREAMS:
                 self.queue(jobId)
