@@ -2,10 +2,10 @@
 
 ``RequestProtocol`` only frames bytes. It reads the request line (bounded by
 ``maxRequestBytes`` and by the agent's memory budget), has an upload's raw body written to its
-L{UploadSpool}, hands the whole request to the L{Dispatcher}, and has the answer written by an
-L{AnswerSender}: one JSON line, a JSON header line followed by a streamed file, or a JSON
-header line after which the connection is handed to the protocol of a streaming action
-(L{HandOff}).
+L{UploadSpool}, hands the whole request to the L{Dispatcher}, and has the answer written by its
+answer side (L{Answering}, in ``answering.py``): one JSON line, a JSON header line followed by
+a streamed file, or a JSON header line after which the connection is handed to the protocol of
+a streaming action (L{HandOff}). ``RequestFactory`` counts the connections.
 
 Deadlines: the request line must arrive within ``timeout`` seconds of the connection, and an
 upload's body at no less than ``minUploadRate`` bytes a second averaged over the whole
@@ -16,13 +16,11 @@ dropped after ``answerTimeout`` seconds without progress. A connection beyond th
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -36,39 +34,34 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.answering import Answering, Encoder
 from pyro_reactor.wire.budget import MemoryBudget, ParseCost, Reservation
-from pyro_reactor.wire.dispatch import (
-    Answer,
-    Dispatcher,
-    EncodedAnswer,
-    HandOff,
-    HeldAnswer,
-    StreamedAnswer,
-    disposeAnswer,
+from pyro_reactor.wire.dispatch import Dispatcher
+from pyro_reactor.wire.limits import WireLimits
+from pyro_reactor.wire.phases import (
+    _ANSWERING,
+    _DONE,
+    _HANDED_OFF,
+    _PARSING,
+    _READING_BODY,
+    _READING_LINE,
+    _WORKING,
 )
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import (
-    PROGRESS_INTERVAL,
-    AnswerSender,
-    Line,
-    encodeAnswer,
-    logTransfer,
-)
+from pyro_reactor.wire.sender import PROGRESS_INTERVAL, encodeAnswer, logTransfer
 from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
+from pyro_reactor.wire.turns import TurnQueue
 
 __all__ = [
     "EARLY_BYTES_LIMIT",
     "RequestFactory",
     "RequestProtocol",
+    "TurnQueue",
     "WireLimits",
     "encodeAnswer",
 ]
 
-_R = TypeVar("_R")
-
 log = Logger(namespace="pyro_reactor.wire.protocol")
-
-_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE, _PARSING = range(7)
 
 EARLY_BYTES_LIMIT = 1024 * 1024
 """Bytes a client may send after its request line while the answer is being prepared.
@@ -77,15 +70,8 @@ They are kept for an answer that takes the connection over (L{HandOff}: a TCP re
 lose what the host sent before ``connected``); past this the connection stops being read until
 the answer is ready. Other answers drop them, as the reference ignores them."""
 
-LARGE_ANSWER_CHARS = 64 * 1024
-"""Answers carrying more text than this are encoded in a worker thread, off the reactor."""
-
 LARGE_LINE_BYTES = 64 * 1024
 """Request lines longer than this draw their parse's cost from the memory budget first."""
-
-DIRECT_LINE_BYTES = 16 * 1024
-"""Answer lines up to this size are written at once (the socket's buffer takes them whole);
-longer ones go through an L{AnswerSender}, with backpressure and the answer timeout."""
 
 LINE_HOLD_STEP = 1024 * 1024
 """A request line in flight draws from the budget in steps of this many bytes."""
@@ -95,67 +81,9 @@ TOO_MANY_CONNECTIONS = "too many connections"
 OVERFLOW_LINE_BYTES = 4096
 """The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
 
-Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
-
-
-@dataclass(frozen=True)
-class WireLimits:
-    """The limits of the wire beyond the line's size and timeout (one per option)."""
-
-    answerTimeout: float = 60.0
-    minUploadRate: int = 64 * 1024
-    maxConnections: int = 256
-    overflowTimeout: float = 1.0
-
-
-class TurnQueue:
-    """Runs the jobs submitted to it one per reactor turn, in order (``callLater(0)``)."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._scheduled = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.append(job)
-        if not self._scheduled:
-            self._scheduled = True
-            self.clock.callLater(0, self._runOne)
-
-    def _runOne(self) -> None:
-        job = self._jobs.popleft()
-        if self._jobs:
-            self.clock.callLater(0, self._runOne)
-        else:
-            self._scheduled = False
-        job()
-
-
-def _encodedEstimate(answer: dict[str, Any]) -> int:
-    """About the size of an answer's JSON line: non-ASCII text costs 6 bytes a character."""
-    return 256 + sum(
-        len(v) if v.isascii() else 6 * len(v) for v in answer.values() if isinstance(v, str)
-    )
-
-
-def _passThrough(call: Callable[[], None]) -> Callable[[_R], _R]:
-    """A callback that calls C{call} and passes its result (or failure) on."""
-
-    def passing(result: _R) -> _R:
-        call()
-        return result
-
-    return passing
-
-
-def _carriesMuchText(answer: dict[str, Any]) -> bool:
-    # A cheap look at the top-level strings (exec output, file content, shell output): enough
-    # to tell a 16 MiB exec answer, whose encoding takes tens of ms, from a small one.
-    return sum(len(v) for v in answer.values() if isinstance(v, str)) > LARGE_ANSWER_CHARS
-
 
 @implementer(IHalfCloseableProtocol)
-class RequestProtocol(Protocol):
+class RequestProtocol(Answering, Protocol):
     """Frames one request and its answer on one connection.
 
     A client may half-close after its request (``shutdown(SHUT_WR)``), as the reference
@@ -485,7 +413,7 @@ class RequestProtocol(Protocol):
         else:
             self._pendingLog = emit
 
-    # -- answers -------------------------------------------------------------------------
+    # -- refusals (the answers themselves: Answering) -----------------------------------
 
     def _refuse(self, error: ActionError) -> None:
         self._cancelTimer()
@@ -496,153 +424,6 @@ class RequestProtocol(Protocol):
         action = self._request.fields.get("action", "exec") if self._request else None
         self._phase = _ANSWERING
         self._writeLine(encodeAnswer(self.dispatcher.reject(error, action)))
-
-    def _answer(self, answer: Answer) -> None:
-        self._pending = None
-        self._discardUpload()
-        if self._lost:
-            disposeAnswer(answer)
-            return
-        self._phase = _ANSWERING
-        if isinstance(answer, HandOff):
-            self._handOff(answer)
-            return
-        self._early = bytearray()
-        if isinstance(answer, StreamedAnswer):
-            self._stream(answer)
-        elif isinstance(answer, EncodedAnswer):
-            self._writeLine(answer.line)
-        elif isinstance(answer, HeldAnswer):
-            self._encode(answer.answer, answer.release)
-        else:
-            self._encode(answer, None)
-
-    def _encode(self, answer: dict[str, Any], held: Callable[[], None] | None) -> None:
-        """Encode and write a plain answer; C{held} gives its text's holds back once the
-        line is built."""
-        if not _carriesMuchText(answer):
-            line = encodeAnswer(answer)
-            if held is not None:
-                held()
-            self._writeLine(line)
-            return
-        # Hold the encoded size before encoding: a replacement character is 6 bytes of
-        # JSON, so 16 MiB of bad output is a 100 MB line.
-        try:
-            self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
-        except ActionError as error:
-            if held is not None:
-                held()
-            self._writeLine(encodeAnswer({"error": error.message}))
-            return
-        if self.encodeInThread is None:
-            line = encodeAnswer(answer)
-            if held is not None:
-                held()
-            self._writeLine(line)
-            return
-        encoded = self.encodeInThread(encodeAnswer, answer)
-        if held is not None:
-            encoded.addBoth(_passThrough(held))
-        encoded.addCallback(self._writeLine).addErrback(self._answerFailed)
-
-    def _answerFailed(self, failure: Failure) -> None:
-        """The terminal errback of every answer chain: answer an error and close."""
-        self._pending = None
-        self._releaseAnswer()
-        if failure.check(CancelledError) or self._lost:
-            return
-        log.failure("could not write the answer", failure, outcome="crash")
-        transport = self.transport
-        assert transport is not None
-        if self._phase in (_WORKING, _ANSWERING):
-            self._phase = _DONE
-            message = str(failure.value) or repr(failure.value)
-            transport.write(
-                bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
-            )
-        transport.loseConnection()
-
-    def _handOff(self, answer: HandOff) -> None:
-        transport = self.transport
-        assert transport is not None
-        transport.write(bytes(encodeAnswer(answer.header)))
-        self._phase = _HANDED_OFF
-        self._handedTo = handedTo = answer.protocol
-        early, self._early = bytes(self._early), bytearray()
-        handedTo.makeConnection(transport)
-        if self._paused:
-            self._paused = False
-            cast(IPushProducer, transport).resumeProducing()
-        if early and self._handedTo is handedTo:
-            handedTo.dataReceived(early)
-        if self._earlyEOF and self._handedTo is handedTo:
-            self.readConnectionLost()
-
-    def _writeLine(self, line: Line) -> None:
-        if self._lost:
-            self._releaseAnswer()
-            return
-        transport = self.transport
-        assert transport is not None
-        if len(line) <= DIRECT_LINE_BYTES:
-            self._releaseAnswer()
-            transport.write(bytes(line))
-            self._phase = _DONE
-            transport.loseConnection()
-            return
-        try:
-            if self._answerHold is None:
-                self._answerHold = self.budget.reserve(len(line), "the answer")
-            else:
-                self._answerHold.resize(len(line))
-        except ActionError as error:
-            self._releaseAnswer()
-            transport.write(bytes(encodeAnswer({"error": error.message})))
-            self._phase = _DONE
-            transport.loseConnection()
-            return
-        self._send(line)
-
-    def _send(self, line: Line, answer: StreamedAnswer | None = None) -> None:
-        transport = self.transport
-        assert transport is not None
-        handle = None
-        progress = None
-        started = self.clock.seconds()
-        action = self._request.action if self._request else None
-        if answer is not None:
-            try:
-                handle = answer.path.open("rb")
-            except OSError as error:
-                answer.path.unlink(missing_ok=True)
-                self._writeLine(
-                    encodeAnswer({"error": f"could not open the export: {error.strerror}"})
-                )
-                return
-
-            def progress(sent: int) -> None:
-                logTransfer("export in progress", action, sent, started, self.clock.seconds())
-
-        sender = AnswerSender(
-            transport, self.clock, self.limits.answerTimeout, line, handle, progress=progress
-        )
-
-        def finished(result: object) -> None:
-            self._releaseAnswer()
-            if answer is not None and handle is not None:
-                event = "export sent" if not isinstance(result, Failure) else "export cut off"
-                logTransfer(event, action, sender.sent - len(line), started, self.clock.seconds())
-                handle.close()
-                answer.path.unlink(missing_ok=True)
-            self._phase = _DONE
-            if not self._lost:
-                transport.loseConnection()
-
-        sender.send().addBoth(finished)
-
-    def _stream(self, answer: StreamedAnswer) -> None:
-        self._send(encodeAnswer(answer.header), answer)
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -673,11 +454,6 @@ class RequestProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-    def _releaseAnswer(self) -> None:
-        hold, self._answerHold = self._answerHold, None
-        if hold is not None:
-            hold.release()
 
     def _answered(self) -> None:
         emit, self._pendingLog = self._pendingLog, None
