@@ -30,7 +30,7 @@ from pyro_reactor.wire.dispatch import (
     disposeAnswer,
 )
 from pyro_reactor.wire.limits import WireLimits
-from pyro_reactor.wire.phases import _ANSWERING, _DONE, _HANDED_OFF, _WORKING
+from pyro_reactor.wire.phases import Phase
 from pyro_reactor.wire.request import Request
 from pyro_reactor.wire.sender import AnswerSender, Line, encodeAnswer, logTransfer
 
@@ -86,7 +86,7 @@ class Answering:
     budget: MemoryBudget
     encodeInThread: Encoder | None
     limits: WireLimits
-    _phase: int
+    _phase: Phase
     _lost: bool
     _pending: Deferred[Any] | None
     _request: Request | None
@@ -104,7 +104,7 @@ class Answering:
         if self._lost:
             disposeAnswer(answer)
             return
-        self._phase = _ANSWERING
+        self._phase = Phase.ANSWERING
         if isinstance(answer, HandOff):
             self._handOff(answer)
             return
@@ -156,8 +156,8 @@ class Answering:
         log.failure("could not write the answer", failure, outcome="crash")
         transport = self.transport
         assert transport is not None
-        if self._phase in (_WORKING, _ANSWERING):
-            self._phase = _DONE
+        if self._phase in (Phase.WORKING, Phase.ANSWERING):
+            self._phase = Phase.DONE
             message = str(failure.value) or repr(failure.value)
             transport.write(
                 bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
@@ -168,7 +168,7 @@ class Answering:
         transport = self.transport
         assert transport is not None
         transport.write(bytes(encodeAnswer(answer.header)))
-        self._phase = _HANDED_OFF
+        self._phase = Phase.HANDED_OFF
         self._handedTo = handedTo = answer.protocol
         early, self._early = bytes(self._early), bytearray()
         handedTo.makeConnection(transport)
@@ -189,7 +189,7 @@ class Answering:
         if len(line) <= DIRECT_LINE_BYTES:
             self._releaseAnswer()
             transport.write(bytes(line))
-            self._phase = _DONE
+            self._phase = Phase.DONE
             transport.loseConnection()
             return
         try:
@@ -200,7 +200,7 @@ class Answering:
         except ActionError as error:
             self._releaseAnswer()
             transport.write(bytes(encodeAnswer({"error": error.message})))
-            self._phase = _DONE
+            self._phase = Phase.DONE
             transport.loseConnection()
             return
         self._send(line)
@@ -236,7 +236,7 @@ class Answering:
                 logTransfer(event, action, sender.sent - len(line), started, self.clock.seconds())
                 handle.close()
                 answer.path.unlink(missing_ok=True)
-            self._phase = _DONE
+            self._phase = Phase.DONE
             if not self._lost:
                 transport.loseConnection()
 

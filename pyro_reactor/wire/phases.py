@@ -2,4 +2,25 @@
 
 from __future__ import annotations
 
-_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE, _PARSING = range(7)
+from enum import Enum
+
+__all__ = ["Phase"]
+
+
+class Phase(Enum):
+    """Where a request's connection is: what arriving bytes mean, what an end of input does."""
+
+    #: Reading the request line.
+    READING_LINE = 0
+    #: Reading an upload's body into its spool.
+    READING_BODY = 1
+    #: The request is with its handler (or its upload is being finished); bytes are kept.
+    WORKING = 2
+    #: The answer is being encoded or written.
+    ANSWERING = 3
+    #: The connection belongs to the protocol of a streaming action.
+    HANDED_OFF = 4
+    #: Answered or closed; nothing more happens.
+    DONE = 5
+    #: A big request line waits for its turn to be parsed; bytes are kept.
+    PARSING = 6

@@ -37,16 +37,14 @@ from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.answering import Answering, Encoder
 from pyro_reactor.wire.budget import MemoryBudget, ParseCost, Reservation
 from pyro_reactor.wire.dispatch import Dispatcher
-from pyro_reactor.wire.limits import WireLimits
-from pyro_reactor.wire.phases import (
-    _ANSWERING,
-    _DONE,
-    _HANDED_OFF,
-    _PARSING,
-    _READING_BODY,
-    _READING_LINE,
-    _WORKING,
+from pyro_reactor.wire.limits import (
+    EARLY_BYTES_LIMIT,
+    LARGE_LINE_BYTES,
+    LINE_HOLD_STEP,
+    OVERFLOW_LINE_BYTES,
+    WireLimits,
 )
+from pyro_reactor.wire.phases import Phase
 from pyro_reactor.wire.request import Request, parseRequestLine
 from pyro_reactor.wire.sender import PROGRESS_INTERVAL, encodeAnswer, logTransfer
 from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
@@ -63,23 +61,7 @@ __all__ = [
 
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
-EARLY_BYTES_LIMIT = 1024 * 1024
-"""Bytes a client may send after its request line while the answer is being prepared.
-
-They are kept for an answer that takes the connection over (L{HandOff}: a TCP relay must not
-lose what the host sent before ``connected``); past this the connection stops being read until
-the answer is ready. Other answers drop them, as the reference ignores them."""
-
-LARGE_LINE_BYTES = 64 * 1024
-"""Request lines longer than this draw their parse's cost from the memory budget first."""
-
-LINE_HOLD_STEP = 1024 * 1024
-"""A request line in flight draws from the budget in steps of this many bytes."""
-
 TOO_MANY_CONNECTIONS = "too many connections"
-
-OVERFLOW_LINE_BYTES = 4096
-"""The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
 
 
 @implementer(IHalfCloseableProtocol)
@@ -121,7 +103,7 @@ class RequestProtocol(Answering, Protocol):
         if overflow:
             self._overflow()
         self.writeInThread = writeInThread
-        self._phase = _READING_LINE
+        self._phase = Phase.READING_LINE
         self._buffer = bytearray()
         #: The parse cost of a big line in the buffer, counted as it arrives.
         self._bufferCost = ParseCost()
@@ -160,14 +142,14 @@ class RequestProtocol(Answering, Protocol):
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._phase == _READING_LINE:
+        if self._phase == Phase.READING_LINE:
             self._receiveLine(data)
-        elif self._phase == _READING_BODY:
+        elif self._phase == Phase.READING_BODY:
             self._receiveBody(data)
-        elif self._phase == _HANDED_OFF:
+        elif self._phase == Phase.HANDED_OFF:
             assert self._handedTo is not None
             self._handedTo.dataReceived(data)
-        elif self._phase in (_WORKING, _PARSING):
+        elif self._phase in (Phase.WORKING, Phase.PARSING):
             self._keepEarly(data)
         # Bytes after a complete request are otherwise ignored, as the reference ignores them.
 
@@ -178,7 +160,7 @@ class RequestProtocol(Answering, Protocol):
             cast(IPushProducer, self.transport).pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._phase == _HANDED_OFF:
+        if self._phase == Phase.HANDED_OFF:
             handedTo = self._handedTo
             if IHalfCloseableProtocol.providedBy(handedTo):
                 handedTo.readConnectionLost()
@@ -186,19 +168,19 @@ class RequestProtocol(Answering, Protocol):
                 assert self.transport is not None
                 self.transport.loseConnection()
             return
-        if self._phase in (_WORKING, _PARSING):
+        if self._phase in (Phase.WORKING, Phase.PARSING):
             self._earlyEOF = True
             return
-        if self._phase == _READING_LINE:
+        if self._phase == Phase.READING_LINE:
             self._receiveLine(b"\n")
-        elif self._phase == _READING_BODY:
+        elif self._phase == Phase.READING_BODY:
             self._logCutOff()
             self._discardSpool()
             self._refuse(ActionError("unexpected EOF while reading archive payload"))
 
     def writeConnectionLost(self) -> None:
         """Nothing to do: the answer can no longer be delivered, the work still ends."""
-        if self._phase == _HANDED_OFF and IHalfCloseableProtocol.providedBy(self._handedTo):
+        if self._phase == Phase.HANDED_OFF and IHalfCloseableProtocol.providedBy(self._handedTo):
             self._handedTo.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -208,10 +190,10 @@ class RequestProtocol(Answering, Protocol):
         if self._handedTo is not None:
             handedTo, self._handedTo = self._handedTo, None
             handedTo.connectionLost(reason)
-        if self._phase == _READING_BODY:
+        if self._phase == Phase.READING_BODY:
             self._logCutOff()
         self._discardSpool()
-        self._phase = _DONE
+        self._phase = Phase.DONE
         pending, self._pending = self._pending, None
         if pending is not None:
             # The client left before its answer: a cancellable handler stops waiting now.
@@ -260,23 +242,23 @@ class RequestProtocol(Answering, Protocol):
             # A big line costs tens of ms to parse: one such parse per reactor turn, so that
             # many at once (clients closing together) never block the reactor long. What
             # arrives meanwhile waits with the early bytes.
-            self._phase = _PARSING
+            self._phase = Phase.PARSING
             self._early += rest
             self.parseQueue.submit(lambda: self._parseLater(line, cost))
             return
         self._lineReceived(line, rest, cost)
 
     def _parseLater(self, line: bytes | bytearray, cost: ParseCost) -> None:
-        if self._lost or self._phase != _PARSING:
+        if self._lost or self._phase != Phase.PARSING:
             self._releaseLine()
             return
         rest, self._early = bytes(self._early), bytearray()
         if self._paused:
             self._paused = False
             cast(IPushProducer, self.transport).resumeProducing()
-        self._phase = _READING_LINE
+        self._phase = Phase.READING_LINE
         self._lineReceived(line, rest, cost)
-        if self._earlyEOF and self._phase == _READING_BODY:
+        if self._earlyEOF and self._phase == Phase.READING_BODY:
             self.readConnectionLost()
 
     def _lineReceived(self, line: bytes | bytearray, rest: bytes, cost: ParseCost) -> None:
@@ -296,7 +278,7 @@ class RequestProtocol(Answering, Protocol):
                 self.dataReceived(rest)
             return
         self._startBody(size)
-        if rest and self._phase == _READING_BODY:
+        if rest and self._phase == Phase.READING_BODY:
             self._receiveBody(rest)
 
     def _holdLine(self, size: int) -> None:
@@ -337,7 +319,7 @@ class RequestProtocol(Answering, Protocol):
             self._refuse(error)
             return
         self._bodyStarted = self._lastProgress = self.clock.seconds()
-        self._phase = _READING_BODY
+        self._phase = Phase.READING_BODY
         if size == 0:
             self._finishBody()
 
@@ -363,14 +345,14 @@ class RequestProtocol(Answering, Protocol):
             logTransfer("upload in progress", action, spool.received, self._bodyStarted, now)
 
     def _spoolDrained(self) -> None:
-        if self._paused and self._phase == _READING_BODY and not self._lost:
+        if self._paused and self._phase == Phase.READING_BODY and not self._lost:
             self._paused = False
             cast(IPushProducer, self.transport).resumeProducing()
 
     def _finishBody(self) -> None:
         assert self._spool is not None
         self._cancelTimer()
-        self._phase = _WORKING
+        self._phase = Phase.WORKING
         self._spool.finish().addCallbacks(self._bodyWritten, self._bodyFailed)
 
     def _bodyWritten(self, path: Path) -> None:
@@ -399,7 +381,7 @@ class RequestProtocol(Answering, Protocol):
     def _dispatch(self) -> None:
         assert self._request is not None
         self._cancelTimer()
-        self._phase = _WORKING
+        self._phase = Phase.WORKING
         pending = self.dispatcher.dispatch(self._request, self._logAfterAnswer)
         pending.addCallback(self._answer).addErrback(self._answerFailed)
         if not pending.called:
@@ -422,7 +404,7 @@ class RequestProtocol(Answering, Protocol):
         self._releaseLine()
         self._discardSpool()
         action = self._request.fields.get("action", "exec") if self._request else None
-        self._phase = _ANSWERING
+        self._phase = Phase.ANSWERING
         self._writeLine(encodeAnswer(self.dispatcher.reject(error, action)))
 
     # -- housekeeping --------------------------------------------------------------------
