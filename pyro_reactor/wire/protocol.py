@@ -2,10 +2,10 @@
 
 ``RequestProtocol`` only frames bytes. It reads the request line (bounded by
 ``maxRequestBytes`` and by the agent's memory budget), has an upload's raw body written to its
-L{UploadSpool}, hands the whole request to the L{Dispatcher}, and has the answer written by an
-L{AnswerSender}: one JSON line, a JSON header line followed by a streamed file, or a JSON
-header line after which the connection is handed to the protocol of a streaming action
-(L{HandOff}).
+L{UploadSpool}, hands the whole request to the L{Dispatcher}, and has the answer written by its
+answer side (L{Answering}, in ``answering.py``): one JSON line, a JSON header line followed by
+a streamed file, or a JSON header line after which the connection is handed to the protocol of
+a streaming action (L{HandOff}). ``RequestFactory`` counts the connections.
 
 Deadlines: the request line must arrive within ``timeout`` seconds of the connection, and an
 upload's body at no less than ``minUploadRate`` bytes a second averaged over the whole
@@ -16,13 +16,11 @@ dropped after ``answerTimeout`` seconds without progress. A connection beyond th
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -36,126 +34,38 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.answering import Answering, Encoder
 from pyro_reactor.wire.budget import MemoryBudget, ParseCost, Reservation
-from pyro_reactor.wire.dispatch import (
-    Answer,
-    Dispatcher,
-    EncodedAnswer,
-    HandOff,
-    HeldAnswer,
-    StreamedAnswer,
-    disposeAnswer,
+from pyro_reactor.wire.dispatch import Dispatcher
+from pyro_reactor.wire.limits import (
+    EARLY_BYTES_LIMIT,
+    LARGE_LINE_BYTES,
+    LINE_HOLD_STEP,
+    OVERFLOW_LINE_BYTES,
+    WireLimits,
 )
+from pyro_reactor.wire.phases import Phase
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import (
-    PROGRESS_INTERVAL,
-    AnswerSender,
-    Line,
-    encodeAnswer,
-    logTransfer,
-)
+from pyro_reactor.wire.sender import PROGRESS_INTERVAL, encodeAnswer, logTransfer
 from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
+from pyro_reactor.wire.turns import TurnQueue
 
 __all__ = [
     "EARLY_BYTES_LIMIT",
     "RequestFactory",
     "RequestProtocol",
+    "TurnQueue",
     "WireLimits",
     "encodeAnswer",
 ]
 
-_R = TypeVar("_R")
-
 log = Logger(namespace="pyro_reactor.wire.protocol")
-
-_READING_LINE, _READING_BODY, _WORKING, _ANSWERING, _HANDED_OFF, _DONE, _PARSING = range(7)
-
-EARLY_BYTES_LIMIT = 1024 * 1024
-"""Bytes a client may send after its request line while the answer is being prepared.
-
-They are kept for an answer that takes the connection over (L{HandOff}: a TCP relay must not
-lose what the host sent before ``connected``); past this the connection stops being read until
-the answer is ready. Other answers drop them, as the reference ignores them."""
-
-LARGE_ANSWER_CHARS = 64 * 1024
-"""Answers carrying more text than this are encoded in a worker thread, off the reactor."""
-
-LARGE_LINE_BYTES = 64 * 1024
-"""Request lines longer than this draw their parse's cost from the memory budget first."""
-
-DIRECT_LINE_BYTES = 16 * 1024
-"""Answer lines up to this size are written at once (the socket's buffer takes them whole);
-longer ones go through an L{AnswerSender}, with backpressure and the answer timeout."""
-
-LINE_HOLD_STEP = 1024 * 1024
-"""A request line in flight draws from the budget in steps of this many bytes."""
 
 TOO_MANY_CONNECTIONS = "too many connections"
 
-OVERFLOW_LINE_BYTES = 4096
-"""The longest line a connection beyond the cap may send (a ping is 20 bytes)."""
-
-Encoder = Callable[[Callable[[dict[str, Any]], Line], dict[str, Any]], "Deferred[Line]"]
-
-
-@dataclass(frozen=True)
-class WireLimits:
-    """The limits of the wire beyond the line's size and timeout (one per option)."""
-
-    answerTimeout: float = 60.0
-    minUploadRate: int = 64 * 1024
-    maxConnections: int = 256
-    overflowTimeout: float = 1.0
-
-
-class TurnQueue:
-    """Runs the jobs submitted to it one per reactor turn, in order (``callLater(0)``)."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._scheduled = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.append(job)
-        if not self._scheduled:
-            self._scheduled = True
-            self.clock.callLater(0, self._runOne)
-
-    def _runOne(self) -> None:
-        job = self._jobs.popleft()
-        if self._jobs:
-            self.clock.callLater(0, self._runOne)
-        else:
-            self._scheduled = False
-        job()
-
-
-def _encodedEstimate(answer: dict[str, Any]) -> int:
-    """About the size of an answer's JSON line: non-ASCII text costs 6 bytes a character."""
-    return 256 + sum(
-        len(v) if v.isascii() else 6 * len(v) for v in answer.values() if isinstance(v, str)
-    )
-
-
-def _passThrough(call: Callable[[], None]) -> Callable[[_R], _R]:
-    """A callback that calls C{call} and passes its result (or failure) on."""
-
-    def passing(result: _R) -> _R:
-        call()
-        return result
-
-    return passing
-
-
-def _carriesMuchText(answer: dict[str, Any]) -> bool:
-    # A cheap look at the top-level strings (exec output, file content, shell output): enough
-    # to tell a 16 MiB exec answer, whose encoding takes tens of ms, from a small one.
-    return sum(len(v) for v in answer.values() if isinstance(v, str)) > LARGE_ANSWER_CHARS
-
 
 @implementer(IHalfCloseableProtocol)
-class RequestProtocol(Protocol):
+class RequestProtocol(Answering, Protocol):
     """Frames one request and its answer on one connection.
 
     A client may half-close after its request (``shutdown(SHUT_WR)``), as the reference
@@ -193,7 +103,7 @@ class RequestProtocol(Protocol):
         if overflow:
             self._overflow()
         self.writeInThread = writeInThread
-        self._phase = _READING_LINE
+        self._phase = Phase.READING_LINE
         self._buffer = bytearray()
         #: The parse cost of a big line in the buffer, counted as it arrives.
         self._bufferCost = ParseCost()
@@ -232,14 +142,14 @@ class RequestProtocol(Protocol):
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._phase == _READING_LINE:
+        if self._phase == Phase.READING_LINE:
             self._receiveLine(data)
-        elif self._phase == _READING_BODY:
+        elif self._phase == Phase.READING_BODY:
             self._receiveBody(data)
-        elif self._phase == _HANDED_OFF:
+        elif self._phase == Phase.HANDED_OFF:
             assert self._handedTo is not None
             self._handedTo.dataReceived(data)
-        elif self._phase in (_WORKING, _PARSING):
+        elif self._phase in (Phase.WORKING, Phase.PARSING):
             self._keepEarly(data)
         # Bytes after a complete request are otherwise ignored, as the reference ignores them.
 
@@ -250,7 +160,7 @@ class RequestProtocol(Protocol):
             cast(IPushProducer, self.transport).pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._phase == _HANDED_OFF:
+        if self._phase == Phase.HANDED_OFF:
             handedTo = self._handedTo
             if IHalfCloseableProtocol.providedBy(handedTo):
                 handedTo.readConnectionLost()
@@ -258,19 +168,19 @@ class RequestProtocol(Protocol):
                 assert self.transport is not None
                 self.transport.loseConnection()
             return
-        if self._phase in (_WORKING, _PARSING):
+        if self._phase in (Phase.WORKING, Phase.PARSING):
             self._earlyEOF = True
             return
-        if self._phase == _READING_LINE:
+        if self._phase == Phase.READING_LINE:
             self._receiveLine(b"\n")
-        elif self._phase == _READING_BODY:
+        elif self._phase == Phase.READING_BODY:
             self._logCutOff()
             self._discardSpool()
             self._refuse(ActionError("unexpected EOF while reading archive payload"))
 
     def writeConnectionLost(self) -> None:
         """Nothing to do: the answer can no longer be delivered, the work still ends."""
-        if self._phase == _HANDED_OFF and IHalfCloseableProtocol.providedBy(self._handedTo):
+        if self._phase == Phase.HANDED_OFF and IHalfCloseableProtocol.providedBy(self._handedTo):
             self._handedTo.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -280,10 +190,10 @@ class RequestProtocol(Protocol):
         if self._handedTo is not None:
             handedTo, self._handedTo = self._handedTo, None
             handedTo.connectionLost(reason)
-        if self._phase == _READING_BODY:
+        if self._phase == Phase.READING_BODY:
             self._logCutOff()
         self._discardSpool()
-        self._phase = _DONE
+        self._phase = Phase.DONE
         pending, self._pending = self._pending, None
         if pending is not None:
             # The client left before its answer: a cancellable handler stops waiting now.
@@ -332,23 +242,23 @@ class RequestProtocol(Protocol):
             # A big line costs tens of ms to parse: one such parse per reactor turn, so that
             # many at once (clients closing together) never block the reactor long. What
             # arrives meanwhile waits with the early bytes.
-            self._phase = _PARSING
+            self._phase = Phase.PARSING
             self._early += rest
             self.parseQueue.submit(lambda: self._parseLater(line, cost))
             return
         self._lineReceived(line, rest, cost)
 
     def _parseLater(self, line: bytes | bytearray, cost: ParseCost) -> None:
-        if self._lost or self._phase != _PARSING:
+        if self._lost or self._phase != Phase.PARSING:
             self._releaseLine()
             return
         rest, self._early = bytes(self._early), bytearray()
         if self._paused:
             self._paused = False
             cast(IPushProducer, self.transport).resumeProducing()
-        self._phase = _READING_LINE
+        self._phase = Phase.READING_LINE
         self._lineReceived(line, rest, cost)
-        if self._earlyEOF and self._phase == _READING_BODY:
+        if self._earlyEOF and self._phase == Phase.READING_BODY:
             self.readConnectionLost()
 
     def _lineReceived(self, line: bytes | bytearray, rest: bytes, cost: ParseCost) -> None:
@@ -368,7 +278,7 @@ class RequestProtocol(Protocol):
                 self.dataReceived(rest)
             return
         self._startBody(size)
-        if rest and self._phase == _READING_BODY:
+        if rest and self._phase == Phase.READING_BODY:
             self._receiveBody(rest)
 
     def _holdLine(self, size: int) -> None:
@@ -409,7 +319,7 @@ class RequestProtocol(Protocol):
             self._refuse(error)
             return
         self._bodyStarted = self._lastProgress = self.clock.seconds()
-        self._phase = _READING_BODY
+        self._phase = Phase.READING_BODY
         if size == 0:
             self._finishBody()
 
@@ -435,14 +345,14 @@ class RequestProtocol(Protocol):
             logTransfer("upload in progress", action, spool.received, self._bodyStarted, now)
 
     def _spoolDrained(self) -> None:
-        if self._paused and self._phase == _READING_BODY and not self._lost:
+        if self._paused and self._phase == Phase.READING_BODY and not self._lost:
             self._paused = False
             cast(IPushProducer, self.transport).resumeProducing()
 
     def _finishBody(self) -> None:
         assert self._spool is not None
         self._cancelTimer()
-        self._phase = _WORKING
+        self._phase = Phase.WORKING
         self._spool.finish().addCallbacks(self._bodyWritten, self._bodyFailed)
 
     def _bodyWritten(self, path: Path) -> None:
@@ -471,7 +381,7 @@ class RequestProtocol(Protocol):
     def _dispatch(self) -> None:
         assert self._request is not None
         self._cancelTimer()
-        self._phase = _WORKING
+        self._phase = Phase.WORKING
         pending = self.dispatcher.dispatch(self._request, self._logAfterAnswer)
         pending.addCallback(self._answer).addErrback(self._answerFailed)
         if not pending.called:
@@ -485,7 +395,7 @@ class RequestProtocol(Protocol):
         else:
             self._pendingLog = emit
 
-    # -- answers -------------------------------------------------------------------------
+    # -- refusals (the answers themselves: Answering) -----------------------------------
 
     def _refuse(self, error: ActionError) -> None:
         self._cancelTimer()
@@ -494,155 +404,8 @@ class RequestProtocol(Protocol):
         self._releaseLine()
         self._discardSpool()
         action = self._request.fields.get("action", "exec") if self._request else None
-        self._phase = _ANSWERING
+        self._phase = Phase.ANSWERING
         self._writeLine(encodeAnswer(self.dispatcher.reject(error, action)))
-
-    def _answer(self, answer: Answer) -> None:
-        self._pending = None
-        self._discardUpload()
-        if self._lost:
-            disposeAnswer(answer)
-            return
-        self._phase = _ANSWERING
-        if isinstance(answer, HandOff):
-            self._handOff(answer)
-            return
-        self._early = bytearray()
-        if isinstance(answer, StreamedAnswer):
-            self._stream(answer)
-        elif isinstance(answer, EncodedAnswer):
-            self._writeLine(answer.line)
-        elif isinstance(answer, HeldAnswer):
-            self._encode(answer.answer, answer.release)
-        else:
-            self._encode(answer, None)
-
-    def _encode(self, answer: dict[str, Any], held: Callable[[], None] | None) -> None:
-        """Encode and write a plain answer; C{held} gives its text's holds back once the
-        line is built."""
-        if not _carriesMuchText(answer):
-            line = encodeAnswer(answer)
-            if held is not None:
-                held()
-            self._writeLine(line)
-            return
-        # Hold the encoded size before encoding: a replacement character is 6 bytes of
-        # JSON, so 16 MiB of bad output is a 100 MB line.
-        try:
-            self._answerHold = self.budget.reserve(_encodedEstimate(answer), "the answer")
-        except ActionError as error:
-            if held is not None:
-                held()
-            self._writeLine(encodeAnswer({"error": error.message}))
-            return
-        if self.encodeInThread is None:
-            line = encodeAnswer(answer)
-            if held is not None:
-                held()
-            self._writeLine(line)
-            return
-        encoded = self.encodeInThread(encodeAnswer, answer)
-        if held is not None:
-            encoded.addBoth(_passThrough(held))
-        encoded.addCallback(self._writeLine).addErrback(self._answerFailed)
-
-    def _answerFailed(self, failure: Failure) -> None:
-        """The terminal errback of every answer chain: answer an error and close."""
-        self._pending = None
-        self._releaseAnswer()
-        if failure.check(CancelledError) or self._lost:
-            return
-        log.failure("could not write the answer", failure, outcome="crash")
-        transport = self.transport
-        assert transport is not None
-        if self._phase in (_WORKING, _ANSWERING):
-            self._phase = _DONE
-            message = str(failure.value) or repr(failure.value)
-            transport.write(
-                bytes(encodeAnswer({"error": f"could not encode the answer: {message}"}))
-            )
-        transport.loseConnection()
-
-    def _handOff(self, answer: HandOff) -> None:
-        transport = self.transport
-        assert transport is not None
-        transport.write(bytes(encodeAnswer(answer.header)))
-        self._phase = _HANDED_OFF
-        self._handedTo = handedTo = answer.protocol
-        early, self._early = bytes(self._early), bytearray()
-        handedTo.makeConnection(transport)
-        if self._paused:
-            self._paused = False
-            cast(IPushProducer, transport).resumeProducing()
-        if early and self._handedTo is handedTo:
-            handedTo.dataReceived(early)
-        if self._earlyEOF and self._handedTo is handedTo:
-            self.readConnectionLost()
-
-    def _writeLine(self, line: Line) -> None:
-        if self._lost:
-            self._releaseAnswer()
-            return
-        transport = self.transport
-        assert transport is not None
-        if len(line) <= DIRECT_LINE_BYTES:
-            self._releaseAnswer()
-            transport.write(bytes(line))
-            self._phase = _DONE
-            transport.loseConnection()
-            return
-        try:
-            if self._answerHold is None:
-                self._answerHold = self.budget.reserve(len(line), "the answer")
-            else:
-                self._answerHold.resize(len(line))
-        except ActionError as error:
-            self._releaseAnswer()
-            transport.write(bytes(encodeAnswer({"error": error.message})))
-            self._phase = _DONE
-            transport.loseConnection()
-            return
-        self._send(line)
-
-    def _send(self, line: Line, answer: StreamedAnswer | None = None) -> None:
-        transport = self.transport
-        assert transport is not None
-        handle = None
-        progress = None
-        started = self.clock.seconds()
-        action = self._request.action if self._request else None
-        if answer is not None:
-            try:
-                handle = answer.path.open("rb")
-            except OSError as error:
-                answer.path.unlink(missing_ok=True)
-                self._writeLine(
-                    encodeAnswer({"error": f"could not open the export: {error.strerror}"})
-                )
-                return
-
-            def progress(sent: int) -> None:
-                logTransfer("export in progress", action, sent, started, self.clock.seconds())
-
-        sender = AnswerSender(
-            transport, self.clock, self.limits.answerTimeout, line, handle, progress=progress
-        )
-
-        def finished(result: object) -> None:
-            self._releaseAnswer()
-            if answer is not None and handle is not None:
-                event = "export sent" if not isinstance(result, Failure) else "export cut off"
-                logTransfer(event, action, sender.sent - len(line), started, self.clock.seconds())
-                handle.close()
-                answer.path.unlink(missing_ok=True)
-            self._phase = _DONE
-            if not self._lost:
-                transport.loseConnection()
-
-        sender.send().addBoth(finished)
-
-    def _stream(self, answer: StreamedAnswer) -> None:
-        self._send(encodeAnswer(answer.header), answer)
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -673,11 +436,6 @@ class RequestProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-    def _releaseAnswer(self) -> None:
-        hold, self._answerHold = self._answerHold, None
-        if hold is not None:
-            hold.release()
 
     def _answered(self) -> None:
         emit, self._pendingLog = self._pendingLog, None
