@@ -45,9 +45,10 @@ from pyro_reactor.wire.limits import (
     WireLimits,
 )
 from pyro_reactor.wire.phases import Phase
+from pyro_reactor.wire.receiving import Receiving
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import PROGRESS_INTERVAL, encodeAnswer, logTransfer
-from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
+from pyro_reactor.wire.sender import encodeAnswer
+from pyro_reactor.wire.spool import InThread, UploadSpool
 from pyro_reactor.wire.turns import TurnQueue
 
 __all__ = [
@@ -65,7 +66,7 @@ TOO_MANY_CONNECTIONS = "too many connections"
 
 
 @implementer(IHalfCloseableProtocol)
-class RequestProtocol(Answering, Protocol):
+class RequestProtocol(Receiving, Answering, Protocol):
     """Frames one request and its answer on one connection.
 
     A client may half-close after its request (``shutdown(SHUT_WR)``), as the reference
@@ -310,74 +311,6 @@ class RequestProtocol(Answering, Protocol):
         finally:
             hold.release()
 
-    def _startBody(self, size: int) -> None:
-        try:
-            self._spool = UploadSpool(
-                self.spoolDirectory, size, self.writeInThread, self._spoolDrained
-            )
-        except ActionError as error:
-            self._refuse(error)
-            return
-        self._bodyStarted = self._lastProgress = self.clock.seconds()
-        self._phase = Phase.READING_BODY
-        if size == 0:
-            self._finishBody()
-
-    def _receiveBody(self, data: bytes) -> None:
-        spool = self._spool
-        assert spool is not None
-        try:
-            spool.write(data)
-        except ActionError as error:
-            self._refuse(error)
-            return
-        if spool.remaining == 0:
-            self._finishBody()
-            return
-        if spool.backlog > BACKLOG_HIGH and not self._paused:
-            # The disk is slower than the client: stop reading until the writes catch up.
-            self._paused = True
-            cast(IPushProducer, self.transport).pauseProducing()
-        now = self.clock.seconds()
-        if now - self._lastProgress >= PROGRESS_INTERVAL:
-            self._lastProgress = now
-            action = self._request.action if self._request else None
-            logTransfer("upload in progress", action, spool.received, self._bodyStarted, now)
-
-    def _spoolDrained(self) -> None:
-        if self._paused and self._phase == Phase.READING_BODY and not self._lost:
-            self._paused = False
-            cast(IPushProducer, self.transport).resumeProducing()
-
-    def _finishBody(self) -> None:
-        assert self._spool is not None
-        self._cancelTimer()
-        self._phase = Phase.WORKING
-        self._spool.finish().addCallbacks(self._bodyWritten, self._bodyFailed)
-
-    def _bodyWritten(self, path: Path) -> None:
-        assert self._request is not None and self._spool is not None
-        spool, self._spool = self._spool, None
-        self._upload = self._request.upload = path
-        if self._lost:
-            self._discardUpload()
-            return
-        if self._paused and len(self._early) < EARLY_BYTES_LIMIT:
-            self._paused = False
-            cast(IPushProducer, self.transport).resumeProducing()
-        now = self.clock.seconds()
-        logTransfer("upload received", self._request.action, spool.size, self._bodyStarted, now)
-        self._dispatch()
-
-    def _bodyFailed(self, failure: Failure) -> None:
-        self._spool = None
-        if self._lost:
-            return
-        error = failure.value
-        self._refuse(
-            error if isinstance(error, ActionError) else ActionError("could not spool the upload")
-        )
-
     def _dispatch(self) -> None:
         assert self._request is not None
         self._cancelTimer()
@@ -441,17 +374,6 @@ class RequestProtocol(Answering, Protocol):
         emit, self._pendingLog = self._pendingLog, None
         if emit is not None:
             emit()
-
-    def _discardSpool(self) -> None:
-        if self._spool is not None:
-            spool, self._spool = self._spool, None
-            spool.discard()
-        self._discardUpload()
-
-    def _discardUpload(self) -> None:
-        if self._upload is not None:
-            upload, self._upload = self._upload, None
-            upload.unlink(missing_ok=True)
 
 
 class RequestFactory(Factory):
