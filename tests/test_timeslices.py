@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.capabilities.jobs.follow import POLL_INTERVAL, OutputFollower
@@ -169,13 +169,15 @@ class PollingFollowerTests(SynchronousTestCase):
 
     def test_polls(self) -> None:
         """Each poll queues every job once."""
-        clock = Clock()
+        clock = MemoryReactorClock()
         changed: list[str] = []
         follower = OutputFollower(
             clock, Path("/nonexistent-dir"), lambda: ["a", "b"], changed.append, TimeSlices(clock)
         )
+        before = set(os.listdir("/proc/self/fd"))
         follower.start()  # no such directory: it polls, and says so
         self.assertTrue(follower.polling)
+        self.assertEqual(set(os.listdir("/proc/self/fd")), before)  # no inotify left open
         clock.advance(POLL_INTERVAL)
         clock.advance(0)
         self.assertEqual(sorted(changed), ["a", "b"])

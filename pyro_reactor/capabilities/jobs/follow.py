@@ -73,6 +73,7 @@ class OutputFollower:
 
     def start(self) -> None:
         """Start following: with inotify if it can, else by polling."""
+        notifier: Any = None
         try:
             from pyro_reactor.system.inotify import addWatch, openINotify  # noqa: PLC0415
 
@@ -84,6 +85,8 @@ class OutputFollower:
                 os.close(directory)
             notifier.startReading()
         except Exception as error:
+            if notifier is not None:
+                notifier.loseConnection()
             log.warn("no inotify for job output, polling: {error}", error=str(error))
             self._poll = self.reactor.callLater(POLL_INTERVAL, self._pollAll)
         else:
