@@ -15,6 +15,8 @@ The package, by concern:
   - L{_runner}: the program the runner runs (the command, its capped logs, its status);
   - L{runners}: the runner process, spawned here or taken back;
   - L{units}: the unit of everything the service started, its signals and its end;
+  - L{handles}: a service the registry knows, its name rule and what it may leave running;
+  - L{launch}: what a start hands the machine (its probe factory, its spawned runner);
   - L{registry}: the services by name (L{Services}); L{actions}: the request handlers.
 """
 

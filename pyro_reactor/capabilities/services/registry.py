@@ -11,16 +11,16 @@ refused if it is not gone after the stop grace), prepare
 the files and open the working directory (in a worker thread), then spawn the runner and hand
 it to the machine. A failed step gives the name back. Whether a name is free, and whether a
 start was overtaken by a stop, is asked of the machine (``hasEnded``, ``canStart``).
+
+A service's handle is in L{handles}; the probe factory and the runner spawn a start hands
+the machine are in L{launch}.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
@@ -39,8 +39,15 @@ from pyro_reactor.capabilities.services._machine import (
     endedService,
     newService,
 )
-from pyro_reactor.capabilities.services._probe_machine import ProbeCore, ProbeInput, ProbeMachine
-from pyro_reactor.capabilities.services._runner import DIRECTORY_FD
+from pyro_reactor.capabilities.services.handles import (
+    SERVICE_NAME_RE,
+    Record,
+    ServiceHandle,
+    normalizeServiceName,
+    recordedCgroup,
+    releasingOnExit,
+)
+from pyro_reactor.capabilities.services.launch import probeFactory, spawnRunner
 from pyro_reactor.capabilities.services.readiness import parseReadiness
 from pyro_reactor.capabilities.services.records import (
     RecordWriter,
@@ -51,98 +58,17 @@ from pyro_reactor.capabilities.services.records import (
     runnerScript,
     tailText,
 )
-from pyro_reactor.capabilities.services.runners import (
-    AdoptedProcess,
-    ChildProcess,
-    RunnerProtocol,
-    ServiceProcess,
-)
-from pyro_reactor.capabilities.services.units import (
-    SessionUnit,
-    UnitGroup,
-    processStat,
-    sameProcessAlive,
-    sweep,
-)
+from pyro_reactor.capabilities.services.runners import AdoptedProcess, ServiceProcess
+from pyro_reactor.capabilities.services.units import sameProcessAlive, sweep
 from pyro_reactor.context import AgentContext
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system.processes import spawnInSession
-from pyro_reactor.system.unitcgroups import CgroupUnit, unitCgroups
+from pyro_reactor.system.unitcgroups import CgroupUnit
 from pyro_reactor.system.workspace import WorkingDirectory
 
 if TYPE_CHECKING:  # the actions module imports this one
     from pyro_reactor.capabilities.services.actions import StartSpec
 
 log = Logger(namespace="pyro_reactor.capabilities.services")
-
-SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-Record = dict[str, Any]
-
-
-def normalizeServiceName(text: str) -> str:
-    """A request's ``service_name``, checked with the reference's rule and messages."""
-    name = text.strip()
-    if name == "":
-        raise ActionError("service_name is required")
-    if SERVICE_NAME_RE.fullmatch(name) is None:
-        raise ActionError("service_name is invalid")
-    return name
-
-
-@dataclass
-class ServiceHandle:
-    """A service the registry knows: its machine and the core holding its record."""
-
-    machine: ServiceInput
-    core: ServiceCore
-    files: ServiceFiles
-
-    def leftovers(self) -> UnitGroup | None:
-        """What may be left running of this (ended) service: its unit, if it had one."""
-        process = self.core.process
-        unit = getattr(process, "unit", None)
-        if isinstance(unit, CgroupUnit):
-            return unit
-        if process is not None:
-            # Without a start time, a reused pid could not be told from the runner.
-            if process.startTicks is None:
-                return None
-            return SessionUnit(process.pid, process.startTicks)
-        recorded = _recordedCgroup(self.core.record)
-        if recorded is not None:
-            return recorded
-        pid, ticks = self.core.record.get("pid"), self.core.record.get("pid_start_ticks")
-        if isinstance(pid, int) and pid > 1 and isinstance(ticks, int):
-            return SessionUnit(pid, ticks)
-        return None
-
-
-def _recordedCgroup(record: Record) -> CgroupUnit | None:
-    """The service's cgroup named in its record (``cgroup_path``), if it is still there."""
-    cgroups = unitCgroups()
-    if cgroups is None:
-        return None
-    cgroup = cgroups.adopt(record.get("cgroup_path"))
-    return None if cgroup is None else CgroupUnit(cgroup, cgroups)
-
-
-def _releasingOnExit(
-    unit: object, onExit: Callable[[int | None], None]
-) -> Callable[[int | None], None]:
-    """C{onExit}, after handing a cgroup unit's cgroup back to be removed once it is empty.
-
-    What the service left running keeps it (a stop kills them, even once it has exited).
-    """
-    if not isinstance(unit, CgroupUnit) or unit.releaseTo is None:
-        return onExit
-    cgroups = unit.releaseTo
-
-    def exited(code: int | None) -> None:
-        cgroups.release(unit.cgroup)
-        onExit(code)
-
-    return exited
 
 
 def _startError(name: str, error: OSError) -> ActionError:
@@ -214,11 +140,11 @@ class Services(Service):
                     pid,
                     startTicks,
                     lambda: self.context.inThread(readExitStatus, files),
-                    _recordedCgroup(record),
+                    recordedCgroup(record),
                 )
                 machine = adoptedService(core, process)
                 self.handles[files.name] = ServiceHandle(machine, core, files)
-                process.watch(_releasingOnExit(process.unit, machine._exited))
+                process.watch(releasingOnExit(process.unit, machine._exited))
                 log.info("service {service} (pid {pid}) taken back", service=files.name, pid=pid)
                 return
             machine = endedService(core, "exited")
@@ -357,35 +283,10 @@ class Services(Service):
             "pid": None,
             "stop_reason": None,
         }
-        core = self._core(files, record, self._probeFactory(spec))
+        core = self._core(files, record, probeFactory(self.context, spec))
         handle = ServiceHandle(newService(core), core, files)
         self.handles[spec.name] = handle
         return handle
-
-    def _probeFactory(self, spec: StartSpec) -> ProbeFactory | None:
-        if spec.probe is None:
-            return None
-        check = spec.probe.check(
-            self.reactor,
-            workspace=self.workspace,
-            inThread=self.context.inThread,
-            cwd=spec.cwd,
-            env=spec.env,
-        )
-
-        def makeProbe(onReady: Any, onTimeout: Any) -> ProbeInput:
-            return ProbeMachine(
-                ProbeCore(
-                    clock=self.reactor,
-                    check=check,
-                    interval=spec.interval,
-                    timeout=float(spec.readyTimeout),
-                    onReady=onReady,
-                    onTimeout=onTimeout,
-                )
-            )
-
-        return makeProbe
 
     def _prepare(self, files: ServiceFiles, spec: StartSpec) -> WorkingDirectory:
         """Open the working directory and write the service's files (in a worker thread)."""
@@ -435,62 +336,8 @@ class Services(Service):
         env: Mapping[str, str],
         machine: ServiceInput,
     ) -> ServiceProcess:
-        """Start the runner, handing it the directory it runs in; C{directory} is let go.
-
-        The runner gets the opened directory as its descriptor L{DIRECTORY_FD} and enters it
-        itself (``fchdir``): the start never depends on this agent still being alive (a path
-        through ``/proc/<agent pid>/fd`` would stop working the moment the agent dies, and an
-        agent killed just after answering would leave a service that never started).
-        """
-        protocol = RunnerProtocol(self.reactor, machine._exited)
-        # The runner writes the command's output to the log files itself; its own standard
-        # streams go nowhere, so the service never depends on this agent's pipes.
-        try:
-            null = os.open(os.devnull, os.O_RDWR)
-            try:
-                held = os.open(directory.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except BaseException:
-                os.close(null)
-                raise
-        finally:
-            directory.close()
-        cgroups = unitCgroups()
-        cgroup = None if cgroups is None else cgroups.create("service")
-        inside = False
-
-        def spawn() -> Any:
-            return spawnInSession(
-                self.reactor,
-                protocol,
-                [str(files.runner)],
-                env,
-                childFDs={0: null, 1: null, 2: null, DIRECTORY_FD: held},
-            )
-
-        try:
-            if cgroups is not None and cgroup is not None:
-                transport, inside = cgroups.spawnIn(cgroup, spawn)
-            else:
-                transport = spawn()
-        except BaseException:
-            if cgroups is not None and cgroup is not None:
-                cgroups.release(cgroup)
-            raise
-        finally:
-            os.close(null)
-            os.close(held)
-            protocol.spawning = False
-        unit: CgroupUnit | None = None
-        if cgroups is not None and cgroup is not None:
-            if inside:
-                unit = CgroupUnit(cgroup, cgroups)
-                protocol.onExit = _releasingOnExit(unit, machine._exited)
-            else:
-                cgroups.release(cgroup)
-        pid = protocol.pid if protocol.pid is not None else transport.pid
-        assert pid is not None
-        stat = processStat(pid)
-        return ChildProcess(self.reactor, pid, None if stat is None else stat[1], protocol, unit)
+        """Start the runner in C{directory} (L{spawnRunner}); C{directory} is let go."""
+        return spawnRunner(self.reactor, files, directory, env, machine)
 
     # -- stop and logs -----------------------------------------------------------------------
 
