@@ -1,4 +1,4 @@
-"""The ``exec`` action, and L{runCommand}, the one way the agent runs a shell command to its end.
+"""L{runCommand}, the one way the agent runs a shell command to its end, and its process protocol.
 
 ``runCommand`` runs ``/bin/sh -lc COMMAND`` as the leader of a new process group (see
 L{pyro_reactor.system.processes.spawnInGroup}) and collects its output:
@@ -18,8 +18,6 @@ L{pyro_reactor.system.processes.spawnInGroup}) and collects its output:
   for what can still escape without cgroups). The answer comes once the shell has ended and
   nothing alive is left of it (so at most ``KILL_GRACE`` after the timeout, plus the pipe
   grace).
-- When the agent stops, L{RunningCommands} ends the groups of the exec commands still running
-  the same way (SIGTERM, SIGKILL after ``KILL_GRACE``).
 
 One ``_CommandProtocol`` per command; it is a small process protocol with two timers rather than
 an automat machine: it has no public inputs, only the process's own events, and one outcome.
@@ -27,142 +25,28 @@ an automat machine: it has no public inputs, only the process's own events, and 
 
 from __future__ import annotations
 
-import codecs
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping, MutableMapping, MutableSet
-from dataclasses import dataclass
-from functools import cache
-from typing import Any, Protocol
+from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyro_reactor.context import AgentContext
+from pyro_reactor.capabilities.execute.environment import SHELL, _devNull, _spawnEnvironment
+from pyro_reactor.capabilities.execute.result import CommandResult, _Capture, _reserve
+from pyro_reactor.capabilities.execute.units import KILL_GRACE, Unit
 from pyro_reactor.errors import ActionError
-from pyro_reactor.system._twisted import environmentBytes
 from pyro_reactor.system.cgroups import Cgroup
-from pyro_reactor.system.processes import ProcessTree, exitCodeOf, probeChdirProgram, spawnInGroup
-from pyro_reactor.system.unitcgroups import CgroupUnit, UnitCgroups, unitCgroups
-from pyro_reactor.wire.budget import MemoryBudget, Reservation
-from pyro_reactor.wire.dispatch import Action, HeldAnswer
-from pyro_reactor.wire.request import Request
-from pyro_reactor.wire.sender import BoundedText
+from pyro_reactor.system.processes import ProcessTree, exitCodeOf, spawnInGroup
+from pyro_reactor.system.unitcgroups import CgroupUnit, UnitCgroups
+from pyro_reactor.wire.budget import MemoryBudget
 
-log = Logger(namespace="pyro_reactor.capabilities.execute")
-
-SHELL = "/bin/sh"
-DEFAULT_TIMEOUT_SECONDS = 30
 #: How long after the shell has exited its pipes stay open for output still in flight.
 PIPE_GRACE = 0.15
-#: How long a timed-out command's group has between SIGTERM and SIGKILL.
-KILL_GRACE = 0.5
-#: The reference's exit code and message for a command that ran out of time.
-TIMEOUT_EXIT_CODE = 124
-
-_utf8Decoder = codecs.getincrementaldecoder("utf-8")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command did: its output (decoded), exit code and how long it took.
-
-    ``exitCode`` is the shell's exit status, or minus the number of the signal that killed it
-    (as Python's ``subprocess`` reports it). ``timedOut`` commands keep the output read before
-    they were stopped here; the ``exec`` answer replaces it with the reference's text.
-    """
-
-    stdout: str
-    stderr: str
-    exitCode: int
-    durationMs: int
-    timedOut: bool = False
-    timeoutSeconds: float = DEFAULT_TIMEOUT_SECONDS
-    stdoutTruncated: bool = False
-    stderrTruncated: bool = False
-    #: The memory budget's holds on C{stdout} and C{stderr} (with a budget): whoever takes
-    #: the output gives them back with L{release}.
-    holds: tuple[Reservation, ...] = ()
-
-    def release(self) -> None:
-        """Give the output's share of the memory budget back."""
-        for hold in self.holds:
-            hold.release()
-
-    def heldExecAnswer(self) -> HeldAnswer:
-        """L{execAnswer}, its output held from the budget until the answer is encoded."""
-        return HeldAnswer(self.execAnswer(), self.release)
-
-    def execAnswer(self) -> dict[str, Any]:
-        """The ``exec`` action's answer, in the reference's shape plus the truncation flags."""
-        if self.timedOut:
-            timeout = self.timeoutSeconds
-            shown = int(timeout) if float(timeout).is_integer() else timeout
-            return {
-                "stdout": "",
-                "stderr": f"command timed out after {shown}s",
-                "exit_code": TIMEOUT_EXIT_CODE,
-                "duration_ms": self.durationMs,
-                "stdout_truncated": False,
-                "stderr_truncated": False,
-            }
-        return {
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "exit_code": self.exitCode,
-            "duration_ms": self.durationMs,
-            "stdout_truncated": self.stdoutTruncated,
-            "stderr_truncated": self.stderrTruncated,
-        }
-
-
-class _Capture:
-    """One output stream: decoded incrementally, bounded by the size of its JSON text.
-
-    ``--max-output-bytes`` holds for the answer as written (16 MiB of invalid bytes, each a
-    six-byte ``\\ufffd`` escape, do not make a 100 MB line). Once the bound is reached the
-    rest is read and dropped undecoded. With a C{reservation}, what is kept is also drawn from
-    the agent's memory budget (a full budget truncates like the bound).
-    """
-
-    def __init__(self, limit: int, reservation: Reservation | None = None) -> None:
-        self._decoder = _utf8Decoder(errors="replace")
-        self._text = BoundedText(max(0, limit), reservation)
-        #: What the kept text holds from the memory budget, if anything.
-        self.hold = reservation
-
-    @property
-    def truncated(self) -> bool:
-        return self._text.truncated
-
-    def feed(self, data: bytes) -> None:
-        if data and not self._text.truncated:
-            self._text.feed(self._decoder.decode(data))
-
-    def text(self) -> str:
-        """The stream's text, once it has ended (its hold stays: see L{hold})."""
-        self._text.feed(self._decoder.decode(b"", final=True))
-        return self._text.take()
-
-
-def _reserve(budget: MemoryBudget | None, purpose: str) -> Reservation | None:
-    return None if budget is None else budget.reserve(0, purpose)
-
-
-class Unit(Protocol):
-    """What ends a timed-out command: everything it started (a process tree, or a cgroup)."""
-
-    def signal(self, signum: int) -> bool:
-        """Send C{signum} to all of it; whether anything was there."""
-
-    def alive(self) -> bool:
-        """Whether anything of it is still running."""
 
 
 class _CommandProtocol(ProcessProtocol):
@@ -282,38 +166,6 @@ def _cancel(call: IDelayedCall | None) -> IDelayedCall | None:
     return None
 
 
-@cache
-def _devNull() -> int:
-    """One read-only ``/dev/null`` descriptor for every command's stdin.
-
-    Cheaper than a pipe closed at once (no pipe, no writer, no close to process), and the
-    command still reads end-of-file. Close-on-exec in the agent; the spawn dups it onto 0.
-    """
-    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def commandEnvironment(overrides: Mapping[str, str] | None) -> dict[str, str]:
-    """The agent's environment with C{overrides} applied, as the reference builds it."""
-    env = os.environ.copy()
-    if overrides:
-        env.update(overrides)
-    return env
-
-
-def _spawnEnvironment(overrides: Mapping[str, str] | None) -> dict[bytes, bytes]:
-    """L{commandEnvironment} in bytes, ready for the spawn, for the hot path.
-
-    ``os.environ.copy()`` decodes every variable only for the spawn to encode it again: 45 us
-    per command, a tenth of the per-request budget. Copying the environment's own bytes
-    mapping costs under a microsecond.
-    """
-    env = environmentBytes()
-    if overrides:
-        for name, value in overrides.items():
-            env[os.fsencode(name)] = os.fsencode(value)
-    return env
-
-
 def runCommand(
     reactor: Any,
     command: str,
@@ -429,90 +281,3 @@ def _endWithCgroup(  # noqa: PLR0917
         return result
 
     protocol.done.addCallback(ended)
-
-
-class RunningCommands(Service):
-    """The process groups of the exec commands in flight; ended when the agent stops.
-
-    On stop, each group still there (and every descendant of its shell, as on a timeout) gets
-    SIGTERM, and SIGKILL L{KILL_GRACE} seconds later; the stop waits for that, so nothing
-    started by an exec outlives the agent (under systemd the
-    unit's cgroup would be killed anyway; under a plain init it would not).
-    """
-
-    name = "exec-commands"
-
-    def __init__(self, clock: Any) -> None:
-        self.clock = clock
-        self.groups: set[int] = set()
-        #: The cgroup units of the commands running in one (by process group id).
-        self.units: dict[int, Unit] = {}
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        # Each shell is still running (its group is discarded when it ends), so its pid still
-        # names it: the trees are taken now, descendants that left the group included.
-        trees = [self.units.get(pgid) or ProcessTree(pgid) for pgid in sorted(self.groups)]
-        signalled = [tree for tree in trees if tree.signal(signal.SIGTERM)]
-        cgroups = unitCgroups()
-        if cgroups is not None:
-            cgroups.close()
-        if not signalled:
-            return None
-        log.info("agent stopping: ending {count} running commands", count=len(signalled))
-
-        def kill() -> None:
-            for tree in signalled:
-                tree.signal(signal.SIGKILL)
-                if cgroups is not None and isinstance(tree, CgroupUnit):
-                    cgroups.release(tree.cgroup, killed=True)
-            if cgroups is not None:
-                cgroups.close()
-
-        return deferLater(self.clock, KILL_GRACE, kill)
-
-
-class ExecCapability:
-    """The ``exec`` action (also what a request without an ``action`` field runs).
-
-    Its service is the set of exec commands in flight, ended when the agent stops.
-    """
-
-    features: tuple[str, ...] = ()
-
-    def __init__(self, context: AgentContext) -> None:
-        self._context = context
-        self.service = RunningCommands(context.reactor)
-        # Found out once, off the reactor; children with a working directory fork until then.
-        context.inThread(probeChdirProgram)
-        self.actions = [Action("exec", self._execute)]
-
-    def _execute(self, request: Request) -> Deferred[HeldAnswer]:
-        command = request.string("command", "")
-        timeoutSeconds = request.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
-        env = request.environment("exec")
-        if "\x00" in command:
-            raise ActionError("command must not contain NUL bytes")
-        result = runCommand(
-            self._context.reactor,
-            command,
-            timeoutSeconds=timeoutSeconds,
-            env=env,
-            maxOutputBytes=self._context.config.maxOutputBytes,
-            running=self.service.groups,
-            budget=self._context.budget,
-            cgroups=unitCgroups(),
-            units=self.service.units,
-        )
-        return result.addCallback(CommandResult.heldExecAnswer)
-
-
-__all__ = [
-    "CommandResult",
-    "ExecCapability",
-    "RunningCommands",
-    "Unit",
-    "commandEnvironment",
-    "exitCodeOf",
-    "runCommand",
-]
