@@ -96,6 +96,16 @@ class TimeSlicesTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(self.ran, [1, 2])
 
+    def test_noTimeOneTaskPerTurn(self) -> None:
+        """A slice of no time (the big lines' parse queue) runs one task per turn, however
+        cheap, in order."""
+        slices = TimeSlices(self.reactor, slice=0, clock=self.time)
+        for number in range(3):
+            slices.run(number, lambda number=number: self.ran.append(number))
+        for expected in ([0], [0, 1], [0, 1, 2]):
+            self.reactor.advance(0)
+            self.assertEqual(self.ran, expected)
+
     def test_mergedByKey(self) -> None:
         """A key queued again before it ran runs once; after it ran, it runs again."""
         for _ in range(5):

@@ -5,7 +5,8 @@ grew in one batch of inotify events, 40 job runners reaped after one ``SIGCHLD``
 they hold the reactor for tens of milliseconds, and a ``ping`` that arrives meanwhile waits
 for all of them. L{TimeSlices} queues such work instead and runs it a slice per reactor turn:
 at most L{SLICE} seconds, then it yields (a ``callLater(0)``), so that the connections that
-became readable meanwhile are served between two slices.
+became readable meanwhile are served between two slices. A slice of no time runs one task
+per turn: the queue of big request lines' parses (tens of ms each) is one.
 """
 
 from __future__ import annotations

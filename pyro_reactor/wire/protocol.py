@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.system.timeslices import TimeSlices
 from pyro_reactor.wire.answering import Answering, Encoder
 from pyro_reactor.wire.budget import MemoryBudget, ParseCost, Reservation
 from pyro_reactor.wire.dispatch import Dispatcher
@@ -49,13 +50,11 @@ from pyro_reactor.wire.receiving import Receiving
 from pyro_reactor.wire.request import Request, parseRequestLine
 from pyro_reactor.wire.sender import encodeAnswer
 from pyro_reactor.wire.spool import InThread, UploadSpool
-from pyro_reactor.wire.turns import TurnQueue
 
 __all__ = [
     "EARLY_BYTES_LIMIT",
     "RequestFactory",
     "RequestProtocol",
-    "TurnQueue",
     "WireLimits",
     "encodeAnswer",
 ]
@@ -63,6 +62,12 @@ __all__ = [
 log = Logger(namespace="pyro_reactor.wire.protocol")
 
 TOO_MANY_CONNECTIONS = "too many connections"
+
+
+def parseTurns(clock: IReactorTime) -> TimeSlices:
+    """The queue of big lines' parses: one parse per reactor turn (a slice of no time runs
+    one task), each connection's single pending parse under the connection as its key."""
+    return TimeSlices(clock, slice=0)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -87,10 +92,10 @@ class RequestProtocol(Receiving, Answering, Protocol):
         budget: MemoryBudget | None = None,
         overflow: bool = False,
         writeInThread: InThread | None = None,
-        parseQueue: TurnQueue | None = None,
+        parseQueue: TimeSlices | None = None,
     ) -> None:
         limits = limits if limits is not None else WireLimits()
-        self.parseQueue = parseQueue if parseQueue is not None else TurnQueue(clock)
+        self.parseQueue = parseQueue if parseQueue is not None else parseTurns(clock)
         self.dispatcher = dispatcher
         self.encodeInThread = encodeInThread
         self.clock = clock
@@ -245,7 +250,7 @@ class RequestProtocol(Receiving, Answering, Protocol):
             # arrives meanwhile waits with the early bytes.
             self._phase = Phase.PARSING
             self._early += rest
-            self.parseQueue.submit(lambda: self._parseLater(line, cost))
+            self.parseQueue.run(self, lambda: self._parseLater(line, cost))
             return
         self._lineReceived(line, rest, cost)
 
@@ -411,7 +416,7 @@ class RequestFactory(Factory):
         self.budget = budget if budget is not None else MemoryBudget()
         self.connections = 0
         self.overflowing = 0
-        self.parseQueue = TurnQueue(clock)
+        self.parseQueue = parseTurns(clock)
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
         protocol = RequestProtocol(
