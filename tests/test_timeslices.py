@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
@@ -101,7 +102,7 @@ class TimeSlicesTests(SynchronousTestCase):
         cheap, in order."""
         slices = TimeSlices(self.reactor, slice=0, clock=self.time)
         for number in range(3):
-            slices.run(number, lambda number=number: self.ran.append(number))
+            slices.run(number, partial(self.ran.append, number))
         for expected in ([0], [0, 1], [0, 1, 2]):
             self.reactor.advance(0)
             self.assertEqual(self.ran, expected)
