@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire import spool as spoolModule
-from pyro_reactor.wire.budget import MemoryBudget, ParseCost, parseCost
+from pyro_reactor.wire.budget import MemoryBudget, ParseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, HeldAnswer, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
 from pyro_reactor.wire.request import Request, parseRequestLine
@@ -32,6 +32,13 @@ from pyro_reactor.wire.sender import BoundedText, boundEncodedText, encodeAnswer
 from pyro_reactor.wire.spool import emptySpool
 from tests.helpers import reactor, startAgent
 from tests.test_protocol import drain
+
+
+def parseCost(line: bytes) -> int:
+    """The parse cost of a whole line counted at once."""
+    cost = ParseCost()
+    cost.add(line)
+    return cost.bytes
 
 
 class Harness:

@@ -131,10 +131,3 @@ class ParseCost:
     def bytes(self) -> int:
         """The estimate, in bytes."""
         return 2 * self.size + 160 * self.objects + 64 * self.elements
-
-
-def parseCost(line: bytes | bytearray) -> int:
-    """The L{ParseCost} of a whole line at once, in bytes."""
-    cost = ParseCost()
-    cost.add(line)
-    return cost.bytes
