@@ -59,7 +59,9 @@ class _OpenHow(ctypes.Structure):
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (the process's own symbols: no search, no ``ldconfig``),
+    with ``errno`` kept for ``ctypes.get_errno``; C{None} if it cannot be loaded."""
     try:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -70,11 +72,11 @@ def _libc() -> ctypes.CDLL | None:
 def openat2Function() -> Openat2 | None:
     """This machine's ``openat2(dirfd, path, flags, resolve)``, or ``None`` if it has none."""
     number = _OPENAT2_SYSCALLS.get(platform.machine())
-    libc = _libc()
-    if number is None or libc is None:
+    library = libc()
+    if number is None or library is None:
         return None
     try:
-        syscall = libc.syscall
+        syscall = library.syscall
     except AttributeError:
         return None
     syscall.restype = ctypes.c_long
@@ -120,9 +122,9 @@ _RENAME_EXCHANGE = 2
 
 @functools.cache
 def _renameat2() -> Any:
-    libc = _libc()
+    library = libc()
     try:
-        function = libc.renameat2 if libc is not None else None
+        function = library.renameat2 if library is not None else None
     except AttributeError:
         return None
     if function is None:

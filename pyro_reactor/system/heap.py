@@ -11,7 +11,6 @@ at most once per L{TRIM_INTERVAL}, so that the resident size follows the budget 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from pyro_reactor.system._linux import libc
 
 log = Logger(namespace="pyro_reactor.system.heap")
 
@@ -31,10 +32,12 @@ TRIM_INTERVAL = 0.25
 
 def mallocTrim() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)``, or C{None} where the C library has none (musl)."""
+    library = libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+        trim = library.malloc_trim if library is not None else None
+    except AttributeError:
+        return None
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

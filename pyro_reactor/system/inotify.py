@@ -25,13 +25,14 @@ watched is exactly what was checked, never a name that could be swapped meanwhil
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from pyro_reactor.system._linux import libc
 
 # The kernel's inotify(7) ABI (the same numbers as twisted.internet.inotify's, which is only
 # imported when a watch starts: loading it looks libc up, a cost every agent start would pay).
@@ -81,8 +82,9 @@ _libc: Any = None
 def _library() -> Any:
     global _libc  # loaded once, on first use
     if _libc is None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        library = ctypes.CDLL(name, use_errno=True)
+        library = libc()
+        if library is None:
+            raise OSError(errno.ENOSYS, "no C library to call inotify through")
         library.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         library.inotify_add_watch.restype = ctypes.c_int
         library.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]

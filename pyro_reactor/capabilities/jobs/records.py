@@ -23,14 +23,16 @@ Everything here is 0600 in a 0700 directory. The functions block: call them in a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pyro_reactor.system._linux import libc
 
 #: Record fields kept on disk but not shown in answers.
 PRIVATE_FIELDS = frozenset({"runner_pid", "runner_start_ticks", "cgroup_path", "timeout_seconds"})
@@ -155,15 +157,14 @@ def firstKept(fd: int) -> int:
         return 0
 
 
-_libc: Any = None
-
-
+@functools.cache
 def _fallocate() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return _libc.fallocate
+    library = libc()
+    if library is None:
+        raise OSError(errno.ENOSYS, "no C library to call fallocate through")
+    function = library.fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return function
 
 
 def punchBefore(fd: int, end: int, start: int = 0) -> int:
