@@ -24,6 +24,7 @@ from zope.interface import implementer
 from pyro_reactor._version import __version__
 from pyro_reactor.agent import buildFactory
 from pyro_reactor.context import AgentConfig, AgentContext
+from pyro_reactor.system.heap import singleArena
 
 log = Logger(namespace="pyro_reactor.tap")
 
@@ -308,6 +309,8 @@ def makeService(options: Options) -> IService:
 
     config = options.config()
     config.workspace.mkdir(parents=True, exist_ok=True)
+    # Before the first worker thread exists: threads share the heap that malloc_trim shrinks.
+    singleArena()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="pyro-agent")
     top = MultiService()
     ThreadPoolService(pool).setServiceParent(top)

@@ -510,6 +510,55 @@ class ThreadedSpoolTests(SynchronousTestCase):
         self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(list(harness.spool.iterdir()), [])
 
+    def test_backlogHeldFromTheBudget(self) -> None:
+        """Bytes waiting for the disk are held from the memory budget; when the budget cannot
+        hold more, the upload is paused rather than refused, and it completes (with every
+        byte held given back) once the writes catch up."""
+        harness = Harness(self, budget=5 * 512 * 1024)
+        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            jobs.append((done, function, args))
+            return done
+
+        size = 4 * 1024 * 1024
+        protocol = RequestProtocol(
+            harness.dispatcher,
+            harness.clock,
+            harness.spool,
+            1000,
+            10.0,
+            writeInThread=inThread,
+            budget=harness.budget,
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b'{"action": "upload", "archive_size": %d}\n' % size)
+        body = bytes(range(256)) * (size // 256)
+        chunk = 512 * 1024
+        protocol.dataReceived(body[:chunk])  # written on the reactor: it "stalls"
+        protocol.dataReceived(body[chunk : 2 * chunk])
+        self.assertEqual(harness.budget.used, chunk)
+        self.assertEqual(transport.producerState, "producing")
+        for offset in range(2 * chunk, size, chunk):
+            protocol.dataReceived(body[offset : offset + chunk])
+            if transport.producerState == "paused":
+                break
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(harness.budget.used, harness.budget.total)
+        self.assertEqual(transport.value(), b"")
+        while transport.producerState == "paused":
+            done, function, args = jobs.pop(0)
+            done.callback(function(*args))
+        # Resumed: the client sends the rest, which the worker writes.
+        protocol.dataReceived(body[offset + chunk :])
+        while jobs:
+            done, function, args = jobs.pop(0)
+            done.callback(function(*args))
+        self.assertEqual(answerOf(transport), {"got": True})
+        self.assertEqual(harness.budget.used, 0)
+
     def test_quickWritesStayOnTheReactor(self) -> None:
         """While writes are quick, the worker is never asked."""
         self.patch(spoolModule, "STALL_SECONDS", 60.0)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pyro_reactor.system.heap import TRIM_AFTER, HeapTrimmer, mallocTrim
 from pyro_reactor.wire.budget import MemoryBudget
@@ -137,3 +140,48 @@ class MallocTrimTests(SynchronousTestCase):
         blocks = [bytearray(100_000) for _ in range(200)]
         del blocks[::2]
         self.assertIn(trim(), (0, 1))
+
+
+_ARENAS_SCRIPT = """
+import ctypes, os, sys, threading
+from pyro_reactor.system.heap import singleArena
+if sys.argv[1] == "single":
+    assert singleArena()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+held = []
+together = threading.Barrier(4)
+def allocate():
+    # All four alive at once: an exited thread's arena would be handed to the next one.
+    together.wait()
+    held.append(libc.malloc(64 * 1024))
+    together.wait()
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(10)
+libc.malloc_stats()
+"""
+
+
+class SingleArenaTests(SynchronousTestCase):
+    """With C{singleArena}, worker threads allocate from the heap that a trim shrinks."""
+
+    def arenas(self, mode: str) -> int:
+        """How many arenas glibc reports after four threads allocated, in a fresh process."""
+        result = subprocess.run(
+            [sys.executable, "-c", _ARENAS_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return len(re.findall(r"^Arena \d+:", result.stderr, re.MULTILINE))
+
+    def test_threadsShareOneArena(self) -> None:
+        """Without it, threads get arenas of their own; with it, there is only the main one."""
+        if mallocTrim() is None:
+            raise SkipTest("the C library is not glibc")
+        self.assertGreater(self.arenas("default"), 1)
+        self.assertEqual(self.arenas("single"), 1)

@@ -17,11 +17,12 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
 from twisted.python.failure import Failure
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import MemoryBudget
 from pyro_reactor.wire.limits import EARLY_BYTES_LIMIT
 from pyro_reactor.wire.phases import Phase
 from pyro_reactor.wire.request import Request
 from pyro_reactor.wire.sender import PROGRESS_INTERVAL, logTransfer
-from pyro_reactor.wire.spool import BACKLOG_HIGH, InThread, UploadSpool
+from pyro_reactor.wire.spool import InThread, UploadSpool
 
 __all__ = ["Receiving"]
 
@@ -36,6 +37,7 @@ class Receiving:
     transport: ITransport | None
     clock: IReactorTime
     spoolDirectory: Path
+    budget: MemoryBudget
     writeInThread: InThread | None
     _phase: Phase
     _lost: bool
@@ -53,7 +55,11 @@ class Receiving:
     def _startBody(self, size: int) -> None:
         try:
             self._spool = UploadSpool(
-                self.spoolDirectory, size, self.writeInThread, self._spoolDrained
+                self.spoolDirectory,
+                size,
+                self.writeInThread,
+                self._spoolDrained,
+                self.budget.reserve(0, "an upload's bytes waiting for the disk"),
             )
         except ActionError as error:
             self._refuse(error)
@@ -74,7 +80,7 @@ class Receiving:
         if spool.remaining == 0:
             self._finishBody()
             return
-        if spool.backlog > BACKLOG_HIGH and not self._paused:
+        if spool.full and not self._paused:
             # The disk is slower than the client: stop reading until the writes catch up.
             self._paused = True
             cast(IPushProducer, self.transport).pauseProducing()

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyro_reactor.errors import ActionError
+from pyro_reactor.wire.budget import BudgetExceeded, Reservation
 
 log = Logger(namespace="pyro_reactor.wire.spool")
 
@@ -106,9 +107,11 @@ class UploadSpool:
 
     With ``inThread``, once a write on the reactor was slow (L{STALL_SECONDS}), the writes
     happen in worker threads, one batch at a time and in order, so that a slow disk never
-    blocks the reactor: L{backlog} says how many bytes wait to be written, and ``onDrained``
-    is called when it falls below L{BACKLOG_LOW} (the protocol pauses reading above
-    L{BACKLOG_HIGH}). Without it, each write happens at once.
+    blocks the reactor: L{backlog} says how many bytes wait to be written. They are held
+    from the memory budget through ``hold`` as they wait: L{full} says to stop reading (above
+    L{BACKLOG_HIGH}, or when the budget cannot hold them: an upload is slowed down by a full
+    budget, never refused by it), and ``onDrained`` is called once the writes have caught up
+    (below L{BACKLOG_LOW}, and all held). Without ``inThread``, each write happens at once.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class UploadSpool:
         size: int,
         inThread: InThread | None = None,
         onDrained: Callable[[], None] | None = None,
+        hold: Reservation | None = None,
     ) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,8 @@ class UploadSpool:
         self.backlog = 0
         self._inThread = inThread
         self._onDrained = onDrained
+        self._hold = hold
+        self._wasFull = False
         self._queue: list[bytes] = []
         self._writing = False
         self._error: ActionError | None = None
@@ -139,6 +145,22 @@ class UploadSpool:
     @property
     def received(self) -> int:
         return self.size - self.remaining
+
+    @property
+    def full(self) -> bool:
+        """Whether reading should stop until ``onDrained``: too much waits to be written,
+        or more than the memory budget could hold."""
+        held = self._hold.size if self._hold is not None else self.backlog
+        return self.backlog > BACKLOG_HIGH or held < self.backlog
+
+    def _holdBacklog(self) -> None:
+        """Hold the bytes waiting to be written from the budget, as many as it can give."""
+        if self._hold is None:
+            return
+        try:
+            self._hold.resize(self.backlog)
+        except BudgetExceeded:
+            self._hold.resize(min(self.backlog, self._hold.size + self._hold.budget.available))
 
     def write(self, data: bytes) -> int:
         """Keep the next bytes of the body; how many of ``data`` belonged to it."""
@@ -164,6 +186,8 @@ class UploadSpool:
             return len(chunk)
         self._queue.append(chunk)
         self.backlog += len(chunk)
+        self._holdBacklog()
+        self._wasFull = self._wasFull or self.full
         self._pump()
         return len(chunk)
 
@@ -182,12 +206,15 @@ class UploadSpool:
 
     def _written(self, size: int) -> None:
         self._writing = False
-        before, self.backlog = self.backlog, self.backlog - size
+        self.backlog -= size
+        self._holdBacklog()
         if self.path is None:
             self._close()  # discarded while the batch was being written
             return
-        if before >= BACKLOG_LOW > self.backlog and self._onDrained is not None:
-            self._onDrained()
+        if self._wasFull and self.backlog < BACKLOG_LOW and not self.full:
+            self._wasFull = False
+            if self._onDrained is not None:
+                self._onDrained()
         self._pump()
 
     def _failed(self, failure: Failure) -> None:
@@ -200,6 +227,7 @@ class UploadSpool:
         )
         self._queue = []
         self.backlog = 0
+        self._holdBacklog()
         self._settle()
 
     def _settle(self) -> None:
@@ -220,6 +248,8 @@ class UploadSpool:
             self.discard()
             finished.errback(spoolError(error, "spool the upload"))
             return
+        if self._hold is not None:
+            self._hold.release()
         path, self.path = self.path, None
         assert path is not None
         finished.callback(path)
@@ -245,6 +275,8 @@ class UploadSpool:
             self._close()
 
     def _close(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
