@@ -28,7 +28,14 @@ from pyro_reactor.wire.budget import MemoryBudget, ParseCost
 from pyro_reactor.wire.dispatch import Action, Dispatcher, HeldAnswer, StreamedAnswer
 from pyro_reactor.wire.protocol import RequestFactory, RequestProtocol, WireLimits
 from pyro_reactor.wire.request import Request, parseRequestLine
-from pyro_reactor.wire.sender import BoundedText, boundEncodedText, encodeAnswer
+from pyro_reactor.wire.sender import (
+    CHUNK,
+    AnswerSender,
+    BoundedText,
+    LinePieces,
+    boundEncodedText,
+    encodeAnswer,
+)
 from pyro_reactor.wire.spool import emptySpool
 from tests.helpers import reactor, startAgent
 from tests.test_protocol import drain
@@ -613,7 +620,31 @@ class EncodingTests(SynchronousTestCase):
                 chars = alphabet[:4] if pureAscii else alphabet
                 text = "".join(rng.choice(chars) for _ in range(size))
                 answer = {"path": "/w/x", "n": 3, "content": text, "ok": True, "more": text}
-                self.assertEqual(encodeAnswer(answer), (json.dumps(answer) + "\n").encode())
+                line = encodeAnswer(answer)
+                self.assertEqual(bytes(line), (json.dumps(answer) + "\n").encode())
+                self.assertEqual(len(line), len(bytes(line)))
+
+    def test_piecesSentWhole(self) -> None:
+        """A line kept in pieces (tiny and large ones) goes out byte for byte, in chunks of
+        at most L{CHUNK} gathered across pieces, as the transport asks for them."""
+        line = LinePieces()
+        expected = bytearray()
+        for index in range(40):
+            piece = bytes([65 + index % 26]) * (1 if index % 3 else 100_000)
+            line += piece
+            expected += piece
+        transport = StringTransport()
+        sender = AnswerSender(transport, Clock(), 10.0, line)
+        sent = sender.send()
+        writes = 0
+        while not sent.called:
+            before = len(transport.value())
+            sender.resumeProducing()
+            self.assertLessEqual(len(transport.value()) - before, CHUNK)
+            writes += 1
+        self.assertEqual(transport.value(), bytes(expected))
+        self.assertEqual(self.successResultOf(sent), len(expected))
+        self.assertLessEqual(writes, len(expected) // CHUNK + 2)
 
     def test_boundEncodedText(self) -> None:
         """A bounded text's JSON is within the limit, never cuts an escape, and is a prefix."""

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.request import Request
+from pyro_reactor.wire.sender import LinePieces
 
 log = Logger(namespace="pyro_reactor.wire.dispatch")
 
@@ -92,7 +93,7 @@ class EncodedAnswer:
     L{pyro_reactor.wire.sender.encodeAnswer}) saves a second trip to the pool.
     """
 
-    line: bytes | bytearray
+    line: bytes | bytearray | LinePieces
 
 
 def disposeAnswer(answer: object) -> None:

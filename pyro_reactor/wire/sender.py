@@ -40,21 +40,49 @@ SPLICE_CHARS = 4096
 
 _NEEDS_ESCAPE = bytes(range(0x20)) + b'"\\'
 
-Line = bytes | bytearray
-"""An encoded answer line (large ones are built in a bytearray, never copied to bytes)."""
+
+class LinePieces:
+    """An answer line kept as the pieces it was encoded in, never joined into one buffer.
+
+    A line grown in one buffer is copied each time the allocator cannot extend it in place,
+    and the old copies stay resident as holes in the heap until a trim: with 8 exec answers
+    encoded while other connections filled the heap, 30 MB more than the answers themselves
+    for 0.2 s. Pieces are each allocated once, at their size.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def __iadd__(self, data: bytes | bytearray) -> LinePieces:
+        if data:
+            self.pieces.append(bytes(data))
+            self.size += len(data)
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+Line = bytes | bytearray | LinePieces
+"""An encoded answer line (large ones are kept in pieces, see L{LinePieces})."""
 
 
 def encodeAnswer(answer: dict[str, Any]) -> Line:
     """One answer line, byte for byte as ``(json.dumps(answer) + "\\n").encode("utf-8")``.
 
-    An answer with long strings is built in one ``bytearray``: a long string that needs no
-    escaping is copied in as it is, any other is escaped a piece at a time. So a 16 MiB
-    output of replacement characters costs its 100 MB of JSON once, not three times over
+    An answer with long strings is built as L{LinePieces}: a long string that needs no
+    escaping is taken as it is, any other is escaped a piece at a time. So a 16 MiB output of
+    replacement characters costs its 100 MB of JSON once, not three times over
     (``json.dumps``'s string, the string with its newline, and the bytes).
     """
     if not any(isinstance(v, str) and len(v) >= SPLICE_CHARS for v in answer.values()):
         return (json.dumps(answer) + "\n").encode("utf-8")
-    line = bytearray(b"{")
+    line = LinePieces()
+    line += b"{"
     for index, (name, value) in enumerate(answer.items()):
         if index:
             line += b", "
@@ -70,12 +98,17 @@ def encodeAnswer(answer: dict[str, Any]) -> Line:
     return line
 
 
-def _appendText(line: bytearray, text: str) -> None:
+def _appendText(line: LinePieces, text: str) -> None:
     """Append ``text`` as JSON string content (without quotes), as json.dumps escapes it."""
     if text.isascii():
         data = text.encode("ascii")
-        # json.dumps escapes only control characters, '"' and '\\' in ASCII text.
-        if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
+        # json.dumps escapes only control characters, '"' and '\\' in ASCII text. Checked a
+        # slice at a time: translate copies what it checks.
+        if all(
+            len(piece := data[start : start + _CHECK_SLICE])
+            == len(piece.translate(None, _NEEDS_ESCAPE))
+            for start in range(0, len(data), _CHECK_SLICE)
+        ):
             line += data
             return
     for start in range(0, len(text), _BOUND_PIECE):
@@ -85,6 +118,7 @@ def _appendText(line: bytearray, text: str) -> None:
 
 
 _BOUND_PIECE = 64 * 1024
+_CHECK_SLICE = 1024 * 1024
 
 
 def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
@@ -238,7 +272,9 @@ class AnswerSender:
         self.clock = clock
         self.timeout = timeout
         self.sent = 0
-        self._line: memoryview | None = memoryview(line) if line else None
+        pieces = line.pieces if isinstance(line, LinePieces) else [line]
+        #: What is left of the line, last piece first (sent from the end of the list).
+        self._line: list[memoryview] = [memoryview(piece) for piece in reversed(pieces) if piece]
         self._handle = handle
         self._progress = progress
         self._done: Deferred[int] = Deferred()
@@ -272,9 +308,15 @@ class AnswerSender:
             self._done.callback(self.sent)
 
     def _next(self) -> bytes | OSError:
-        if self._line is not None:
-            chunk, rest = self._line[:CHUNK], self._line[CHUNK:]
-            self._line = rest if rest else None
+        if self._line:
+            # Up to CHUNK bytes, gathered across pieces (a line's pieces can be tiny).
+            chunk = bytearray()
+            while self._line and len(chunk) < CHUNK:
+                piece = self._line.pop()
+                taken = CHUNK - len(chunk)
+                chunk += piece[:taken]
+                if len(piece) > taken:
+                    self._line.append(piece[taken:])
             return bytes(chunk)
         if self._handle is not None:
             try:
@@ -308,5 +350,5 @@ class AnswerSender:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         self._ticker = None
-        self._line = None
+        self._line = []
         self.transport.unregisterProducer()  # type: ignore[attr-defined]
