@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -653,6 +653,29 @@ class AdoptionTests(ServiceTestCase):
         status = self.ask(registry, "status", service_name="gone")
         self.assertEqual((status["state"], status["exit_code"]), ("exited", 4))
         self.assertIsNotNone(status["ended_at"])
+
+    def test_leftoversGoneBeforeRecordsAreRewritten(self) -> None:
+        """Leftover temporary files are removed before any record is taken back: taking an
+        ended service back rewrites its record through such a file, which a later sweep
+        would pull from under the write (the write then fails and is retried)."""
+        context = self.context()
+        process = self.spawnElsewhere()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.record(context, "gone", pid=process.pid)
+        leftover = context.config.serviceRoot / ".gone.json.tmp"
+        leftover.write_text("{}")
+        seen: list[bool] = []
+
+        def inThread(function: Any, *args: Any) -> Deferred[Any]:
+            seen.append(leftover.exists())
+            return succeed(function(*args))
+
+        context.inThread = inThread  # type: ignore[method-assign]
+        self.registry(context)
+        self.assertEqual(seen, [False])
+        record = json.loads((context.config.serviceRoot / "gone.json").read_text())
+        self.assertEqual(record["state"], "exited")
 
     async def test_reusedPidIsNotAdopted(self) -> None:
         """A live pid whose start time differs is someone else: never signalled."""

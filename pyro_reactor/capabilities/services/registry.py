@@ -103,6 +103,9 @@ class Services(Service):
         # Synchronous on purpose: before the reactor serves a request, every recorded service
         # is known, so none can be started twice. A few small files on a tmpfs.
         makePrivateRoot(self.root)
+        # Leftovers first: taking a record back may write it anew, through a temporary file.
+        for temporary in self.root.glob(".*.tmp"):
+            temporary.unlink(missing_ok=True)
         for path in sorted(self.root.glob("*.json")):
             name = path.name[: -len(".json")]
             if SERVICE_NAME_RE.fullmatch(name) is None:
@@ -114,8 +117,6 @@ class Services(Service):
                 log.warn(
                     "cannot take service {service} back: {error}", service=name, error=str(error)
                 )
-        for temporary in self.root.glob(".*.tmp"):
-            temporary.unlink(missing_ok=True)
 
     def stopService(self) -> None:
         super().stopService()
