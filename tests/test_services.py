@@ -671,7 +671,7 @@ class AdoptionTests(ServiceTestCase):
             seen.append(leftover.exists())
             return succeed(function(*args))
 
-        context.inThread = inThread  # type: ignore[method-assign]
+        context.inThread = inThread  # type: ignore[method-assign,assignment]
         self.registry(context)
         self.assertEqual(seen, [False])
         record = json.loads((context.config.serviceRoot / "gone.json").read_text())
