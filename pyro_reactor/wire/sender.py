@@ -118,7 +118,7 @@ def _appendText(line: LinePieces, text: str) -> None:
 
 
 _BOUND_PIECE = 64 * 1024
-_CHECK_SLICE = 1024 * 1024
+_CHECK_SLICE = 64 * 1024
 
 
 def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
@@ -309,6 +309,14 @@ class AnswerSender:
 
     def _next(self) -> bytes | OSError:
         if self._line:
+            piece = self._line[-1]
+            if len(piece) >= CHUNK or len(self._line) == 1:
+                # The common case (one big piece): one copy, as for a line kept whole.
+                if len(piece) > CHUNK:
+                    self._line[-1] = piece[CHUNK:]
+                else:
+                    self._line.pop()
+                return bytes(piece[:CHUNK])
             # Up to CHUNK bytes, gathered across pieces (a line's pieces can be tiny).
             chunk = bytearray()
             while self._line and len(chunk) < CHUNK:
