@@ -99,6 +99,33 @@ class AttachStreamTests(SynchronousTestCase):
         )
         self.assertTrue(transport.disconnecting)
 
+    def test_eventsAreJsonDumpsBytes(self) -> None:
+        """Whether a chunk is plain ASCII (spliced in) or not (decoded): every event line is
+        byte for byte what json.dumps writes, and the texts put together are the output's."""
+        data = (
+            b"a" * (CHUNK - 1)
+            + "\u00e9".encode()  # cut in two by the end of the first chunk
+            + b'quote " backslash \\ tab \t cr \r lf \n' * 5000
+            + b"\x1b[31mred\x1b[0m \x7f\n" * 20000
+            + b"plain line\n" * 30000
+        )
+        job = self.makeJob(data)
+        transport = StringTransport()
+        stream = AttachStream(job, job, 0, 0, "text")  # type: ignore[arg-type]
+        stream.makeConnection(transport)
+        job.machine.current = "exited"
+        stream.pump()
+        lines = transport.value().splitlines()
+        text = ""
+        for line in lines:
+            event = json.loads(line)
+            self.assertEqual(line, json.dumps(event, ensure_ascii=False).encode())
+            if event["event"] == "output":
+                self.assertEqual(event["offset"], len(text.encode()))
+                text += event["data"]
+        self.assertEqual(text, data.decode())
+        self.assertEqual(json.loads(lines[-1])["event"], "exit")
+
     def test_characterNeverSplit(self) -> None:
         """A character cut by the end of what was written waits for its other bytes; an
         incomplete one at the very end becomes U+FFFD."""

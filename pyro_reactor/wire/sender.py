@@ -117,6 +117,30 @@ def _appendText(line: LinePieces, text: str) -> None:
         line += json.dumps(text[start : start + _BOUND_PIECE])[1:-1].encode("ascii")
 
 
+#: Control characters that json.dumps writes as ``\\b``, ``\\f`` or ``\\u00XX``: bytes with
+#: any of them take the general path in L{asciiJsonText}.
+_UNUSUAL_CONTROLS = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
+
+
+def asciiJsonText(data: bytes) -> bytes | None:
+    """``data``'s JSON string content (without quotes) exactly as ``json.dumps`` writes it,
+    for ASCII text whose only control characters are tabs and line breaks; C{None} for any
+    other bytes (the caller then decodes and escapes them as usual).
+
+    A few C passes over the bytes and no decoding: a 256 KiB chunk of command output costs
+    ~0.2 ms this way, ~1 ms through ``str`` and ``json.dumps``.
+    """
+    if not data.isascii() or len(data.translate(None, _UNUSUAL_CONTROLS)) != len(data):
+        return None
+    return (
+        data.replace(b"\\", b"\\\\")
+        .replace(b'"', b'\\"')
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+        .replace(b"\t", b"\\t")
+    )
+
+
 _BOUND_PIECE = 64 * 1024
 _CHECK_SLICE = 64 * 1024
 

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pyro_reactor.errors import ActionError
 from pyro_reactor.wire.budget import MemoryBudget
+from pyro_reactor.wire.sender import asciiJsonText
 
 if TYPE_CHECKING:
     from pyro_reactor.capabilities.jobs.registry import Job, Jobs
@@ -116,6 +117,13 @@ class AttachStream(Protocol):
         assert self.transport is not None
         self.transport.write(json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n")
 
+    def _sendOutput(self, name: str, offset: int, escaped: bytes) -> None:
+        """An ``output`` event whose data is already JSON string content (``escaped``),
+        byte for byte as L{send} would write it."""
+        assert self.transport is not None
+        head = f'{{"event": "output", "stream": "{name}", "offset": {offset}, "data": "'
+        self.transport.write(b"".join((head.encode("ascii"), escaped, b'"}\n')))
+
     # -- output --------------------------------------------------------------------------
 
     def pump(self) -> None:
@@ -183,16 +191,17 @@ class AttachStream(Protocol):
     def _emit(self, name: str, cursor: _Cursor, data: bytes, final: bool) -> None:
         if cursor.decoder is None:
             if data:
-                self.send(
-                    {
-                        "event": "output",
-                        "stream": name,
-                        "offset": cursor.eventOffset,
-                        "data": base64.b64encode(data).decode("ascii"),
-                    }
-                )
+                self._sendOutput(name, cursor.eventOffset, base64.b64encode(data))
                 cursor.eventOffset += len(data)
             return
+        if data and not cursor.decoder.getstate()[0]:
+            # Plain ASCII text (most output) needs no decoding: its JSON is spliced in, the
+            # same bytes json.dumps would write, at a fifth of the cost.
+            escaped = asciiJsonText(data)
+            if escaped is not None:
+                self._sendOutput(name, cursor.eventOffset, escaped)
+                cursor.eventOffset = cursor.offset
+                return
         text = cursor.decoder.decode(data, final)
         covered = cursor.offset - len(cursor.decoder.getstate()[0])
         if text:
