@@ -24,7 +24,6 @@ from zope.interface import implementer
 from pyro_reactor._version import __version__
 from pyro_reactor.agent import buildFactory
 from pyro_reactor.context import AgentConfig, AgentContext
-from pyro_reactor.system.collector import freezeStartupObjects
 from pyro_reactor.system.heap import singleArena
 
 log = Logger(namespace="pyro_reactor.tap")
@@ -319,8 +318,6 @@ def makeService(options: Options) -> IService:
         config=config, reactor=reactor, threadPool=pool, startedAt=reactor.seconds()
     )
     context.services.setServiceParent(top)
-    # Once running, services started: what start-up made lives as long as the agent.
-    reactor.callWhenRunning(reactor.callLater, 0, freezeStartupObjects)
     factory = buildFactory(context)
     for description in options["listen"]:
         endpoint = serverFromString(reactor, withBacklog(description))

@@ -99,21 +99,6 @@ class TwistdTests(TestCase):
         self.assertEqual([e["outcome"] for e in requests], ["ok", "error"])
         self.assertIsInstance(requests[0]["duration_ms"], float)
 
-    def test_startupObjectsFrozen(self) -> None:
-        """Once serving, the agent keeps what start-up made (tens of thousands of objects) out
-        of the garbage collector's full passes, and says how many."""
-        port = freePort()
-        process, base = self.startTwistd(
-            "--logger=pyro_reactor.logs.observer", "--listen", f"tcp:{port}:interface=127.0.0.1"
-        )
-        ask(tcpConnector(port), {"action": "ping"})
-        process.send_signal(signal.SIGTERM)
-        process.wait(10)
-        events = [json.loads(line) for line in (base / "twistd.log").read_text().splitlines()]
-        frozen = [e["frozen"] for e in events if "frozen" in e]
-        self.assertEqual(len(frozen), 1)
-        self.assertGreater(frozen[0], 10_000)
-
     def test_badOption(self) -> None:
         """A bad option is reported and the agent does not start."""
         result = subprocess.run(
