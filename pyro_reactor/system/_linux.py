@@ -15,7 +15,7 @@ import errno
 import functools
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyro_reactor.system.fds import DIRECTORY_FLAGS
@@ -68,18 +68,29 @@ def libc() -> ctypes.CDLL | None:
         return None
 
 
+def libcFunction(name: str, argtypes: Sequence[Any] | None, restype: Any) -> Any:
+    """The C library's function C{name}, typed; C{None} where there is no such function (no C
+    library, or one without it, as musl has no ``malloc_trim``)."""
+    library = libc()
+    try:
+        function = getattr(library, name) if library is not None else None
+    except AttributeError:
+        return None
+    if function is None:
+        return None
+    if argtypes is not None:
+        function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
 @functools.cache
 def openat2Function() -> Openat2 | None:
     """This machine's ``openat2(dirfd, path, flags, resolve)``, or ``None`` if it has none."""
     number = _OPENAT2_SYSCALLS.get(platform.machine())
-    library = libc()
-    if number is None or library is None:
+    syscall = libcFunction("syscall", None, ctypes.c_long) if number is not None else None
+    if number is None or syscall is None:
         return None
-    try:
-        syscall = library.syscall
-    except AttributeError:
-        return None
-    syscall.restype = ctypes.c_long
     return probedOpenat2(syscall, number)
 
 
@@ -122,22 +133,11 @@ _RENAME_EXCHANGE = 2
 
 @functools.cache
 def _renameat2() -> Any:
-    library = libc()
-    try:
-        function = library.renameat2 if library is not None else None
-    except AttributeError:
-        return None
-    if function is None:
-        return None
-    function.argtypes = (
+    return libcFunction(
+        "renameat2",
+        (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint),
         ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
     )
-    function.restype = ctypes.c_int
-    return function
 
 
 def exchange(dirfd: int, first: str, second: str) -> bool:

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyro_reactor.system._linux import libc
+from pyro_reactor.system._linux import libcFunction
 
 log = Logger(namespace="pyro_reactor.system.heap")
 
@@ -40,31 +40,17 @@ M_ARENA_MAX = -8
 
 def mallocTrim() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)``, or C{None} where the C library has none (musl)."""
-    library = libc()
-    try:
-        trim = library.malloc_trim if library is not None else None
-    except AttributeError:
-        return None
+    trim = libcFunction("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
     if trim is None:
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     return lambda: trim(0)
 
 
 def singleArena() -> bool:
     """Have threads started from now on allocate from glibc's main arena (see the module's
     docstring); C{False} where the C library has no ``mallopt`` (musl) or refuses."""
-    library = libc()
-    try:
-        mallopt = library.mallopt if library is not None else None
-    except AttributeError:
-        return False
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, 1))
+    mallopt = libcFunction("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
 class HeapTrimmer(Service):

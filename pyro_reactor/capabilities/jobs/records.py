@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_reactor.system._linux import libc
+from pyro_reactor.system._linux import libcFunction
 
 #: Record fields kept on disk but not shown in answers.
 PRIVATE_FIELDS = frozenset({"runner_pid", "runner_start_ticks", "cgroup_path", "timeout_seconds"})
@@ -159,11 +159,11 @@ def firstKept(fd: int) -> int:
 
 @functools.cache
 def _fallocate() -> Any:
-    library = libc()
-    if library is None:
+    function = libcFunction(
+        "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int
+    )
+    if function is None:
         raise OSError(errno.ENOSYS, "no C library to call fallocate through")
-    function = library.fallocate
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return function
 
 
