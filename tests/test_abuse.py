@@ -612,17 +612,23 @@ class EncodingTests(SynchronousTestCase):
     """The answer encoder is byte for byte ``json.dumps``; output bounds hold when encoded."""
 
     def test_sameBytesAsJsonDumps(self) -> None:
-        """Spliced or not, every answer encodes exactly as ``json.dumps`` does."""
+        """Spliced or not, every answer encodes exactly as ``json.dumps`` does, and gathered
+        output is bounded by that same size."""
         rng = random.Random(7)
         alphabet = 'ab+/=0 \n\t"\\\x00\x7fé\U0001f600'
         for size in (0, 10, 5000, 70_000):
-            for pureAscii in (True, False):
-                chars = alphabet[:4] if pureAscii else alphabet
+            # Plain ASCII; with DEL (\u007f in an answer) as its only escape; ASCII with
+            # escapes; any text.
+            for chars in (alphabet[:4], alphabet[:4] + "\x7f", alphabet[:-2], alphabet):
                 text = "".join(rng.choice(chars) for _ in range(size))
                 answer = {"path": "/w/x", "n": 3, "content": text, "ok": True, "more": text}
                 line = encodeAnswer(answer)
                 self.assertEqual(bytes(line), (json.dumps(answer) + "\n").encode())
                 self.assertEqual(len(line), len(bytes(line)))
+                # Output gathered for an answer counts the same JSON size.
+                gathered = BoundedText(1 << 30)
+                gathered.feed(text)
+                self.assertEqual(gathered.size, len(json.dumps(text)) - 2)
 
     def test_piecesSentWhole(self) -> None:
         """A line kept in pieces (tiny and large ones) goes out byte for byte, in chunks of

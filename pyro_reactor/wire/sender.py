@@ -38,7 +38,8 @@ PROGRESS_INTERVAL = 5.0
 SPLICE_CHARS = 4096
 """Top-level strings at least this long are checked for a raw splice instead of escaped."""
 
-_NEEDS_ESCAPE = bytes(range(0x20)) + b'"\\'
+_BOUND_PIECE = 64 * 1024
+"""Characters of text escaped at a time (a bound on the copies one escape step makes)."""
 
 
 class LinePieces:
@@ -99,38 +100,41 @@ def encodeAnswer(answer: dict[str, Any]) -> Line:
 
 
 def _appendText(line: LinePieces, text: str) -> None:
-    """Append ``text`` as JSON string content (without quotes), as json.dumps escapes it."""
-    if text.isascii():
-        data = text.encode("ascii")
-        # json.dumps escapes only control characters, '"' and '\\' in ASCII text. Checked a
-        # slice at a time: translate copies what it checks.
-        if all(
-            len(piece := data[start : start + _CHECK_SLICE])
-            == len(piece.translate(None, _NEEDS_ESCAPE))
-            for start in range(0, len(data), _CHECK_SLICE)
-        ):
-            line += data
-            return
+    """Append ``text`` as JSON string content (without quotes), as json.dumps escapes it.
+
+    A piece at a time (a piece's escapes are the same inside the whole text: escaping is per
+    character, and a surrogate pair is one character in a str); plain ASCII pieces through
+    L{asciiJsonText}, which needs no decoding and no ``str`` of the escaped piece.
+    """
+    data = text.encode("ascii") if text.isascii() else None
     for start in range(0, len(text), _BOUND_PIECE):
-        # Escaping is per character (a surrogate pair is one character in a str), so the
-        # pieces' escapes put together are the whole text's.
-        line += json.dumps(text[start : start + _BOUND_PIECE])[1:-1].encode("ascii")
+        escaped = asciiJsonText(data[start : start + _BOUND_PIECE]) if data is not None else None
+        if escaped is None:
+            escaped = json.dumps(text[start : start + _BOUND_PIECE])[1:-1].encode("ascii")
+        line += escaped
 
 
-#: Control characters that json.dumps writes as ``\\b``, ``\\f`` or ``\\u00XX``: bytes with
-#: any of them take the general path in L{asciiJsonText}.
-_UNUSUAL_CONTROLS = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
+#: What json.dumps escapes in ASCII text: control characters, ``"``, ``\\``, and DEL (which
+#: it writes as ``\\u007f`` with ``ensure_ascii``, the answers' encoding).
+_NEEDS_ESCAPE = bytes(range(0x20)) + b'"\\\x7f'
+#: Characters json.dumps writes as ``\\b``, ``\\f`` or ``\\u00XX``: bytes with any of them
+#: take the general path in L{asciiJsonText}.
+_UNUSUAL_CONTROLS = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)) + b"\x7f"
 
 
 def asciiJsonText(data: bytes) -> bytes | None:
     """``data``'s JSON string content (without quotes) exactly as ``json.dumps`` writes it,
-    for ASCII text whose only control characters are tabs and line breaks; C{None} for any
-    other bytes (the caller then decodes and escapes them as usual).
+    with or without ``ensure_ascii``, for printable ASCII text with tabs and line breaks;
+    C{None} for any other bytes (the caller then decodes and escapes them as usual).
 
     A few C passes over the bytes and no decoding: a 256 KiB chunk of command output costs
     ~0.2 ms this way, ~1 ms through ``str`` and ``json.dumps``.
     """
-    if not data.isascii() or len(data.translate(None, _UNUSUAL_CONTROLS)) != len(data):
+    if not data.isascii():
+        return None
+    if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
+        return data  # nothing to escape (base64, text without line breaks): one pass
+    if len(data.translate(None, _UNUSUAL_CONTROLS)) != len(data):
         return None
     return (
         data.replace(b"\\", b"\\\\")
@@ -139,10 +143,6 @@ def asciiJsonText(data: bytes) -> bytes | None:
         .replace(b"\r", b"\\r")
         .replace(b"\t", b"\\t")
     )
-
-
-_BOUND_PIECE = 64 * 1024
-_CHECK_SLICE = 64 * 1024
 
 
 def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
@@ -189,10 +189,10 @@ class BoundedText:
     def feed(self, text: str) -> None:
         if self.truncated or not text:
             return
-        if text.isascii() and len(text) <= self.limit - self.size:
-            data = text.encode("ascii")
-            if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
-                self._keep(text, len(text), False)
+        if text.isascii():
+            escaped = asciiJsonText(text.encode("ascii"))
+            if escaped is not None and len(escaped) <= self.limit - self.size:
+                self._keep(text, len(escaped), False)
                 return
         kept, cut = boundEncodedText(text, self.limit - self.size)
         self._keep(kept, len(json.dumps(kept)) - 2, cut)
