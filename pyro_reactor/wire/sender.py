@@ -333,23 +333,18 @@ class AnswerSender:
 
     def _next(self) -> bytes | OSError:
         if self._line:
-            piece = self._line[-1]
-            if len(piece) >= CHUNK or len(self._line) == 1:
-                # The common case (one big piece): one copy, as for a line kept whole.
-                if len(piece) > CHUNK:
-                    self._line[-1] = piece[CHUNK:]
-                else:
-                    self._line.pop()
-                return bytes(piece[:CHUNK])
-            # Up to CHUNK bytes, gathered across pieces (a line's pieces can be tiny).
-            chunk = bytearray()
-            while self._line and len(chunk) < CHUNK:
+            # Up to CHUNK bytes, gathered across pieces (a line's pieces can be tiny) and
+            # copied once.
+            views: list[memoryview] = []
+            room = CHUNK
+            while self._line and room:
                 piece = self._line.pop()
-                taken = CHUNK - len(chunk)
-                chunk += piece[:taken]
-                if len(piece) > taken:
-                    self._line.append(piece[taken:])
-            return bytes(chunk)
+                if len(piece) > room:
+                    self._line.append(piece[room:])
+                    piece = piece[:room]
+                views.append(piece)
+                room -= len(piece)
+            return b"".join(views)
         if self._handle is not None:
             try:
                 return self._handle.read(CHUNK)
