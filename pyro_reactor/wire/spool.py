@@ -110,8 +110,9 @@ class UploadSpool:
     blocks the reactor: L{backlog} says how many bytes wait to be written. They are held
     from the memory budget through ``hold`` as they wait: L{full} says to stop reading (above
     L{BACKLOG_HIGH}, or when the budget cannot hold them: an upload is slowed down by a full
-    budget, never refused by it), and ``onDrained`` is called once the writes have caught up
-    (below L{BACKLOG_LOW}, and all held). Without ``inThread``, each write happens at once.
+    budget, never refused by it), and ``onDrained`` is called each time a batch written
+    leaves the writes caught up (below L{BACKLOG_LOW}, and all held). Without ``inThread``,
+    each write happens at once.
     """
 
     def __init__(
@@ -135,7 +136,6 @@ class UploadSpool:
         self._inThread = inThread
         self._onDrained = onDrained
         self._hold = hold
-        self._wasFull = False
         self._queue: list[bytes] = []
         self._writing = False
         self._error: ActionError | None = None
@@ -187,7 +187,6 @@ class UploadSpool:
         self._queue.append(chunk)
         self.backlog += len(chunk)
         self._holdBacklog()
-        self._wasFull = self._wasFull or self.full
         self._pump()
         return len(chunk)
 
@@ -211,10 +210,8 @@ class UploadSpool:
         if self.path is None:
             self._close()  # discarded while the batch was being written
             return
-        if self._wasFull and self.backlog < BACKLOG_LOW and not self.full:
-            self._wasFull = False
-            if self._onDrained is not None:
-                self._onDrained()
+        if self.backlog < BACKLOG_LOW and not self.full and self._onDrained is not None:
+            self._onDrained()  # the protocol resumes reading if it had paused
         self._pump()
 
     def _failed(self, failure: Failure) -> None:
