@@ -473,6 +473,26 @@ class SpoolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class QueuedWorker:
+    """A worker-thread stand-in: queues each call, runs them (in order) when told to."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, function: Any, *args: Any) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.jobs.append((done, function, args))
+        return done
+
+    def runNext(self) -> None:
+        done, function, args = self.jobs.pop(0)
+        done.callback(function(*args))
+
+    def runAll(self) -> None:
+        while self.jobs:
+            self.runNext()
+
+
 class ThreadedSpoolTests(SynchronousTestCase):
     """Once a write on the reactor stalls, upload bodies are written off the reactor, in
     order, with backpressure."""
@@ -487,20 +507,11 @@ class ThreadedSpoolTests(SynchronousTestCase):
         mark, resumes when the writes catch up, and the handler runs only once every byte is
         on disk."""
         harness = Harness(self)
-        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
-
-        def inThread(function: Any, *args: Any) -> Deferred[None]:
-            done: Deferred[None] = Deferred()
-            jobs.append((done, function, args))
-            return done
-
-        def runJob() -> None:
-            done, function, args = jobs.pop(0)
-            done.callback(function(*args))
+        worker = QueuedWorker()
 
         size = 8 * 1024 * 1024
         protocol = RequestProtocol(
-            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=worker
         )
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -511,8 +522,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
             if offset == 6 * 1024 * 1024:
                 self.assertEqual(transport.producerState, "paused")
         self.assertEqual(transport.value(), b"")
-        while jobs:
-            runJob()
+        worker.runAll()
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(list(harness.spool.iterdir()), [])
@@ -522,12 +532,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
         hold more, the upload is paused rather than refused, and it completes (with every
         byte held given back) once the writes catch up."""
         harness = Harness(self, budget=5 * 512 * 1024)
-        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
-
-        def inThread(function: Any, *args: Any) -> Deferred[None]:
-            done: Deferred[None] = Deferred()
-            jobs.append((done, function, args))
-            return done
+        worker = QueuedWorker()
 
         size = 4 * 1024 * 1024
         protocol = RequestProtocol(
@@ -536,7 +541,7 @@ class ThreadedSpoolTests(SynchronousTestCase):
             harness.spool,
             1000,
             10.0,
-            writeInThread=inThread,
+            writeInThread=worker,
             budget=harness.budget,
         )
         transport = StringTransport()
@@ -556,13 +561,10 @@ class ThreadedSpoolTests(SynchronousTestCase):
         self.assertEqual(harness.budget.used, harness.budget.total)
         self.assertEqual(transport.value(), b"")
         while transport.producerState == "paused":
-            done, function, args = jobs.pop(0)
-            done.callback(function(*args))
+            worker.runNext()
         # Resumed: the client sends the rest, which the worker writes.
         protocol.dataReceived(body[offset + chunk :])
-        while jobs:
-            done, function, args = jobs.pop(0)
-            done.callback(function(*args))
+        worker.runAll()
         self.assertEqual(answerOf(transport), {"got": True})
         self.assertEqual(harness.budget.used, 0)
 
@@ -588,23 +590,17 @@ class ThreadedSpoolTests(SynchronousTestCase):
         """A client that leaves while its body is being written leaves no file behind, and
         the descriptor is closed only after the write in flight."""
         harness = Harness(self)
-        jobs: list[tuple[Deferred[None], Any, tuple[Any, ...]]] = []
-
-        def inThread(function: Any, *args: Any) -> Deferred[None]:
-            done: Deferred[None] = Deferred()
-            jobs.append((done, function, args))
-            return done
+        worker = QueuedWorker()
 
         protocol = RequestProtocol(
-            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=inThread
+            harness.dispatcher, harness.clock, harness.spool, 1000, 10.0, writeInThread=worker
         )
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b'{"action": "upload", "archive_size": 10}\nabc')
         protocol.dataReceived(b"def")
         protocol.connectionLost()
         self.assertEqual(list(harness.spool.iterdir()), [])
-        done, function, args = jobs.pop()
-        done.callback(function(*args))
+        worker.runNext()
         self.assertEqual(list(harness.spool.iterdir()), [])
 
 
