@@ -114,12 +114,12 @@ def _appendText(line: LinePieces, text: str) -> None:
         line += escaped
 
 
-#: What json.dumps escapes in ASCII text: control characters, ``"``, ``\\``, and DEL (which
-#: it writes as ``\\u007f`` with ``ensure_ascii``, the answers' encoding).
-_NEEDS_ESCAPE = bytes(range(0x20)) + b'"\\\x7f'
-#: Characters json.dumps writes as ``\\b``, ``\\f`` or ``\\u00XX``: bytes with any of them
-#: take the general path in L{asciiJsonText}.
+#: Characters json.dumps writes as ``\\b``, ``\\f`` or ``\\u00XX`` (DEL too, with
+#: ``ensure_ascii``, the answers' encoding): bytes with any of them take the general path in
+#: L{asciiJsonText}.
 _UNUSUAL_CONTROLS = bytes(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)) + b"\x7f"
+#: How json.dumps writes the other characters it escapes in ASCII text, backslash first.
+_ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\t", b"\\t"))
 
 
 def asciiJsonText(data: bytes) -> bytes | None:
@@ -130,19 +130,12 @@ def asciiJsonText(data: bytes) -> bytes | None:
     A few C passes over the bytes and no decoding: a 256 KiB chunk of command output costs
     ~0.2 ms this way, ~1 ms through ``str`` and ``json.dumps``.
     """
-    if not data.isascii():
+    if not data.isascii() or len(data.translate(None, _UNUSUAL_CONTROLS)) != len(data):
         return None
-    if len(data.translate(None, _NEEDS_ESCAPE)) == len(data):
-        return data  # nothing to escape (base64, text without line breaks): one pass
-    if len(data.translate(None, _UNUSUAL_CONTROLS)) != len(data):
-        return None
-    return (
-        data.replace(b"\\", b"\\\\")
-        .replace(b'"', b'\\"')
-        .replace(b"\n", b"\\n")
-        .replace(b"\r", b"\\r")
-        .replace(b"\t", b"\\t")
-    )
+    for raw, escaped in _ESCAPES:
+        if raw in data:  # a fast scan; a replace that finds nothing costs far more
+            data = data.replace(raw, escaped)
+    return data
 
 
 def boundEncodedText(text: str, limit: int) -> tuple[str, bool]:
