@@ -355,7 +355,13 @@ print(json.dumps({"latencies": latencies, "times": times, "failures": failures})
 class Pinger:
     """Pings the agent every ``interval`` seconds from a separate process (so that the
     benchmark's own threads cannot delay it): latencies in ms, when each ping was sent (s
-    from the start), failures."""
+    from the start), failures.
+
+    The process leads a session of its own. It stands for the host, which does not share the
+    guest's CPUs: in the benchmark's session it shared a scheduler autogroup with the
+    benchmark's busy readers, and waited for a CPU up to 53 ms after the agent had already
+    answered and closed (seen with 200 jobs printing, each attached).
+    """
 
     def __init__(self, port: int, interval: float = 0.02) -> None:
         self.port = port
@@ -371,6 +377,7 @@ class Pinger:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         return self
 

@@ -25,6 +25,7 @@ from pyro_reactor._version import __version__
 from pyro_reactor.agent import buildFactory
 from pyro_reactor.context import AgentConfig, AgentContext
 from pyro_reactor.system.heap import singleArena
+from pyro_reactor.system.responsiveness import AUTOGROUP_NICE, Responsiveness
 
 log = Logger(namespace="pyro_reactor.tap")
 
@@ -44,6 +45,13 @@ def _positive(kind: type[int] | type[float]) -> Any:
         return value
 
     return parse
+
+
+def _nice(text: str) -> int:
+    value = int(text)
+    if not -20 <= value <= 19:
+        raise ValueError(f"must be from -20 to 19, not {text}")
+    return value
 
 
 def _relayHosts(text: str) -> str:
@@ -219,6 +227,14 @@ class Options(usage.Options):
             "Jobs kept at most (the oldest ended ones go first).",
             _positive(int),
         ],
+        [
+            "autogroup-nice",
+            None,
+            AUTOGROUP_NICE,
+            "Nice value (-20 to 19) of the scheduler autogroup of the session the agent leads,"
+            " so that it answers promptly while its jobs keep the CPUs busy (0: the default).",
+            _nice,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -322,6 +338,8 @@ def makeService(options: Options) -> IService:
     for description in options["listen"]:
         endpoint = serverFromString(reactor, withBacklog(description))
         ListeningService(description, endpoint, factory).setServiceParent(top)
+    # Last, so that what the other services build at start-up is frozen with the rest.
+    Responsiveness(options["autogroup-nice"]).setServiceParent(top)
     log.info(
         "pyro-agent {version} serving workspace {workspace}, state in {state}",
         version=__version__,

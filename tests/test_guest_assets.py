@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import pyro_reactor.guest
 from tests.vm.guest_checks import alive
@@ -92,6 +93,19 @@ class InitScriptTests(SynchronousTestCase):
         status = self.script("status")
         self.assertEqual(status.returncode, 0)
         self.assertIn(f"agent {pid}", status.stdout)
+
+    def test_agentLeadsItsSession(self) -> None:
+        """The agent leads a session of its own (its scheduler autogroup is its own to weigh),
+        under the pid the supervisor waits for and ``stop`` signals."""
+        if shutil.which("setsid") is None:
+            raise SkipTest("no setsid program here")
+        self.script("start")
+        pid = self.agentPid()
+        self.assertEqual(os.getsid(pid), pid)
+        supervisor = int((self.root / "pyro-agent.supervisor.pid").read_text())
+        self.assertNotEqual(os.getsid(supervisor), pid)
+        self.assertEqual(self.script("stop").returncode, 0)
+        self.assertFalse(alive(pid))
 
     def test_killedAgentIsStartedAgain(self) -> None:
         """SIGKILL to the agent: the supervisor starts a new one; the log says why."""
