@@ -31,7 +31,16 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ is None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import OURS, Agent, Bench, BenchError, Row, freePort, percentile
+from benchmarks.harness import (
+    OURS,
+    Agent,
+    Bench,
+    BenchError,
+    BenchSkipped,
+    Row,
+    freePort,
+    percentile,
+)
 
 NAME = "relay"
 ORDER = 95
@@ -96,7 +105,7 @@ class Paths:
 
     def __init__(self, bench: Bench) -> None:
         if shutil.which("socat") is None:
-            raise BenchError("socat is not installed (apt-get install socat)")
+            raise BenchSkipped("socat is not installed (apt-get install socat)")
         self.processes: list[subprocess.Popen[bytes]] = []
         server = subprocess.Popen(
             [sys.executable, __file__, "serve"],

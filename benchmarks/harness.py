@@ -42,6 +42,11 @@ class BenchError(Exception):
     """A benchmark could not measure what it meant to (an agent died, answered wrongly...)."""
 
 
+class BenchSkipped(Exception):
+    """A section cannot run on this machine (a program it compares against is missing): said
+    under the table, not a failure of the run."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the result table. ``goal`` is the largest acceptable ratio ours/reference."""

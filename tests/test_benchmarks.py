@@ -6,10 +6,22 @@ tests keep the parts that decide what gets reported honest.
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
-from benchmarks.harness import Row, percentile
-from benchmarks.run import sections, table
+from benchmarks.harness import Bench, BenchError, BenchSkipped, Row, percentile
+from benchmarks.run import Section, runSections, sections, table
+
+
+def _section(name: str, run: Any) -> Section:
+    module = ModuleType(f"benchmarks.bench_{name}")
+    module.run = run  # type: ignore[attr-defined]
+    return Section(name, 50, module)
 
 
 class StatisticsTests(SynchronousTestCase):
@@ -59,3 +71,24 @@ class RunnerTests(SynchronousTestCase):
         self.assertIn("0.100x", lines[3])
         self.assertTrue(lines[3].endswith("MISSED"))
         self.assertIn("- exec p50: 500 requests", lines)
+
+    def test_skippedAndFailedSectionsDoNotStopTheRun(self) -> None:
+        """A section that cannot run here (a missing program) is skipped with its reason, one
+        that fails is a failure; the sections after either still run and give their rows."""
+
+        def missing(bench: Bench) -> list[Row]:
+            raise BenchSkipped("socat is not installed")
+
+        def broken(bench: Bench) -> list[Row]:
+            raise BenchError("the agent died")
+
+        def fine(bench: Bench) -> list[Row]:
+            return [Row("ping", "ms", 0.4, None)]
+
+        bench = Bench(Path("."), Path(self.mktemp()), Path("/nonexistent"))
+        chosen = [_section("relay", missing), _section("exec", broken), _section("ok", fine)]
+        with contextlib.redirect_stderr(io.StringIO()):
+            outcome = runSections(bench, chosen, 0.0)
+        self.assertEqual(outcome.rows, [Row("ping", "ms", 0.4, None)])
+        self.assertEqual(outcome.skipped, ["relay: socat is not installed"])
+        self.assertEqual(outcome.failures, ["exec: the agent died"])
