@@ -74,14 +74,21 @@ def parseRequestLine(line: bytes | bytearray) -> Request:
     return Request(payload)
 
 
+def checkedName(text: str, pattern: re.Pattern[str], what: str) -> str:
+    """C{text} without surrounding blanks, checked as the reference checks a name: an error
+    "C{what} is required" when nothing is left, "C{what} is invalid" unless C{pattern}
+    matches all of it."""
+    name = text.strip()
+    if name == "":
+        raise ActionError(f"{what} is required")
+    if pattern.fullmatch(name) is None:
+        raise ActionError(f"{what} is invalid")
+    return name
+
+
 def normalizeEnvName(name: str) -> str:
     """Check an environment variable (or secret) name as the reference does."""
-    normalized = name.strip()
-    if normalized == "":
-        raise ActionError("secret name is required")
-    if ENV_NAME_RE.fullmatch(normalized) is None:
-        raise ActionError("secret name is invalid")
-    return normalized
+    return checkedName(name, ENV_NAME_RE, "secret name")
 
 
 @dataclass

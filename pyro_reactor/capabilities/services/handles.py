@@ -16,8 +16,8 @@ from typing import Any
 from pyro_reactor.capabilities.services._machine import ServiceCore, ServiceInput
 from pyro_reactor.capabilities.services.records import ServiceFiles
 from pyro_reactor.capabilities.services.units import SessionUnit, UnitGroup
-from pyro_reactor.errors import ActionError
 from pyro_reactor.system.unitcgroups import CgroupUnit, unitCgroups
+from pyro_reactor.wire.request import checkedName
 
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -26,12 +26,7 @@ Record = dict[str, Any]
 
 def normalizeServiceName(text: str) -> str:
     """A request's ``service_name``, checked with the reference's rule and messages."""
-    name = text.strip()
-    if name == "":
-        raise ActionError("service_name is required")
-    if SERVICE_NAME_RE.fullmatch(name) is None:
-        raise ActionError("service_name is invalid")
-    return name
+    return checkedName(text, SERVICE_NAME_RE, "service_name")
 
 
 @dataclass
